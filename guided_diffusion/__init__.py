@@ -1,0 +1,1 @@
+"""AnoFPDM and the HAE UNet family, compatible with upstream checkpoints."""
