@@ -1,0 +1,199 @@
+"""Hybrid CNN-Transformer (HAE) blocks: one block class, three upstream designs.
+
+An HAE block sits before each decoder upsampling. It runs a CNN branch and a multi-scale
+"sparse" transformer branch on ``x + emb_layers(emb)`` and fuses them:
+
+=============  ==========================  ===========================  ================
+design          regional tokens             transformer MLP              fusion
+=============  ==========================  ===========================  ================
+``hae``         Linear(C·p² → C) per patch  Linear C→4C→C                conv1x1(cat)     
+``hae_lite``    mean of 1×1-conv features   Linear C→4C→C                conv1x1(mean)
+``hae_v2``      mean of 1×1-conv features   bottleneck C→C·r→C           conv1x1(mean)
+=============  ==========================  ===========================  ================
+
+The token sequence is the H·W pixel tokens (raster order) followed by the tokens of 4×4 and 8×8
+patches; a scale p is used only when H and W are divisible by p (upstream's rule). One
+``nn.MultiheadAttention`` (8 heads) attends over the sequence under a fixed sparse mask and only
+the pixel outputs are kept.
+
+Masks (decisions §3): upstream's structure and density, but drawn once per block and length from
+a fixed seed (on the CPU, so every device sees the same mask), cached on the model's device, and
+shared by the conditional and null passes. ``attention_impl`` chooses how the masked attention is
+computed: ``"reference"`` calls ``nn.MultiheadAttention`` as upstream does (dense L×L weights);
+``"fused"`` uses a block-sparse kernel that stores no L×L tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .nn import TimestepBlock, checkpoint, normalization
+
+PATCH_SIZES = (4, 8)
+HAE_NUM_HEADS = 8
+MASK_SEED = 20240607
+
+
+def hae_mask(length: int, seed: int, sparsity_ratio: float = 0.9) -> torch.Tensor:
+    """Upstream's sparse mask structure, built vectorised from ``seed`` (True = may NOT attend).
+
+    Row i may attend to the band |j - i| <= k//2 with k = max(1, int(L·(1 - sparsity))) and, when
+    k > 4, to max(1, k//4) distinct random columns.
+    """
+    k = max(1, int(length * (1 - sparsity_ratio)))
+    idx = torch.arange(length)
+    allowed = (idx[None, :] - idx[:, None]).abs() <= k // 2
+    if k > 4:
+        gen = torch.Generator().manual_seed(seed)
+        links = torch.rand(length, length, generator=gen).topk(max(1, k // 4), dim=1).indices
+        allowed.scatter_(1, links, True)
+    return ~allowed
+
+
+class BottleneckMLP(nn.Module):
+    """HAE V2's MLP: C -> max(1, int(C·r)) -> C (keys ``mlp.mlp.0`` / ``mlp.mlp.3``)."""
+
+    def __init__(self, channels: int, ratio: float, dropout: float):
+        super().__init__()
+        hidden = max(1, int(channels * ratio))
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, channels), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def wide_mlp(channels: int, dropout: float) -> nn.Sequential:
+    """hae / hae_lite MLP: C -> 4C -> C (keys ``mlp.0`` / ``mlp.3``)."""
+    return nn.Sequential(
+        nn.Linear(channels, 4 * channels), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * channels, channels), nn.Dropout(dropout)
+    )
+
+
+class MultiScaleSparseTransformer(nn.Module):
+    """Masked multi-head attention over pixel and patch tokens, then an MLP; returns ``a + x``.
+
+    ``design`` is ``"hae"`` (per-patch linear projection of the raw features), ``"hae_lite"`` or
+    ``"hae_v2"`` (mean over each patch of a shared 1×1-conv embedding).
+    """
+
+    def __init__(self, channels: int, design: str, dropout: float, bottleneck_ratio: float = 0.25):
+        super().__init__()
+        if channels % HAE_NUM_HEADS:
+            raise ValueError(f"HAE attention uses {HAE_NUM_HEADS} heads: channels must be divisible by it, got {channels}")
+        self.design = design
+        self.local_norm = nn.LayerNorm(channels)
+        self.regional_norms = nn.ModuleList(nn.LayerNorm(channels) for _ in PATCH_SIZES)
+        if design == "hae":
+            self.patch_projections = nn.ModuleList(nn.Linear(channels * p * p, channels) for p in PATCH_SIZES)
+        else:
+            self.shared_patch_embed = nn.Conv2d(channels, channels, 1)
+        self.multihead_attn = nn.MultiheadAttention(channels, HAE_NUM_HEADS, dropout=dropout, batch_first=True)
+        self.norm_out = nn.LayerNorm(channels)
+        self.mlp = BottleneckMLP(channels, bottleneck_ratio, dropout) if design == "hae_v2" else wide_mlp(channels, dropout)
+        self.attention_impl = "reference"
+        self.mask_seed = MASK_SEED
+        self.installed_mask: Optional[torch.Tensor] = None
+        self._masks: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+        self._plans: Dict[Tuple[int, torch.device], object] = {}
+
+    # -- tokens -------------------------------------------------------------------------------
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        feats = x if self.design == "hae" else self.shared_patch_embed(x)
+        seq = [self.local_norm(feats.flatten(2).transpose(1, 2))]
+        for i, p in enumerate(PATCH_SIZES):
+            if h % p or w % p:
+                continue
+            if self.design == "hae":
+                patches = feats.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+                regional = self.patch_projections[i](patches.reshape(b, (h // p) * (w // p), c * p * p))
+            else:
+                regional = F.avg_pool2d(feats, p).flatten(2).transpose(1, 2)
+            seq.append(self.regional_norms[i](regional))
+        return torch.cat(seq, dim=1)
+
+    # -- masks --------------------------------------------------------------------------------
+    def mask(self, length: int, device: torch.device) -> torch.Tensor:
+        key = (length, device)
+        if key not in self._masks:
+            if self.installed_mask is not None:
+                mask = self.installed_mask
+                if mask.shape != (length, length):
+                    raise ValueError(f"installed HAE mask has shape {tuple(mask.shape)}, this block needs ({length}, {length})")
+            else:
+                mask = hae_mask(length, self.mask_seed)
+            self._masks[key] = mask.to(device=device, dtype=torch.bool)
+        return self._masks[key]
+
+    def plan(self, length: int, device: torch.device):
+        key = (length, device)
+        if key not in self._plans:
+            from .sparse_attention import build_mask_plan
+
+            self._plans[key] = build_mask_plan(self.mask(length, device))
+        return self._plans[key]
+
+    def install_mask(self, mask: Optional[torch.Tensor]) -> None:
+        self.installed_mask = None if mask is None else mask.detach().cpu().bool()
+        self._masks.clear()
+        self._plans.clear()
+
+    # -- attention ----------------------------------------------------------------------------
+    def attend(self, seq: torch.Tensor) -> torch.Tensor:
+        length = seq.shape[1]
+        if self.attention_impl == "reference":
+            return self.multihead_attn(seq, seq, seq, attn_mask=self.mask(length, seq.device))[0]
+        from .sparse_attention import masked_attention
+
+        mha = self.multihead_attn
+        b, _, c = seq.shape
+        q, k, v = F.linear(seq, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, length, HAE_NUM_HEADS, c // HAE_NUM_HEADS).transpose(1, 2) for t in (q, k, v))
+        out = masked_attention(q, k, v, self.plan(length, seq.device), dropout_p=mha.dropout, training=self.training)
+        return mha.out_proj(out.transpose(1, 2).reshape(b, length, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        a = self.attend(self.tokens(x))[:, : h * w]
+        a = a + self.mlp(self.norm_out(a))
+        return a.transpose(1, 2).reshape(b, c, h, w) + x
+
+
+class HybridCNNTransformerBlock(TimestepBlock):
+    """CNN branch + multi-scale sparse transformer branch, fused, plus the block input."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        design: str,
+        dropout: float = 0.0,
+        use_checkpoint: bool = False,
+        bottleneck_ratio: float = 0.25,
+    ):
+        super().__init__()
+        self.design = design
+        self.use_checkpoint = use_checkpoint
+        self.conv_branch = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+        )
+        self.transformer_branch = MultiScaleSparseTransformer(channels, design, dropout, bottleneck_ratio)
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, channels))
+        fusion_in = 2 * channels if design == "hae" else channels
+        self.fusion_conv = nn.Conv2d(fusion_in, channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self._forward, (x, emb), self.use_checkpoint)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        xe = x + self.emb_layers(emb).type(x.dtype)[..., None, None]
+        conv, trans = self.conv_branch(xe), self.transformer_branch(xe)
+        fused = torch.cat([conv, trans], dim=1) if self.design == "hae" else (conv + trans) / 2
+        return self.fusion_conv(fused) + x

@@ -1,0 +1,243 @@
+"""Construction of models and diffusions from command-line style flags (guided-diffusion style)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Dict, Iterable, Tuple
+
+from . import unet
+
+UNET_VERSIONS = {
+    "v2": unet.UNetModel,
+    "hae": unet.HAEUNetModel,
+    "hae_lite": unet.HAEUNetModelLite,
+    "hae_v2": unet.HAEUNetModelV2,
+    "hae_v2_conservative": unet.HAEUNetModelV2Conservative,
+}
+
+DEFAULT_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
+
+
+def diffusion_defaults() -> Dict:
+    return dict(
+        learn_sigma=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=False,
+    )
+
+
+def model_and_diffusion_defaults() -> Dict:
+    """Upstream's defaults. Note ``use_hae`` defaults to False there too: HAE variants need --use_hae True."""
+    return dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        num_head_channels=-1,
+        attention_resolutions="16,8",
+        channel_mult="",
+        dropout=0.0,
+        class_cond=False,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+        in_channels=3,
+        num_classes=2,
+        unet_ver="v2",
+        clf_free=True,
+        use_hae=False,
+        bottleneck_ratio=0.25,
+        memory_optimization=True,
+        zero_threshold=1e-6,
+        **diffusion_defaults(),
+    )
+
+
+def parse_channel_mult(channel_mult: str, image_size: int) -> Tuple[float, ...]:
+    if channel_mult == "":
+        if image_size not in DEFAULT_CHANNEL_MULT:
+            raise ValueError(
+                f"no default channel_mult for image_size {image_size}; known sizes: "
+                f"{sorted(DEFAULT_CHANNEL_MULT)}. Pass --channel_mult, e.g. '1,2,2,2'"
+            )
+        return DEFAULT_CHANNEL_MULT[image_size]
+    try:
+        return tuple(int(m) for m in channel_mult.split(","))
+    except ValueError:
+        raise ValueError(f"channel_mult must be comma-separated integers, got {channel_mult!r}") from None
+
+
+def parse_attention_resolutions(attention_resolutions: str, image_size: int) -> Tuple[int, ...]:
+    """Feature-map sizes in pixels ("32,16,8") -> downsample factors (image_size // r)."""
+    try:
+        sizes = [int(r) for r in str(attention_resolutions).split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"attention_resolutions must be comma-separated integers, got {attention_resolutions!r}") from None
+    return tuple(image_size // r for r in sizes)
+
+
+def out_channels_for(in_channels: int, learn_sigma: bool) -> int:
+    """Upstream's rule: 1- and 4-channel inputs keep their channels, others predict 3."""
+    base = in_channels if in_channels in (1, 4) else 3
+    return base * 2 if learn_sigma else base
+
+
+def create_model(
+    image_size: int,
+    num_channels: int,
+    num_res_blocks: int,
+    channel_mult: str = "",
+    learn_sigma: bool = False,
+    class_cond: bool = False,
+    use_checkpoint: bool = False,
+    attention_resolutions: str = "16",
+    num_heads: int = 1,
+    num_head_channels: int = -1,
+    num_heads_upsample: int = -1,
+    use_scale_shift_norm: bool = False,
+    dropout: float = 0.0,
+    resblock_updown: bool = False,
+    use_fp16: bool = False,
+    use_new_attention_order: bool = False,
+    in_channels: int = 3,
+    num_classes: int = 2,
+    unet_ver: str = "v2",
+    clf_free: bool = True,
+    use_hae: bool = False,
+    bottleneck_ratio: float = 0.25,
+    memory_optimization: bool = True,
+    zero_threshold: float = 1e-6,
+):
+    if unet_ver not in UNET_VERSIONS:
+        raise ValueError(f"unknown unet_ver {unet_ver!r}; valid: {', '.join(UNET_VERSIONS)}")
+    if class_cond and num_classes < 1:
+        raise ValueError(f"class_cond needs num_classes >= 1, got {num_classes}")
+    kwargs = {}
+    if unet_ver != "v2":
+        kwargs["use_hae"] = use_hae
+    if unet_ver in ("hae_v2", "hae_v2_conservative"):
+        kwargs["bottleneck_ratio"] = bottleneck_ratio
+    if unet_ver == "hae_v2_conservative":
+        kwargs.update(memory_optimization=memory_optimization, zero_threshold=zero_threshold)
+    mult = parse_channel_mult(channel_mult, image_size)
+    if image_size % 2 ** (len(mult) - 1):
+        raise ValueError(f"image_size {image_size} is not divisible by 2^{len(mult) - 1} (channel_mult {mult})")
+    return UNET_VERSIONS[unet_ver](
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=out_channels_for(in_channels, learn_sigma),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size),
+        dropout=dropout,
+        channel_mult=mult,
+        num_classes=num_classes if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+        clf_free=clf_free,
+        **kwargs,
+    )
+
+
+def create_gaussian_diffusion(
+    *,
+    steps: int = 1000,
+    learn_sigma: bool = False,
+    sigma_small: bool = False,
+    noise_schedule: str = "linear",
+    use_kl: bool = False,
+    predict_xstart: bool = False,
+    rescale_timesteps: bool = False,
+    rescale_learned_sigmas: bool = False,
+    timestep_respacing: str = "",
+):
+    from . import gaussian_diffusion as gd
+    from .respace import SpacedDiffusion, space_timesteps
+
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if not timestep_respacing:
+        timestep_respacing = [steps]
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing),
+        betas=betas,
+        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        model_var_type=(
+            (gd.ModelVarType.FIXED_LARGE if not sigma_small else gd.ModelVarType.FIXED_SMALL)
+            if not learn_sigma
+            else gd.ModelVarType.LEARNED_RANGE
+        ),
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+    )
+
+
+def create_model_and_diffusion(**kwargs):
+    """``create_model_and_diffusion(**model_and_diffusion_defaults())`` -> (model, diffusion)."""
+    known = model_and_diffusion_defaults()
+    unknown = set(kwargs) - set(known)
+    if unknown:
+        raise TypeError(f"unknown model/diffusion flags: {sorted(unknown)}")
+    args = {**known, **kwargs}
+    diffusion_keys = diffusion_defaults()
+    model = create_model(**{k: v for k, v in args.items() if k not in diffusion_keys or k == "learn_sigma"})
+    diffusion = create_gaussian_diffusion(
+        steps=args["diffusion_steps"],
+        learn_sigma=args["learn_sigma"],
+        noise_schedule=args["noise_schedule"],
+        use_kl=args["use_kl"],
+        predict_xstart=args["predict_xstart"],
+        rescale_timesteps=args["rescale_timesteps"],
+        rescale_learned_sigmas=args["rescale_learned_sigmas"],
+        timestep_respacing=args["timestep_respacing"],
+    )
+    return model, diffusion
+
+
+def str2bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict) -> None:
+    for k, v in default_dict.items():
+        v_type = type(v)
+        if v is None:
+            v_type = str
+        elif isinstance(v, bool):
+            v_type = str2bool
+        parser.add_argument(f"--{k}", default=v, type=v_type)
+
+
+def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict:
+    return {k: getattr(args, k) for k in keys}
