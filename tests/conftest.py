@@ -1,0 +1,46 @@
+"""Shared fixtures: the upstream reference vectors in ../shared/reference/upstream/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "upstream"
+VARIANTS_WITH_VECTORS = ("v2", "hae", "hae_lite", "hae_v2")
+MODEL_FLAGS = (
+    "image_size", "num_channels", "num_res_blocks", "channel_mult", "learn_sigma", "class_cond",
+    "use_checkpoint", "attention_resolutions", "num_heads", "num_head_channels", "num_heads_upsample",
+    "use_scale_shift_norm", "dropout", "resblock_updown", "use_fp16", "use_new_attention_order",
+    "in_channels", "num_classes", "unet_ver", "clf_free", "use_hae", "bottleneck_ratio",
+)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def reference_path(name: str) -> Path:
+    path = REFERENCE_DIR / name
+    if not path.exists():
+        pytest.fail(f"reference file {path} is missing: the tests need ../shared/reference/upstream/")
+    return path
+
+
+def load_vector(variant: str) -> dict:
+    return torch.load(reference_path(f"{variant}.pt"), weights_only=True)
+
+
+def load_keys(variant: str) -> dict:
+    return json.loads(reference_path(f"{variant}_production_keys.json").read_text())
+
+
+def model_flags(flags: dict, **overrides) -> dict:
+    out = {k: v for k, v in flags.items() if k in MODEL_FLAGS}
+    out.update(overrides)
+    return out
+
+
+def tolerance(reference: torch.Tensor) -> float:
+    """The reference README's check: 1e-4 · max(1, max|output|)."""
+    return 1e-4 * max(1.0, reference.abs().max().item())
