@@ -1,0 +1,245 @@
+"""AnoFPDM selection logic on controlled inputs, and the forward-process loop with oracle models."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from guided_diffusion import anofpdm as af
+
+
+# ------------------------------------------------------------------ end step, quantile schedule
+
+
+def test_end_steps_is_first_argmax_per_modality():
+    div = torch.tensor([[[0.1, 0.5], [0.3, 0.5], [0.3, 0.2], [0.2, 0.1]]])  # [B=1, T=4, M=2]
+    assert af.end_steps(div).tolist() == [[1, 0]]
+    assert af.scale_end_steps(torch.tensor([[3, 4]]), 1.5).tolist() == [[4, 6]]
+
+
+@pytest.mark.parametrize(
+    "ratio, expected",
+    [(0.0, 0.98), (1.0, 0.90), (2.0, 0.90), (0.5, 0.94), (0.53, 0.98 - 0.08 * 0.53), (0.59, 0.98 - 0.08 * 0.59),
+     (0.004, 0.98), (0.006, 0.98 - 0.0008)],
+)
+def test_quantile_schedule_algorithm_1(ratio, expected):
+    q = af.quantile_levels(torch.tensor([[ratio * 0.04]]), [0.04])
+    assert q.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_quantile_schedule_per_modality():
+    q = af.quantile_levels(torch.tensor([[0.02, 0.01]]), [0.04, 0.01], a=0.9, b=0.98)
+    assert q[0].tolist() == pytest.approx([0.94, 0.90])
+
+
+# ------------------------------------------------------------------ aggregation window
+
+
+def _w(t_e, T=6, **kw):
+    return af.aggregation_weights(torch.tensor([[t_e]]), T, **kw)[0, 0].tolist()
+
+
+def test_aggregation_windows():
+    assert _w(3) == [1, 1, 1, 0, 0, 0]  # upstream: [0, t_e)
+    assert _w(3, include_end=True) == [1, 1, 1, 1, 0, 0]  # paper Eq. 20
+    assert _w(3, last_only=True) == [0, 0, 1, 0, 0, 0]  # S_te variant: t_e - 1
+    assert _w(3, last_only=True, include_end=True) == [0, 0, 0, 1, 0, 0]
+    assert _w(4, interval=2) == [1, 0, 1, 0, 1, 0]  # every 2nd step + t_e
+    assert _w(0) == [1, 0, 0, 0, 0, 0]  # upstream: empty window -> NaN map; here step 0
+    assert _w(0, last_only=True) == [1, 0, 0, 0, 0, 0]
+    assert _w(9) == [1, 1, 1, 1, 1, 1]  # t_e_ratio beyond T is clipped
+    with pytest.raises(ValueError, match="interval"):
+        _w(2, interval=0)
+
+
+def test_aggregate_maps_hand_computed():
+    T = 3
+    sam = torch.zeros(1, T, 2, 1, 1)
+    sam[0, :, 0, 0, 0] = torch.tensor([1.0, 2.0, 9.0])
+    sam[0, :, 1, 0, 0] = torch.tensor([4.0, 8.0, 16.0])
+    w = af.aggregation_weights(torch.tensor([[2, 1]]), T)
+    out = af.aggregate_maps(sam, w)
+    assert out[0, :, 0, 0].tolist() == pytest.approx([1.5, 4.0])
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"include_end": True}, {"last_only": True}, {"last_only": True, "include_end": True}, {"interval": 3}]
+)
+def test_streaming_aggregator_equals_full_computation(kw):
+    g = torch.Generator().manual_seed(0)
+    B, T, M, H, W = 5, 11, 2, 4, 3
+    sam = torch.rand(B, T, M, H, W, generator=g)
+    div = torch.rand(B, T, M, generator=g)
+    div[0, :, 0] = torch.linspace(1, 0, T)  # t_e = 0
+    div[1, :, 1] = torch.linspace(0, 1, T)  # t_e = T - 1
+    div[2, 4, 0] = div[2, 7, 0] = 5.0  # tie: first maximum wins
+    agg = af.StreamingAggregator(**kw)
+    for t in range(T):
+        agg.update(t, sam[:, t], div[:, t])
+    t_e = af.end_steps(div)
+    assert torch.equal(agg.end_step, t_e)
+    assert t_e[2, 0] == 4
+    full = af.aggregate_maps(sam, af.aggregation_weights(t_e, T, **kw))
+    torch.testing.assert_close(agg.maps, full)
+
+
+# ------------------------------------------------------------------ classification threshold, M_max
+
+
+def test_classification_threshold_on_controlled_similarities():
+    healthy = torch.linspace(0.96, 1.0, 100)
+    unhealthy = torch.tensor([0.5, 0.9, 0.97])
+    sim = torch.cat([healthy, unhealthy])
+    labels = torch.cat([torch.zeros(100), torch.ones(3)]).long()
+    thr, n_err = af.select_classification_threshold(sim, labels)
+    # every candidate misclassifies the 0.97 unhealthy slice; the lowest candidate only the 0.96 healthy one
+    assert thr == pytest.approx(float(np.quantile(healthy.double().numpy(), 0.005)))
+    assert n_err == 2
+    pred = af.classify(sim, thr)
+    assert pred[:100].sum() == 1 and pred[100:].tolist() == [1, 1, 0]
+
+
+def test_classification_threshold_prefers_fewest_errors():
+    healthy = torch.linspace(0.0, 1.0, 201).double()
+    unhealthy = torch.full((50,), 0.06).double()  # all below the 9.5 % quantile ~0.095
+    sim = torch.cat([healthy, unhealthy])
+    labels = torch.cat([torch.zeros(201), torch.ones(50)]).long()
+    thr, n_err = af.select_classification_threshold(sim, labels)
+    # the threshold must exceed 0.06 to classify the unhealthy slices, at the cost of ~13 healthy
+    assert thr >= 0.06
+    assert n_err == int((healthy < thr).sum())
+    assert n_err == min(int((healthy < t).sum() + (unhealthy > t).sum())
+                        for t in np.quantile(healthy.numpy(), np.linspace(0.005, 0.095, 100)))
+
+
+def test_classification_threshold_guards():
+    sim = torch.tensor([0.9, 0.8])
+    assert af.select_classification_threshold(sim, torch.tensor([1, 1]))[0] == 0.5
+    healthy = torch.linspace(0, 1, 101)
+    thr, _ = af.select_classification_threshold(healthy, torch.zeros(101).long())
+    assert thr == pytest.approx(0.05)
+
+
+def test_cosine_similarity_and_validation_similarity():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    assert af.cosine_similarity_over_steps(a, b).tolist() == pytest.approx([0.0, 1.0])
+    z = torch.zeros(1, 3)
+    assert af.cosine_similarity_over_steps(z, z).item() == 0.0  # eps keeps it finite
+
+
+def test_divergence_range_and_fit_hyperparams():
+    div = torch.zeros(4, 3, 2)
+    div[0, 1] = torch.tensor([0.2, 0.1])  # unhealthy
+    div[1, 2] = torch.tensor([0.05, 0.3])  # unhealthy
+    div[2, 0] = torch.tensor([0.9, 0.9])  # healthy: ignored
+    labels = torch.tensor([1, 1, 0, 0])
+    dmax, dmin = af.select_divergence_range(div, labels)
+    assert dmax == pytest.approx([0.2, 0.3]) and dmin == pytest.approx([0.05, 0.1])
+    assert af.select_divergence_range(div, torch.zeros(4).long()) == ([1.0, 1.0], [0.0, 0.0])
+
+    # guided MSE proportional to unguided MSE for healthy slices (cos 1), orthogonal-ish for unhealthy
+    T = 5
+    mse_u = torch.ones(4, T, 2)
+    mse_g = torch.ones(4, T, 2)
+    mse_g[0, :, :] = torch.tensor([5.0, 0, 0, 0, 0])[:, None]
+    mse_g[1, :, :] = torch.tensor([0, 0, 0, 0, 5.0])[:, None]
+    stats = af.StepStats(mse_guided=mse_g, mse_unguided=mse_u, divergence=torch.rand(4, T, 2), sam_mean=mse_g)
+    hp = af.fit_hyperparams(stats, labels)
+    assert hp.n_errors == 0 and hp.val_accuracy == 1.0 and hp.n_val == 4 and hp.n_val_unhealthy == 2
+    assert hp.thr_01 == pytest.approx(1.0, abs=1e-6)
+    assert af.Hyperparams.from_dict(hp.to_dict()) == hp
+
+
+def test_upstream_fallback_hyperparams():
+    hp = af.upstream_fallback_hyperparams("brats", 600, 2)
+    assert hp.thr_01 == pytest.approx(0.99487984) and hp.diff_max == [0.0509, 0.0397]
+    with pytest.raises(ValueError, match="forward_steps 123"):
+        af.upstream_fallback_hyperparams("brats", 123, 2)
+
+
+# ------------------------------------------------------------------ thresholding and post-processing
+
+
+def test_rowwise_quantile_matches_numpy():
+    g = torch.Generator().manual_seed(1)
+    v = torch.rand(3, 2, 50, generator=g)
+    q = torch.rand(3, 2, generator=g)
+    out = af.rowwise_quantile(v, q)
+    ref = np.array([[np.quantile(v[i, j].numpy().astype(np.float64), q[i, j].item()) for j in range(2)] for i in range(3)])
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-12)
+
+
+def test_median_filter_matches_scipy_mirror():
+    x = torch.rand(2, 1, 9, 7, generator=torch.Generator().manual_seed(2))
+    out = af.median_filter2d(x, 5)
+    ref = ndimage.median_filter(x.numpy(), size=(1, 1, 5, 5), mode="mirror")  # torch 'reflect' == scipy 'mirror'
+    np.testing.assert_allclose(out.numpy(), ref)
+    assert torch.equal(af.median_filter2d(x, 1), x)
+
+
+def test_threshold_maps_on_controlled_blob():
+    H = W = 16
+    maps = torch.full((1, 2, H, W), 0.01)
+    maps[0, :, 4:10, 5:11] = 1.0  # 36 px blob, ~14 % of the image
+    q = torch.tensor([[0.90, 0.90]])
+    amap, mask, thr = af.threshold_maps(maps, q, median_kernel=5)
+    assert amap.shape == (1, 1, H, W) and mask.dtype == torch.bool
+    assert thr.item() == pytest.approx(1.0)  # 90 % quantile lies inside the blob values
+    blob = torch.zeros(H, W, dtype=torch.bool)
+    blob[4:10, 5:11] = True
+    ref = ndimage.median_filter(maps.mean(1).numpy(), size=(1, 5, 5), mode="mirror") >= 1.0
+    assert np.array_equal(mask[:, 0].numpy(), ref)
+    assert 0 < mask[0, 0].sum() < 36 and not (mask[0, 0] & ~blob).any()
+
+
+def test_remove_small_components_filled_area():
+    m = np.zeros((1, 1, 30, 30), bool)
+    m[0, 0, 0:5, 0:8] = True  # 40 px -> removed (<= 40)
+    m[0, 0, 10:17, 0:6] = True  # 42 px -> kept
+    m[0, 0, 20:27, 20:27] = True  # ring: 7x7 with a 5x5 hole = 24 px but filled area 49 -> kept
+    m[0, 0, 21:26, 21:26] = False
+    m[0, 0, 20, 10] = True  # diagonal neighbours are one component (8-connectivity): 2 px -> removed
+    m[0, 0, 21, 11] = True
+    out = af.remove_small_components(m, 40)
+    assert not out[0, 0, 0:5, 0:8].any()
+    assert out[0, 0, 10:17, 0:6].all()
+    assert out[0, 0, 20, 20:27].all() and out.sum() == 42 + 24
+    assert not out[0, 0, 20, 10]
+    t = af.remove_small_components(torch.from_numpy(m), 0)
+    assert isinstance(t, torch.Tensor) and torch.equal(t, torch.from_numpy(m))
+
+
+def test_segment_batch_end_to_end_on_synthetic_stats():
+    B, T, M, H, W = 2, 6, 2, 16, 16
+    div = torch.zeros(B, T, M)
+    div[:, 3] = 0.02
+    sam = torch.full((B, T, M, H, W), 0.001)
+    sam[:, :3, :, 3:11, 3:11] = 1.0  # bright region in the steps before t_e = 3
+    sam[:, 3:, :, :, :8] = 5.0  # steps from t_e on must not enter the map
+    mse = torch.ones(B, T, M)
+    mse_g = mse.clone()
+    mse_g[0] = torch.tensor([9.0, 0, 0, 0, 0, 0])[:, None]
+    stats = af.StepStats(mse_guided=mse_g, mse_unguided=mse, divergence=div, sam_mean=mse_g)
+    agg = af.StreamingAggregator()
+    for t in range(T):
+        agg.update(t, sam[:, t], div[:, t])
+    res = af.ForwardResult(stats=stats, maps=agg.maps, end_step=agg.end_step, sub_anomaly_maps=sam)
+    hp = af.Hyperparams(thr_01=0.9, diff_max=[0.04, 0.04])
+    cfg = af.ForwardConfig(w=2, forward_steps=T)
+    out = af.segment_batch(res, hp, cfg)
+    assert out["pred_label"].tolist() == [1, 0]
+    assert out["end_step"].tolist() == [[3, 3], [3, 3]]
+    assert out["quantile"][0].tolist() == pytest.approx([0.94, 0.94])
+    blob = torch.zeros(H, W, dtype=torch.bool)
+    blob[3:11, 3:11] = True
+    assert torch.equal(out["mask"][0, 0], blob & out["mask"][0, 0]) and out["mask"][0, 0].sum() >= 48
+    # t_e_ratio 2 -> window [0, 6) includes the bright left half
+    out2 = af.segment_batch(res, hp, cfg, t_e_ratio=2.0)
+    assert out2["end_step"].tolist() == [[6, 6], [6, 6]]
+    # corner pixel outside the blob: mean over all 6 steps of (0.001, 0.001, 0.001, 5, 5, 5)
+    assert out2["anomaly_map"][0, 0, 0, 0].item() == pytest.approx(2.5005, rel=1e-5)
+    assert out["anomaly_map"][0, 0, 0, 0].item() == pytest.approx(0.001, rel=1e-5)
+    res_nomaps = af.ForwardResult(stats=stats, maps=agg.maps, end_step=agg.end_step)
+    with pytest.raises(ValueError, match="store_maps"):
+        af.segment_batch(res_nomaps, hp, cfg, t_e_ratio=2.0)
