@@ -124,7 +124,7 @@ def _repeat_rows(value: Any, batch: int) -> Any:
 def _guided_forward(
     model: Callable, x: th.Tensor, t: th.Tensor, y: Optional[th.Tensor], w: float, model_kwargs: Optional[dict]
 ) -> Dict[str, th.Tensor]:
-    """One batched forward of conditional + null rows; returns eps, eps_cond, eps_null, var_values (or None)."""
+    """One batched forward of conditional + null rows; returns eps, eps_cond, eps_null[, var_values]."""
     kwargs = dict(model_kwargs or {})
     if y is None:
         y = kwargs.get("y")
@@ -141,12 +141,10 @@ def _guided_forward(
     out = model(th.cat([x, x]), th.cat([t, t]), y=th.cat([y, y]), null=null, clf_free=True, **kwargs)
     eps_both, var_both = _split_eps(out, x.shape[1])
     eps_cond, eps_null = eps_both[:B], eps_both[B:]
-    return {
-        "eps": (1 + w) * eps_cond - w * eps_null,
-        "eps_cond": eps_cond,
-        "eps_null": eps_null,
-        "var_values": None if var_both is None else var_both[:B],
-    }
+    out = {"eps": (1 + w) * eps_cond - w * eps_null, "eps_cond": eps_cond, "eps_null": eps_null}
+    if var_both is not None:
+        out["var_values"] = var_both[:B]  # the conditional rows' variance (learn_sigma only)
+    return out
 
 
 def cfg_model_fn(model: Callable, w: float) -> Callable:
@@ -161,7 +159,7 @@ def cfg_model_fn(model: Callable, w: float) -> Callable:
 
     def model_fn(x: th.Tensor, t: th.Tensor, **kwargs) -> th.Tensor:
         out = _guided_forward(model, x, t, kwargs.pop("y", None), w, kwargs)
-        if out["var_values"] is None:
+        if "var_values" not in out:
             return out["eps"]
         return th.cat([out["eps"], out["var_values"]], dim=1)
 
@@ -313,8 +311,8 @@ class GaussianDiffusion:
 
         The model sees x2 = cat[x, x], y2 = cat[y, y], null = cat[False * B, True * B] (bool tensor),
         clf_free=True (and threshold=-1 when model_kwargs has a threshold). Per-row tensors in model_kwargs
-        are duplicated too. Returns dict(eps=(1+w)*eps_cond - w*eps_null, eps_cond, eps_null) plus
-        var_values (the conditional rows' variance channels) when the model learns sigma.
+        are duplicated too. Returns dict(eps=(1+w)*eps_cond - w*eps_null, eps_cond, eps_null), plus the key
+        var_values (the conditional rows' variance channels) only when the model learns sigma.
         t is on this diffusion's grid (respaced grids are mapped to original steps for the model).
         """
         return _guided_forward(self._wrap_model(model), x, _timesteps(t, x), y, w, model_kwargs)
@@ -479,9 +477,9 @@ class GaussianDiffusion:
         t = T-1 goes to abar = 0 (pure eps). clip_denoised as in ddim_step_from_eps.
         Upstream AnoFPDM's encoding labelled the latent one level off; see `ddim_encode_latents`.
         """
+        if not isinstance(t, th.Tensor) and not -1 <= t < self.num_timesteps:  # (tensors: no device sync)
+            raise ValueError(f"inversion timestep must lie in [-1, {self.num_timesteps - 1}], got {t}")
         t = _timesteps(t, x_t)
-        if bool((t < -1).any()) or bool((t >= self.num_timesteps).any()):
-            raise ValueError(f"inversion timesteps must lie in [-1, {self.num_timesteps - 1}]")
         abar_t = _extract(self.alphas_cumprod_ext, t + 1, x_t)
         abar_next = _extract(self.alphas_cumprod_ext, t + 2, x_t)
         pred_xstart = (x_t - th.sqrt(1 - abar_t) * eps) / th.sqrt(abar_t)
