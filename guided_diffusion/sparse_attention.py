@@ -36,6 +36,7 @@ __all__ = [
     "dense_masked_attention",
     "dropout_keep_mask",
     "draw_dropout_seed",
+    "band_random_mask",
 ]
 
 _SEED_MASK = (1 << 63) - 1
@@ -409,3 +410,25 @@ def dense_masked_attention(
     if dropout_mask is not None:
         probs = probs * dropout_mask.to(probs.dtype) * _dropout_scale(dropout_p)
     return torch.matmul(probs, v)
+
+
+def band_random_mask(
+    length: int,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """A bool [L, L] mask (True = blocked) with the HAE structure (decisions §3), vectorised.
+
+    Band: row i allows `[max(0, i - k//2), min(L, i + k//2 + 1))` with `k = max(1, int(0.1 L))`;
+    if k > 4, each row also allows `max(1, k//4)` distinct random columns. Random draws use
+    `generator` (CPU) and the mask is then moved to `device`.
+    """
+    k = max(1, int(0.1 * length))
+    index = torch.arange(length)
+    offset = index[None, :] - index[:, None]
+    allowed = (offset >= -(k // 2)) & (offset <= k // 2)
+    if k > 4:
+        n_random = max(1, k // 4)
+        scores = torch.rand(length, length, generator=generator)
+        allowed.scatter_(1, scores.topk(n_random, dim=1).indices, True)
+    return (~allowed).to(device)
