@@ -680,8 +680,11 @@ class GaussianDiffusion:
         t: th.Tensor,
         model_kwargs: Optional[dict] = None,
         noise: Optional[th.Tensor] = None,
+        noise_fn: Optional[Callable[[th.Tensor, th.Tensor], th.Tensor]] = None,
     ) -> Dict[str, th.Tensor]:
         """Per-sample training losses: dict(loss, mse[, vb]), each of shape [B].
+
+        noise: the eps of x_t (default N(0, I)); noise_fn(x_start, t) draws it instead (e.g. simplex noise).
 
         As upstream, model_kwargs without "y" are dropped entirely (so unconditional models never see the
         label-drop `threshold`). With a learned variance the VB term is added with the mean output frozen
@@ -692,7 +695,7 @@ class GaussianDiffusion:
             model_kwargs = {}
         t = _timesteps(t, x_start)
         if noise is None:
-            noise = th.randn_like(x_start)
+            noise = noise_fn(x_start, t) if noise_fn is not None else th.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
         terms: Dict[str, th.Tensor] = {}
 

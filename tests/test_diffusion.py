@@ -144,6 +144,9 @@ def test_training_loss_is_eps_mse_and_kwargs_rule():
     y = th.tensor([0, 1, 1])
     d.training_losses(model, x0, th.tensor([1, 2, 3]), model_kwargs={"y": y, "threshold": 0.1}, noise=noise)
     assert calls[-1]["threshold"] == 0.1 and calls[-1]["y"] is y
+    # noise_fn (e.g. simplex noise) supplies eps
+    ones = d.training_losses(model, x0, th.tensor([1, 2, 3]), noise_fn=lambda x, t: th.ones_like(x))
+    th.testing.assert_close(ones["mse"], th.ones(3))
 
 
 class LearnedSigmaModel(th.nn.Module):
@@ -465,3 +468,19 @@ def test_bad_inputs_raise_clear_errors():
         d.q_sample(x, 1, th.zeros(2, 2, 4, 5))
     with pytest.raises(ValueError, match="num_steps"):
         list(d.ddim_encode_latents(lambda x, t, **k: x, x, 101))
+
+
+@pytest.mark.skipif(not th.cuda.is_available(), reason="needs CUDA")
+def test_cuda_guided_sampling_and_losses():
+    dev = th.device("cuda")
+    d = make_diffusion(respacing="ddim10", learn_sigma=True)
+    model = RecordingCondModel(learn_sigma=True)
+    y = th.tensor([0, 1], device=dev)
+    x = d.ddim_sample_loop(model, (2, 1, 4, 4), model_kwargs={"y": y}, guidance_w=2.0, device=dev)
+    assert x.device.type == "cuda" and th.isfinite(x).all()
+    assert all(c["null"].device.type == "cuda" and c["t"].device.type == "cuda" for c in model.calls)
+    t, w = create_named_schedule_sampler("uniform", d).sample(2, dev)
+    losses = d.training_losses(model, x, t, model_kwargs={"y": y, "clf_free": True})
+    assert losses["loss"].device.type == "cuda" and th.isfinite(losses["loss"]).all()
+    lat = list(d.ddim_encode_latents(model, x.clamp(-1, 1), 3, model_kwargs={"y": y, "clf_free": True}))
+    assert lat[-1].device.type == "cuda"
