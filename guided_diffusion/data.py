@@ -1,0 +1,227 @@
+"""Datasets and loaders over the preprocessed slice format (``npy_{split}/patient_<P>/slice_<z>.npz``).
+
+Every slice gives ``x`` scaled per slice and per channel to [-1, 1] by min-max, the ground-truth mask
+``y > 0.5`` and the slice label (1 if the thresholded mask has any pixel). Train batches are ``(x, {"y": label})``
+(or ``(x, {})`` without labels); val/test batches are ``(x, mask, label)``.
+
+Sampling: train uses a ``DistributedSampler`` (also for a single process, so ``set_epoch`` always exists); val/test
+use one seeded order of the whole split that ranks share out without replacement, so every slice is seen exactly once
+across ranks (upstream drew a fresh random permutation per batch, which repeats slices).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of BraTS data preprocessed with --mod all
+FLAIR, T1, T1CE, T2 = range(4)
+SPLITS = ("train", "val", "test")
+_SLICE_RE = re.compile(r"^slice_(\d+)\.npz$")
+
+
+def modality_index(name: str, mod: str = "all") -> int:
+    """Channel index of modality `name` in data preprocessed with `--mod mod` (single-modality data has channel 0)."""
+    key = name.strip().lower()
+    if key not in MODALITIES:
+        raise ValueError(f"unknown modality {name!r}; expected one of {MODALITIES}")
+    if mod == "all":
+        return MODALITIES.index(key)
+    if key != mod:
+        raise ValueError(f"modality {name!r} is not in data preprocessed with --mod {mod}")
+    return 0
+
+
+def normalise_slice(x: np.ndarray) -> torch.Tensor:
+    """[C, H, W] -> float32 per-channel min-max to [-1, 1] (upstream: (x - min) / (max - min + 1e-5) * 2 - 1)."""
+    t = torch.from_numpy(np.asarray(x)).float()
+    flat = t.reshape(t.shape[0], -1)
+    lo = flat.min(1).values[:, None, None]
+    hi = flat.max(1).values[:, None, None]
+    return (t - lo) / (hi - lo + 1e-5) * 2 - 1
+
+
+def slice_paths(patient_dir: Path) -> List[Path]:
+    """The patient's slice files sorted by z (other files are ignored)."""
+    found = []
+    for p in patient_dir.iterdir():
+        m = _SLICE_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def slice_label(path: Path) -> int:
+    with np.load(path) as data:
+        return int((data["y"] > 0.5).any())
+
+
+class BrainDataset(Dataset):
+    """Slices of one split.
+
+    mixed=True: every slice of every patient (or of the first `num_mix` patients after the seeded shuffle).
+    mixed=False (controlled): the first `n_unhealthy_patients` patients keep all their slices, the next
+    `n_healthy_patients` (-1: all the rest) keep only slices with an empty mask. `n_unhealthy_patients=0` is
+    healthy-only training. The patient shuffle uses `patient_seed` (upstream always used 0).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str = "train",
+        n_unhealthy_patients: int = -1,
+        n_healthy_patients: int = -1,
+        mixed: bool = False,
+        ret_lab: bool = True,
+        num_mix: Optional[int] = None,
+        patient_seed: int = 0,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.split, self.ret_lab = split, ret_lab
+        root = Path(data_dir) / f"npy_{split}"
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} not found: is --data_dir a preprocessed folder (with npy_{split}/)?")
+        patients = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("patient_"))
+        random.Random(patient_seed).shuffle(patients)
+        self.patients = patients
+
+        if mixed:
+            n = len(patients) if num_mix is None or num_mix < 0 else min(num_mix, len(patients))
+            chosen = [(p, False) for p in patients[:n]]
+        else:
+            if n_unhealthy_patients < 0 and n_healthy_patients < 0:
+                raise ValueError("mixed=False needs n_unhealthy_patients and/or n_healthy_patients >= 0 "
+                                 "(n_unhealthy_patients=0 gives healthy slices only; use mixed=True for all slices)")
+            n_unh = len(patients) if n_unhealthy_patients < 0 else min(n_unhealthy_patients, len(patients))
+            rest = len(patients) - n_unh
+            n_h = rest if n_healthy_patients < 0 else min(n_healthy_patients, rest)
+            chosen = [(p, False) for p in patients[:n_unh]] + [(p, True) for p in patients[n_unh:n_unh + n_h]]
+
+        self.items: List[Path] = []
+        self.labels: List[Optional[int]] = []  # known only where it was needed to filter
+        for patient, healthy_only in chosen:
+            for path in slice_paths(patient):
+                if healthy_only:
+                    if slice_label(path):
+                        continue
+                    self.labels.append(0)
+                else:
+                    self.labels.append(None)
+                self.items.append(path)
+        if not self.items:
+            raise ValueError(f"no slices selected from {root} (mixed={mixed}, n_unhealthy_patients="
+                             f"{n_unhealthy_patients}, n_healthy_patients={n_healthy_patients})")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, idx: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        with np.load(self.items[idx]) as data:
+            x, y = data["x"][0], data["y"][0]
+        gt = torch.from_numpy(y > 0.5).float()  # [1, H, W]
+        return normalise_slice(x), gt, int(gt.any())
+
+    def __getitem__(self, idx: int):
+        x, gt, lab = self.load(idx)
+        if self.split == "train":
+            return (x, {"y": lab}) if self.ret_lab else (x, {})
+        return x, gt, lab
+
+    def all_labels(self) -> List[int]:
+        """Slice labels of the whole dataset (reads only the masks of slices not already known)."""
+        for i, lab in enumerate(self.labels):
+            if lab is None:
+                self.labels[i] = slice_label(self.items[i])
+        return list(self.labels)
+
+
+class ShardedOrderSampler(Sampler[int]):
+    """One seeded order of all indices, dealt out to ranks without replacement (rank r takes order[r::world]).
+
+    With `weights`, the order is a weighted draw without replacement (e.g. class-balanced first batches).
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 weights: Optional[Sequence[float]] = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.n, self.rank, self.world_size, self.seed, self.epoch = n, rank, world_size, seed, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> List[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.weights is None:
+            return torch.randperm(self.n, generator=g).tolist()
+        return torch.multinomial(self.weights, self.n, replacement=False, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def _dist_info(distributed: Optional[bool], rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and (rank is None or world_size is None):
+        rank = torch.distributed.get_rank() if rank is None else rank
+        world_size = torch.distributed.get_world_size() if world_size is None else world_size
+    return (0 if rank is None else rank), (1 if world_size is None else world_size)
+
+
+def get_data_iter(
+    name: str,
+    data_dir: str | Path,
+    batch_size: int,
+    split: str,
+    ret_lab: bool = True,
+    n_healthy_patients: int = -1,
+    n_unhealthy_patients: int = -1,
+    mixed: bool = False,
+    num_mix: Optional[int] = None,
+    seed: int = 0,
+    use_weighted_sampler: bool = False,
+    distributed: Optional[bool] = None,
+    num_workers: int = 0,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+):
+    """Loader for one split of a preprocessed data set (`name` is a label: brats, atlas, ...).
+
+    train -> (loader, sampler); per-rank batch = batch_size // world_size; call sampler.set_epoch(epoch).
+    val/test -> loader of (x, gt_mask, label) over this rank's shard; batch_size per rank.
+    `distributed=None` means: use torch.distributed's rank/world size if a process group is initialised;
+    explicit `rank`/`world_size` override that (no process group needed).
+    """
+    rank, world_size = _dist_info(distributed, rank, world_size)
+    dataset = BrainDataset(data_dir, split, n_unhealthy_patients=n_unhealthy_patients,
+                           n_healthy_patients=n_healthy_patients, mixed=mixed, ret_lab=ret_lab, num_mix=num_mix)
+    common = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=num_workers > 0)
+    if split == "train":
+        per_rank = batch_size // world_size
+        if per_rank < 1:
+            raise ValueError(f"batch_size {batch_size} is smaller than world_size {world_size}")
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        # Upstream drops the last partial batch; on a tiny data set that would leave no batch at all.
+        drop_last = len(sampler) >= per_rank
+        loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=drop_last, **common)
+        return loader, sampler
+    weights = None
+    if use_weighted_sampler and mixed:  # class-balanced order (upstream: WeightedRandomSampler, no replacement)
+        labels = np.asarray(dataset.all_labels())
+        counts = np.bincount(labels, minlength=2).astype(np.float64)
+        weights = (1.0 / np.maximum(counts, 1))[labels]
+    sampler = ShardedOrderSampler(len(dataset), rank, world_size, seed, weights)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, **common)

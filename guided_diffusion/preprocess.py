@@ -1,0 +1,450 @@
+"""Raw NIfTI volumes (BraTS 2021, ATLAS v2.0) -> the upstream AnoFPDM on-disk slice format.
+
+Output (kept identical to upstream so existing preprocessed data keeps working)::
+
+    <root>/data_splits/{train,val,test}/scans.csv          subject names, '\\n'-joined
+    <root>/npy_{train,val,test}/patient_<P>/slice_<z>.npz  x: float64 [1,C,S,S], y: float32 [1,1,S,S]
+
+with ``<root>`` = ``<source.parent>/preprocessed_data_{mod}_{first}{last}_{image_size}`` unless ``output`` is given.
+Per subject, as upstream: load with nibabel, stack channels [flair, t1, t1ce, t2] (or the one chosen), optionally
+drop the first/last slices, binarise the label at 0.5, divide each channel by the 99th percentile of its voxels > 0
+(no clipping), keep the contiguous z range whose channel-mean slice sum exceeds 0.5, and bilinearly resize every
+kept slice (image and binary mask, so the saved mask is soft) to ``image_size``.
+
+Beyond upstream: stray entries and broken subjects are reported (naming the subject and file) and skipped without
+losing the others; each subject is written to a hidden temp folder and renamed into place (a killed run leaves no
+half-written subject); finished subjects are skipped on a rerun; subjects run in parallel worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import traceback
+import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of --mod all
+SPLITS = ("train", "val", "test")
+SPLIT_SEED = 10
+SPLIT_FRACTIONS = (0.75, 0.05)  # train, val; test gets the rest
+DATASETS = ("brats", "atlas")
+SUMMARY_FILE = "preprocess_summary.json"
+
+
+class SubjectError(Exception):
+    """A problem with one subject's input; the message names the subject and the file."""
+
+
+@dataclass
+class Subject:
+    name: str
+    images: Dict[str, Path]  # modality -> volume file
+    mask: Optional[Path]
+    problem: Optional[str] = None  # set at discovery when the subject cannot be processed
+
+
+@dataclass
+class SubjectResult:
+    name: str
+    split: str
+    status: str  # "done", "skipped" (already there) or "failed"
+    healthy: int = 0
+    unhealthy: int = 0
+    message: str = ""
+    slice_range: Tuple[int, int] = (0, 0)
+
+
+def default_output_dir(source: str | os.PathLike, mod: str, first: int, last: int, image_size: int) -> Path:
+    """Upstream's location: beside the source folder."""
+    return Path(source).absolute().parent / f"preprocessed_data_{mod}_{first}{last}_{image_size}"
+
+
+def _warn(msg: str, sink: Optional[List[str]] = None) -> None:
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+    if sink is not None:
+        sink.append(msg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discovering subjects
+
+
+def _nifti(path_gz: Path) -> Path:
+    """The .nii.gz path, or the plain .nii next to it if only that exists."""
+    if not path_gz.exists():
+        plain = path_gz.with_name(path_gz.name[: -len(".gz")])
+        if plain.exists():
+            return plain
+    return path_gz
+
+
+def _listing(source: Path, warnings: List[str], warn_files: bool = True) -> List[Path]:
+    dirs = []
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            dirs.append(entry)
+        elif warn_files:
+            _warn(f"ignoring stray file {entry} in --source (expected one folder per subject)", warnings)
+    return dirs
+
+
+def _brats_subjects(source: Path, mods: Sequence[str], warnings: List[str]) -> List[Subject]:
+    subjects = []
+    for d in _listing(source, warnings):
+        images = {m: _nifti(d / f"{d.name}_{m}.nii.gz") for m in mods}
+        subjects.append(Subject(d.name, images, _nifti(d / f"{d.name}_seg.nii.gz")))
+    return subjects
+
+
+def _atlas_subjects(source: Path, warnings: List[str]) -> List[Subject]:
+    top = _listing(source, [], warn_files=False)
+    flattened = [d for d in top if _nifti(d / f"{d.name}_T1w.nii.gz").exists()]
+    if flattened:  # upstream's layout: <P>/<P>_T1w.nii.gz, <P>/<P>_mask.nii.gz
+        _listing(source, warnings)  # now warn about stray files
+        return [
+            Subject(d.name, {"t1": _nifti(d / f"{d.name}_T1w.nii.gz")}, _nifti(d / f"{d.name}_mask.nii.gz"))
+            for d in top
+        ]
+    # Official BIDS release: [Training/][R0xx/]sub-*/ses-*/anat/*_T1w.nii.gz + *_label-L_desc-T1lesion_mask.nii.gz
+    sub_dirs: List[Path] = []
+    for root, dirs, _files in os.walk(source):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if Path(root).name.startswith("sub-"):
+            sub_dirs.append(Path(root))
+            dirs[:] = []  # don't descend into sessions looking for more subjects
+        elif len(Path(root).relative_to(source).parts) >= 3:
+            dirs[:] = []
+    subjects: Dict[str, Subject] = {}
+    for d in sorted(sub_dirs, key=lambda p: p.name):
+        t1s = sorted(p for p in d.rglob("*_T1w.nii*") if p.name.endswith((".nii", ".nii.gz")))
+        masks = sorted(p for p in d.rglob("*_mask.nii*") if p.name.endswith((".nii", ".nii.gz")))
+        problem = None
+        if not t1s:
+            problem = f"subject {d.name}: no *_T1w.nii.gz file under {d}"
+        elif not masks:
+            problem = f"subject {d.name}: no lesion *_mask.nii.gz file under {d}"
+        elif len(t1s) > 1:
+            _warn(f"subject {d.name}: {len(t1s)} T1w files, using {t1s[0]}", warnings)
+        if d.name in subjects:
+            _warn(f"duplicate subject {d.name} at {d}; keeping {subjects[d.name].images['t1'].parent}", warnings)
+            continue
+        subjects[d.name] = Subject(d.name, {"t1": t1s[0] if t1s else d / f"{d.name}_T1w.nii.gz"},
+                                   masks[0] if masks else None, problem)
+    return list(subjects.values())
+
+
+def discover_subjects(source: str | os.PathLike, name: str, mod: str,
+                      warnings: Optional[List[str]] = None) -> List[Subject]:
+    """Subjects under `source` (sorted by name) for dataset `name` and modality choice `mod`."""
+    warnings = [] if warnings is None else warnings
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"--source {source} does not exist")
+    if not source.is_dir():
+        raise NotADirectoryError(f"--source {source} is not a folder")
+    if name == "brats":
+        subjects = _brats_subjects(source, MODALITIES if mod == "all" else (mod,), warnings)
+    elif name == "atlas":
+        subjects = _atlas_subjects(source, warnings)
+    else:
+        raise ValueError(f"--name must be one of {DATASETS}, got {name!r}")
+    if not subjects:
+        raise ValueError(f"no subject folders found in --source {source} for --name {name}")
+    return sorted(subjects, key=lambda s: s.name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splits
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def make_splits(names: Sequence[str], splits_dir: Path, warnings: Optional[List[str]] = None) -> Dict[str, List[str]]:
+    """Per-subject split as upstream (random.seed(10) shuffle of the sorted listing, 75% / 5% / rest).
+
+    An existing ``data_splits`` folder is reused as is, so reruns and added subjects never reshuffle.
+    """
+    warnings = [] if warnings is None else warnings
+    if splits_dir.exists():
+        splits = {}
+        for split in SPLITS:
+            csv = splits_dir / split / "scans.csv"
+            if not csv.exists():
+                raise FileNotFoundError(f"{csv} is missing; delete {splits_dir} to re-create the splits")
+            splits[split] = [line.strip() for line in csv.read_text().splitlines() if line.strip()]
+        listed = {n for names_ in splits.values() for n in names_}
+        for n in names:
+            if n not in listed:
+                _warn(f"subject {n} is not in {splits_dir}; ignored (delete data_splits to re-split)", warnings)
+        return splits
+    indices = list(range(len(names)))
+    random.Random(SPLIT_SEED).shuffle(indices)  # same permutation as upstream's random.seed(10); random.shuffle
+    n_train = int(len(indices) * SPLIT_FRACTIONS[0])
+    n_val = int(len(indices) * SPLIT_FRACTIONS[1])
+    parts = {"train": indices[:n_train], "val": indices[n_train:n_train + n_val], "test": indices[n_train + n_val:]}
+    splits = {split: [names[i] for i in parts[split]] for split in SPLITS}
+    tmp = splits_dir.with_name(f".{splits_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
+    for split in SPLITS:
+        (tmp / split).mkdir(parents=True)
+        (tmp / split / "scans.csv").write_text("\n".join(splits[split]))
+    os.replace(tmp, splits_dir)
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One subject
+
+
+def load_volume(path: Path, subject: str, kind: str) -> np.ndarray:
+    """A 3-D float64 volume; raises SubjectError naming the subject and file on any problem."""
+    import nibabel as nib
+
+    if path is None or not Path(path).exists():
+        raise SubjectError(f"subject {subject}: missing {kind} file {path}")
+    try:
+        data = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float64))
+    except Exception as exc:  # nibabel / gzip / zlib raise many types for corrupt or truncated files
+        raise SubjectError(f"subject {subject}: cannot read {kind} file {path} (corrupt or truncated?): "
+                           f"{type(exc).__name__}: {exc}") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise SubjectError(f"subject {subject}: {kind} file {path} is not a 3-D volume (shape {data.shape})")
+    if not np.isfinite(data).all():
+        raise SubjectError(f"subject {subject}: {kind} file {path} contains NaN or infinite values")
+    return data
+
+
+def normalise_percentile(volume: np.ndarray) -> np.ndarray:
+    """Divide each channel of [C, H, W, S] by the 99th percentile of its voxels > 0 (no clipping), in place."""
+    for c in range(volume.shape[0]):
+        foreground = volume[c][volume[c] > 0]
+        volume[c] /= np.quantile(foreground, 0.99)  # linear interpolation, as torch.quantile
+    return volume
+
+
+def brain_slice_range(volume: np.ndarray, threshold: float = 0.5) -> Tuple[int, int]:
+    """[start, stop) from the first to the last z whose channel-mean slice sum exceeds `threshold`."""
+    per_slice = volume.mean(axis=0).sum(axis=(0, 1))
+    keep = np.nonzero(per_slice > threshold)[0]
+    if len(keep) == 0:
+        return 0, 0
+    return int(keep[0]), int(keep[-1]) + 1
+
+
+def trim_slices(volume: np.ndarray, first: int, last: int) -> np.ndarray:
+    """Drop the first `first` and last `last` slices along the last axis (values <= 0 keep everything)."""
+    stop = volume.shape[-1] - last if last > 0 else volume.shape[-1]
+    return volume[..., max(first, 0):stop]
+
+
+def _count_existing(patient_dir: Path) -> Tuple[int, int]:
+    healthy = unhealthy = 0
+    for f in patient_dir.glob("slice_*.npz"):
+        with np.load(f) as data:
+            if (data["y"] > 0.5).any():
+                unhealthy += 1
+            else:
+                healthy += 1
+    return healthy, unhealthy
+
+
+def process_subject(subject: Subject, split_dir: Path, image_size: int = 128, first: int = 0,
+                    last: int = 0) -> SubjectResult:
+    """Preprocess one subject into ``split_dir/patient_<name>`` atomically; skip it if already there."""
+    split = split_dir.name[len("npy_"):]
+    final = split_dir / f"patient_{subject.name}"
+    if final.is_dir():
+        healthy, unhealthy = _count_existing(final)
+        return SubjectResult(subject.name, split, "skipped", healthy, unhealthy)
+    if subject.problem:
+        raise SubjectError(subject.problem)
+
+    channels = [load_volume(p, subject.name, m) for m, p in subject.images.items()]
+    mask = load_volume(subject.mask, subject.name, "mask/seg")
+    shapes = {str(p): c.shape for p, c in zip(subject.images.values(), channels)}
+    shapes[str(subject.mask)] = mask.shape
+    if len(set(shapes.values())) > 1:
+        listing = ", ".join(f"{Path(p).name}: {s}" for p, s in shapes.items())
+        raise SubjectError(f"subject {subject.name}: modalities and mask differ in shape ({listing})")
+    for (m, p), c in zip(subject.images.items(), channels):
+        if not (c > 0).any():
+            raise SubjectError(f"subject {subject.name}: {m} file {p} is all zero (no voxel > 0)")
+
+    volume = trim_slices(np.stack(channels), first, last)  # [C, H, W, S]
+    labels = (trim_slices(mask, first, last) > 0.5).astype(np.float32)  # all tumour classes -> 1
+    volume = normalise_percentile(volume)
+    start, stop = brain_slice_range(volume)
+    if stop <= start:
+        raise SubjectError(f"subject {subject.name}: no slice has brain tissue (channel-mean slice sum > 0.5)")
+
+    # Resize all kept slices at once: [S, C, H, W] -> [S, C, size, size]; bilinear, no antialias, as upstream.
+    x = torch.from_numpy(np.ascontiguousarray(volume[..., start:stop].transpose(3, 0, 1, 2)))
+    y = torch.from_numpy(np.ascontiguousarray(labels[None, ..., start:stop].transpose(3, 0, 1, 2)))
+    size = (image_size, image_size)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).numpy()
+    y = F.interpolate(y, size=size, mode="bilinear", align_corners=False).numpy()
+
+    tmp = split_dir / f".tmp-patient_{subject.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    healthy = unhealthy = 0
+    try:
+        for i, z in enumerate(range(start, stop)):
+            np.savez_compressed(tmp / f"slice_{z}.npz", x=x[i:i + 1], y=y[i:i + 1])
+            if (y[i] > 0.5).any():
+                unhealthy += 1
+            else:
+                healthy += 1
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SubjectResult(subject.name, split, "done", healthy, unhealthy, slice_range=(start, stop))
+
+
+def _run_one(subject: Subject, split_dir: Path, image_size: int, first: int, last: int) -> SubjectResult:
+    """Worker entry: never raises for bad input, so one subject cannot take down the others."""
+    try:
+        return process_subject(subject, split_dir, image_size, first, last)
+    except SubjectError as exc:
+        return SubjectResult(subject.name, split_dir.name[4:], "failed", message=str(exc))
+    except Exception as exc:  # unexpected: keep the traceback's last line for the report
+        tb = traceback.format_exc(limit=-1).strip().splitlines()[-1]
+        return SubjectResult(subject.name, split_dir.name[4:], "failed",
+                             message=f"subject {subject.name}: unexpected {type(exc).__name__}: {exc} ({tb})")
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one process per core; avoid oversubscription
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole data set
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise PermissionError(f"output folder {folder} is not writable: {exc}") from None
+
+
+def preprocess(
+    source: str | os.PathLike,
+    name: str = "brats",
+    mod: str = "all",
+    first: int = 0,
+    last: int = 0,
+    output: Optional[str | os.PathLike] = None,
+    image_size: int = 128,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Preprocess a whole data set; returns (and writes to ``<root>/preprocess_summary.json``) the summary.
+
+    Summary: ``{"output", "splits": {split: {patients, skipped, failed, healthy_slices, unhealthy_slices}},
+    "errors": [...], "warnings": [...]}``. Bad subjects are reported in "errors" and skipped.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"--name must be one of {DATASETS}, got {name!r}")
+    if mod not in ("all",) + MODALITIES:
+        raise ValueError(f"--mod must be one of all, {', '.join(MODALITIES)}; got {mod!r}")
+    if name == "atlas":
+        if mod == "all":
+            mod = "t1"  # ATLAS has T1w only; upstream required --mod t1 (and crashed on all)
+            print("ATLAS has only T1w: using --mod t1", flush=True)
+        elif mod != "t1":
+            raise ValueError(f"ATLAS has only T1w images: --mod must be t1 (or all), got {mod!r}")
+    if image_size < 1:
+        raise ValueError(f"--image_size must be positive, got {image_size}")
+    if first < 0 or last < 0:
+        raise ValueError(f"--first/--last must be >= 0, got {first}/{last}")
+
+    warnings: List[str] = []
+    subjects = discover_subjects(source, name, mod, warnings)
+    root = Path(output) if output else default_output_dir(source, mod, first, last, image_size)
+    _check_writable(root)
+    for split in SPLITS:
+        _check_writable(root / f"npy_{split}")
+        for stale in (root / f"npy_{split}").glob(".tmp-*"):  # left behind by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+
+    splits = make_splits([s.name for s in subjects], root / "data_splits", warnings)
+    by_name = {s.name: s for s in subjects}
+    tasks = []
+    for split in SPLITS:
+        for n in splits[split]:
+            if n not in by_name:
+                _warn(f"subject {n} listed in data_splits/{split}/scans.csv is not in --source {source}", warnings)
+                continue
+            tasks.append((by_name[n], root / f"npy_{split}"))
+    print(f"Preprocessing {len(tasks)} subjects from {source} into {root} "
+          f"({name}, mod={mod}, image_size={image_size}, workers={workers})", flush=True)
+
+    results: List[SubjectResult] = []
+    bar = tqdm(total=len(tasks), desc="subjects", disable=not progress)
+    if workers <= 1:
+        for subject, split_dir in tasks:
+            results.append(_run_one(subject, split_dir, image_size, first, last))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+            futures = [pool.submit(_run_one, s, d, image_size, first, last) for s, d in tasks]
+            try:
+                for fut in as_completed(futures):
+                    results.append(fut.result())
+                    bar.update()
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    bar.close()
+
+    errors = [r.message for r in results if r.status == "failed"]
+    for msg in errors:
+        print(f"ERROR: {msg}", file=sys.stderr, flush=True)
+    summary = {"output": str(root), "name": name, "mod": mod, "image_size": image_size, "splits": {},
+               "errors": errors, "warnings": warnings}
+    for split in SPLITS:
+        rs = [r for r in results if r.split == split]
+        ok = [r for r in rs if r.status != "failed"]
+        summary["splits"][split] = {
+            "patients": len(ok),
+            "skipped": sum(r.status == "skipped" for r in rs),
+            "failed": len(rs) - len(ok),
+            "healthy_slices": sum(r.healthy for r in ok),
+            "unhealthy_slices": sum(r.unhealthy for r in ok),
+        }
+    _atomic_write_text(root / SUMMARY_FILE, json.dumps(summary, indent=1))
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'split':<6} {'patients':>8} {'skipped':>8} {'failed':>7} {'healthy':>9} {'unhealthy':>10}"]
+    for split, s in summary["splits"].items():
+        lines.append(f"{split:<6} {s['patients']:>8} {s['skipped']:>8} {s['failed']:>7} "
+                     f"{s['healthy_slices']:>9} {s['unhealthy_slices']:>10}")
+    lines.append(f"output: {summary['output']}")
+    if summary["errors"]:
+        lines.append(f"{len(summary['errors'])} subject(s) failed; see the ERROR lines above")
+    return "\n".join(lines)
