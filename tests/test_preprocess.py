@@ -1,0 +1,278 @@
+"""Preprocessing: upstream semantics on hand-made volumes, layouts, splits, bad inputs, resume and atomicity."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from guided_diffusion import preprocess as pp
+from guided_diffusion.data import get_data_iter
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (12, 10, 9)
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(arr, np.float32), np.eye(4)), str(path))
+
+
+def _volumes(seed: int, shape=SHAPE, lesion=True):
+    """Four modalities with brain in z 2..6 and a 4x4 lesion at z=4 (seg labels 1/2/4)."""
+    rng = np.random.default_rng(seed)
+    vols = {}
+    for i, m in enumerate(pp.MODALITIES):
+        v = np.zeros(shape, np.float32)
+        v[2:10, 2:8, 2:7] = rng.uniform(1, 100, size=(8, 6, 5)) * (i + 1)
+        vols[m] = v
+    seg = np.zeros(shape, np.float32)
+    if lesion:
+        seg[4:8, 3:7, 4] = 2
+        seg[5:7, 4:6, 4] = 4
+        seg[5, 4, 4] = 1
+    return vols, seg
+
+
+def _brats_subject(src: Path, name: str, seed: int, lesion=True, skip=()):
+    vols, seg = _volumes(seed, lesion=lesion)
+    for m, v in vols.items():
+        if m not in skip:
+            _save(src / name / f"{name}_{m}.nii.gz", v)
+    _save(src / name / f"{name}_seg.nii.gz", seg)
+    return vols, seg
+
+
+@pytest.fixture()
+def brats(tmp_path):
+    src = tmp_path / "BraTS21"
+    for i in range(20):
+        _brats_subject(src, f"BraTS2021_{i:05d}", i, lesion=i % 3 != 0)
+    return src
+
+
+def _slices(root: Path, split: str):
+    return sorted(root.glob(f"npy_{split}/patient_*/slice_*.npz"))
+
+
+def test_upstream_semantics_exact(brats):
+    summary = pp.preprocess(brats, image_size=8, workers=1, progress=False)
+    root = brats.parent / "preprocessed_data_all_00_8"  # upstream's default name and place
+    assert Path(summary["output"]) == root
+    # Split: random.seed(10) shuffle of the sorted listing, int(75%) / int(5%) / rest.
+    names = sorted(p.name for p in brats.iterdir())
+    idx = list(range(20))
+    random.seed(10)
+    random.shuffle(idx)
+    for split, part in (("train", idx[:15]), ("val", idx[15:16]), ("test", idx[16:])):
+        csv = (root / "data_splits" / split / "scans.csv").read_text()
+        assert csv == "\n".join(names[i] for i in part)  # no trailing newline, as upstream
+        assert summary["splits"][split]["patients"] == len(part)
+        assert sorted(p.name for p in (root / f"npy_{split}").iterdir()) == sorted(f"patient_{names[i]}" for i in part)
+
+    name = names[idx[0]]
+    vols, seg = _volumes(idx[0], lesion=idx[0] % 3 != 0)
+    files = sorted((root / "npy_train" / f"patient_{name}").iterdir(), key=lambda p: int(p.name[6:-4]))
+    assert [f.name for f in files] == [f"slice_{z}.npz" for z in range(2, 7)]  # brain-slice range, original z
+    stack = np.stack([vols[m] for m in pp.MODALITIES]).astype(np.float64)
+    p99 = [np.quantile(c[c > 0], 0.99) for c in stack]
+    for f in files:
+        z = int(f.name[6:-4])
+        d = np.load(f)
+        assert d["x"].shape == (1, 4, 8, 8) and d["x"].dtype == np.float64
+        assert d["y"].shape == (1, 1, 8, 8) and d["y"].dtype == np.float32
+        # 12x10 -> 8x8 bilinear: compare against torch on the p99-scaled slice (no clipping: max > 1 allowed)
+        import torch
+        import torch.nn.functional as F
+        ref = torch.from_numpy(np.stack([stack[c, :, :, z] / p99[c] for c in range(4)])[None])
+        np.testing.assert_allclose(d["x"], F.interpolate(ref, size=(8, 8), mode="bilinear").numpy(), rtol=1e-12)
+        yref = torch.from_numpy((seg[:, :, z] > 0.5).astype(np.float32)[None, None])
+        np.testing.assert_allclose(d["y"], F.interpolate(yref, size=(8, 8), mode="bilinear").numpy(), rtol=1e-6)
+    total = sum(s["healthy_slices"] + s["unhealthy_slices"] for s in summary["splits"].values())
+    assert total == 20 * 5
+    unhealthy = sum(s["unhealthy_slices"] for s in summary["splits"].values())
+    assert unhealthy == sum(1 for i in range(20) if i % 3 != 0)  # one lesion slice per tumour subject
+    assert (root / pp.SUMMARY_FILE).exists() and summary["errors"] == [] and summary["warnings"] == []
+
+    # The loaders read it: labels from the mask at 0.5, per-slice min-max to [-1, 1].
+    loader = get_data_iter("brats", root, 4, "test", mixed=True)
+    labs = []
+    for x, gt, lab in loader:
+        assert x.min() >= -1 and x.max() <= 1 and x.shape[1:] == (4, 8, 8)
+        labs += lab.tolist()
+    assert sum(labs) == summary["splits"]["test"]["unhealthy_slices"]
+    assert len(labs) - sum(labs) == summary["splits"]["test"]["healthy_slices"]
+
+
+def test_single_modality_trim_and_name(brats, tmp_path):
+    out = tmp_path / "out"
+    pp.preprocess(brats, mod="flair", first=2, last=1, image_size=8, output=out, progress=False)
+    assert not (brats.parent / "preprocessed_data_flair_21_8").exists()  # --output wins
+    d = np.load(_slices(out, "train")[0])
+    assert d["x"].shape == (1, 1, 8, 8)
+    assert pp.default_output_dir(brats, "flair", 2, 1, 8).name == "preprocessed_data_flair_21_8"
+    vol = np.arange(10)[None, None, :]
+    assert pp.trim_slices(vol, 2, 1).ravel().tolist() == list(range(2, 9))
+    assert pp.trim_slices(vol, 0, 0).ravel().tolist() == list(range(10))
+
+
+def test_resume_skips_done_subjects(brats):
+    first = pp.preprocess(brats, image_size=8, progress=False)
+    root = Path(first["output"])
+    some = _slices(root, "train")[0]
+    mtime = some.stat().st_mtime_ns
+    (root / "npy_train" / ".tmp-patient_X-deadbeef").mkdir()  # left by a killed run
+    again = pp.preprocess(brats, image_size=8, workers=2, progress=False)
+    assert some.stat().st_mtime_ns == mtime
+    assert not list(root.glob("npy_*/.tmp-*"))
+    for split in pp.SPLITS:
+        assert again["splits"][split]["skipped"] == first["splits"][split]["patients"]
+        for k in ("patients", "healthy_slices", "unhealthy_slices"):
+            assert again["splits"][split][k] == first["splits"][split][k]
+
+
+def test_failing_subject_leaves_no_partial_folder(brats, monkeypatch):
+    calls = {"n": 0}
+    real = np.savez_compressed
+
+    def flaky(path, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full (simulated)")
+        return real(path, **kw)
+
+    monkeypatch.setattr(pp.np, "savez_compressed", flaky)
+    summary = pp.preprocess(brats, image_size=8, workers=1, progress=False)
+    root = Path(summary["output"])
+    assert len(summary["errors"]) == 1 and "disk full" in summary["errors"][0]
+    assert sum(s["failed"] for s in summary["splits"].values()) == 1
+    assert len(list(root.glob("npy_*/patient_*"))) == 19
+    assert not list(root.glob("npy_*/.tmp-*"))
+    for d in root.glob("npy_*/patient_*"):
+        assert len(list(d.iterdir())) == 5  # every written subject is complete
+    monkeypatch.setattr(pp.np, "savez_compressed", real)
+    fixed = pp.preprocess(brats, image_size=8, progress=False)  # rerun completes the missing one
+    assert fixed["errors"] == [] and len(list(root.glob("npy_*/patient_*"))) == 20
+
+
+def test_bad_inputs_are_reported_and_others_survive(tmp_path):
+    src = tmp_path / "raw"
+    for i in range(8):
+        _brats_subject(src, f"S{i}", i)
+    (src / "README.txt").write_text("stray")
+    # missing modality
+    (src / "S1" / "S1_t1ce.nii.gz").unlink()
+    # corrupt: not a NIfTI at all
+    (src / "S2" / "S2_t2.nii.gz").write_bytes(b"this is not a nifti file")
+    # truncated gzip
+    raw = (src / "S3" / "S3_flair.nii.gz").read_bytes()
+    (src / "S3" / "S3_flair.nii.gz").write_bytes(raw[: len(raw) // 2])
+    # shape mismatch between a modality and the mask
+    _save(src / "S4" / "S4_seg.nii.gz", np.zeros((12, 10, 8)))
+    # all-zero and NaN volumes
+    _save(src / "S5" / "S5_t1.nii.gz", np.zeros(SHAPE))
+    nan = _volumes(6)[0]["t2"]
+    nan[3, 3, 3] = np.nan
+    _save(src / "S6" / "S6_t2.nii.gz", nan)
+
+    out = tmp_path / "out"
+    summary = pp.preprocess(src, image_size=8, output=out, workers=2, progress=False)
+    errors = "\n".join(summary["errors"])
+    assert len(summary["errors"]) == 6
+    expect = {
+        "S1": ("S1_t1ce.nii.gz", "missing"),
+        "S2": ("S2_t2.nii.gz", "cannot read"),
+        "S3": ("S3_flair.nii.gz", "cannot read"),
+        "S4": ("S4_seg.nii.gz", "differ in shape"),
+        "S5": ("S5_t1.nii.gz", "all zero"),
+        "S6": ("S6_t2.nii.gz", "NaN"),
+    }
+    for subject, (file, what) in expect.items():
+        line = next(e for e in summary["errors"] if f"subject {subject}:" in e)
+        assert file in line and what in line, line
+    assert "README.txt" in "\n".join(summary["warnings"]) and "stray" in "\n".join(summary["warnings"])
+    done = sorted(p.name for p in out.glob("npy_*/patient_*"))
+    assert done == ["patient_S0", "patient_S7"]
+    assert not list(out.glob("npy_*/.tmp-*"))
+    assert sum(s["failed"] for s in summary["splits"].values()) == 6, errors
+
+
+def test_unusable_source_and_output(tmp_path, brats):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="not writable"):
+        pp.preprocess(brats, image_size=8, output=blocker / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pp.preprocess(tmp_path / "missing", progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no subject folders"):
+        pp.preprocess(empty, progress=False)
+    with pytest.raises(ValueError, match="--mod"):
+        pp.preprocess(brats, mod="pd", progress=False)
+    with pytest.raises(ValueError, match="--name"):
+        pp.preprocess(brats, name="mslub", progress=False)
+
+
+def test_existing_splits_are_reused(brats, tmp_path):
+    out = tmp_path / "out"
+    splits_dir = out / "data_splits"
+    for split, names in (("train", ["BraTS2021_00003", "BraTS2021_00004"]), ("val", ["BraTS2021_00005"]),
+                         ("test", ["BraTS2021_00006", "gone"])):
+        (splits_dir / split).mkdir(parents=True)
+        (splits_dir / split / "scans.csv").write_text("\n".join(names))
+    summary = pp.preprocess(brats, image_size=8, output=out, progress=False)
+    assert [summary["splits"][s]["patients"] for s in pp.SPLITS] == [2, 1, 1]
+    assert any("gone" in w for w in summary["warnings"])  # listed but not in the source
+    assert any("BraTS2021_00000" in w and "not in" in w for w in summary["warnings"])
+
+
+def _atlas_arrays(seed):
+    vols, seg = _volumes(seed)
+    return vols["t1"], (seg > 0).astype(np.float32)
+
+
+def test_atlas_flattened_and_bids_layouts_agree(tmp_path):
+    flat, bids = tmp_path / "flat" / "raw2", tmp_path / "bids" / "ATLAS_2" / "Training"
+    for i in range(4):
+        t1, mask = _atlas_arrays(i)
+        p = f"sub-r00{i}s00{i}"
+        _save(flat / p / f"{p}_T1w.nii.gz", t1)
+        _save(flat / p / f"{p}_mask.nii.gz", mask)
+        anat = bids / f"R00{i % 2}" / p / "ses-1" / "anat"
+        _save(anat / f"{p}_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz", t1)
+        _save(anat / f"{p}_ses-1_space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask.nii.gz", mask)
+    (bids.parent / "dataset_description.json").write_text("{}")
+    (bids / "participants.tsv").write_text("")
+    s_flat = pp.preprocess(flat, name="atlas", image_size=8, progress=False)  # --mod all -> t1 for ATLAS
+    s_bids = pp.preprocess(bids, name="atlas", mod="t1", image_size=8, progress=False)
+    root_flat, root_bids = Path(s_flat["output"]), Path(s_bids["output"])
+    assert root_flat.name == root_bids.name == "preprocessed_data_t1_00_8"
+    assert s_flat["splits"] == s_bids["splits"] and s_bids["errors"] == []
+    a = [p.relative_to(root_flat) for p in sorted(root_flat.glob("npy_*/*/*.npz"))]
+    b = [p.relative_to(root_bids) for p in sorted(root_bids.glob("npy_*/*/*.npz"))]
+    assert a == b and len(a) == 4 * 5
+    for rel in a:
+        x1, x2 = np.load(root_flat / rel), np.load(root_bids / rel)
+        assert x1["x"].shape == (1, 1, 8, 8)
+        np.testing.assert_array_equal(x1["x"], x2["x"])
+        np.testing.assert_array_equal(x1["y"], x2["y"])
+    with pytest.raises(ValueError, match="only T1w"):
+        pp.preprocess(flat, name="atlas", mod="flair", progress=False)
+
+
+def test_script_exit_codes(tmp_path):
+    src = tmp_path / "raw"
+    for i in range(3):
+        _brats_subject(src, f"S{i}", i)
+    cmd = [sys.executable, str(REPO / "scripts" / "preprocess.py"), "--source", str(src), "--image_size", "8"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "preprocessed_data_all_00_8" / "npy_train").is_dir()
+    bad = subprocess.run(cmd[:-2] + ["--image_size", "0"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "--image_size" in bad.stderr
