@@ -91,7 +91,8 @@ def fused_attention(qkv: torch.Tensor, num_heads: int, encoder_kv=None, cond: Op
     """Same function as ``reference_attention``, through ``scaled_dot_product_attention``."""
     bs, width, length = qkv.shape
     ch = width // (3 * num_heads)
-    q, k, v = qkv.reshape(bs, num_heads, 3, ch, length).transpose(-1, -2).unbind(2)  # [B, H, T, c]
+    # [B, H, T, c], contiguous: the fused kernels need a unit stride on the channel axis
+    q, k, v = qkv.reshape(bs, num_heads, 3, ch, length).transpose(-1, -2).contiguous().unbind(2)
     mask = None
     if cond is not None:
         d = cond.cemb.shape[1]
