@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# AnoFPDM translation, brats, UNet v2. Override any variable from the environment
+# (W, MODEL_NUM, NUM_GPUS, BATCH_PER_GPU, DATA_DIR, MODEL_DIR, FORWARD_STEPS, D_REVERSE, ...; see _launch_translation.sh).
+# BATCH_PER_GPU is provisional until the memory benchmark (bench/) sets it.
+VERSION=${VERSION:-v2}
+DATASET=brats
+PORT=${PORT:-12358}
+BATCH_PER_GPU=${BATCH_PER_GPU:-32}
+source "$(dirname "${BASH_SOURCE[0]}")/_launch_translation.sh"
