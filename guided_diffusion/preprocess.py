@@ -383,6 +383,8 @@ def preprocess(
     warnings: List[str] = []
     subjects = discover_subjects(source, name, mod, warnings)
     root = Path(output) if output else default_output_dir(source, mod, first, last, image_size)
+    if root.absolute().parent == Path(source).absolute():  # --output inside --source is not a subject
+        subjects = [s for s in subjects if s.name != root.name]
     _check_writable(root)
     for split in SPLITS:
         _check_writable(root / f"npy_{split}")

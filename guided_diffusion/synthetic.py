@@ -154,7 +154,7 @@ def _place_tumour(
     d_core = r / (radius * core_frac) * (1 + 0.12 * wobble[1])
 
     in_brain = mask[box] > 0.5
-    soft = lambda d, w=0.08: torch.sigmoid((1.0 - d) / w)  # noqa: E731  (soft indicator of d < 1)
+    soft = lambda d, w=0.04: torch.sigmoid((1.0 - d) / w)  # noqa: E731  (soft indicator of d < 1)
     core = soft(d_core) * in_brain
     outer = soft(d_outer) * in_brain
     nec = soft(d_core / max(necrotic_frac, 1e-3)) * in_brain if necrotic_frac > 0 else torch.zeros_like(core)

@@ -121,6 +121,13 @@ def test_single_modality_trim_and_name(brats, tmp_path):
     assert pp.trim_slices(vol, 0, 0).ravel().tolist() == list(range(10))
 
 
+def test_output_inside_source_is_not_a_subject(brats):
+    first = pp.preprocess(brats, image_size=8, output=brats / "pre", progress=False)
+    again = pp.preprocess(brats, image_size=8, output=brats / "pre", progress=False)
+    assert first["errors"] == again["errors"] == []
+    assert sum(s["patients"] for s in again["splits"].values()) == 20
+
+
 def test_resume_skips_done_subjects(brats):
     first = pp.preprocess(brats, image_size=8, progress=False)
     root = Path(first["output"])
