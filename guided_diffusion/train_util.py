@@ -1,0 +1,658 @@
+"""The training loop: classifier-free guided diffusion training on one or many processes, GPU or CPU.
+
+Follows guided-diffusion's ``TrainLoop`` (AdamW, EMA per rate, ``model/ema_<rate>_/opt{step:06d}.pt``
+checkpoints in the log folder) driven by epochs as upstream AnoFPDM, with these additions:
+- ``step`` counts completed optimizer steps; a checkpoint named ``model005000.pt`` holds the state after
+  5000 steps and resuming from it continues with step 5001.
+- ``state{step:06d}.pt`` stores what the guided-diffusion files cannot: epoch and position in the epoch,
+  every rank's RNG states (torch, CUDA, numpy, python), the grad-scaler state. With it a resumed run
+  continues exactly as the uninterrupted one would have. Without it (upstream checkpoints) the epoch
+  and position are derived from the step and the RNGs are re-seeded.
+- every file is written atomically (temp file + ``os.replace``); ``model*.pt`` is written last, so its
+  presence means the set is complete.
+- mixed precision with ``torch.autocast`` (bf16, or fp16 with ``torch.amp.GradScaler``), optional
+  gradient clipping, and a stop with a clear message on a non-finite loss (on all ranks together).
+- microbatches are weighted by their size, so the gradient is the mean over the batch whatever the
+  microbatch size (guided-diffusion summed microbatch means).
+- preview grids at save time use the online model in eval mode (no dropout) with a few respaced DDIM steps
+  and fixed noise, one PNG per guidance weight ``w`` (upstream: 1000 steps, train mode, fresh noise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import re
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import dist_util, logger
+from .resample import ScheduleSampler, UniformSampler
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_MODEL_FILE = re.compile(r"model(\d+)\.pt$")
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def parse_ema_rates(ema_rate: "str | float | Sequence[float]") -> List[float]:
+    """'0.9999' or '0.999,0.9999' (or numbers) -> [floats], each in [0, 1)."""
+    if isinstance(ema_rate, str):
+        parts = [p for p in ema_rate.split(",") if p.strip()]
+        try:
+            rates = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"--ema_rate must be a comma-separated list of floats, got {ema_rate!r}") from None
+    elif isinstance(ema_rate, (int, float)):
+        rates = [float(ema_rate)]
+    else:
+        rates = [float(r) for r in ema_rate]
+    for r in rates:
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"--ema_rate values must lie in [0, 1), got {r}")
+    return rates
+
+
+def parse_resume_step(path: str) -> int:
+    """The step in a checkpoint name such as ``.../model005000.pt``."""
+    match = _MODEL_FILE.search(os.path.basename(path))
+    if match is None:
+        raise ValueError(f"--resume_checkpoint must name a model file like model005000.pt, got {path!r}")
+    return int(match.group(1))
+
+
+def find_latest_checkpoint(folder: str) -> Optional[str]:
+    """The ``model{step}.pt`` with the highest step in ``folder`` (None if there is none)."""
+    if not folder or not os.path.isdir(folder):
+        return None
+    found = [(int(m.group(1)), f) for f in os.listdir(folder) if (m := re.fullmatch(r"model(\d+)\.pt", f))]
+    return os.path.join(folder, max(found)[1]) if found else None
+
+
+def checkpoint_paths(folder: str, step: int, ema_rates: Sequence[float]) -> Dict[str, str]:
+    """File names of one checkpoint set (guided-diffusion names plus our ``state``)."""
+    paths = {
+        "model": os.path.join(folder, f"model{step:06d}.pt"),
+        "opt": os.path.join(folder, f"opt{step:06d}.pt"),
+        "state": os.path.join(folder, f"state{step:06d}.pt"),
+    }
+    for rate in ema_rates:
+        paths[f"ema_{rate}"] = os.path.join(folder, f"ema_{rate}_{step:06d}.pt")
+    return paths
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state(device: torch.device) -> Dict[str, Any]:
+    """torch/CUDA/numpy/python RNG states, as tensors and plain types (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Run a block without disturbing any global RNG (data-loader start-up, probes, previews)."""
+    state = get_rng_state(device)
+    try:
+        yield
+    finally:
+        set_rng_state(state, device)
+
+
+class _SkipBatches:
+    """A batch sampler that drops the first ``skip`` batches of another (indices only, no data loading)."""
+
+    def __init__(self, batch_sampler: Iterable, skip: int):
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self):
+        it = iter(self.batch_sampler)
+        for _ in range(self.skip):
+            next(it, None)
+        yield from it
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)
+
+
+def iterate_from(data: Iterable, skip: int) -> Iterator:
+    """Iterate ``data`` (one epoch) starting at batch ``skip``; a DataLoader skips by indices only."""
+    if skip == 0:
+        return iter(data)
+    if isinstance(data, torch.utils.data.DataLoader) and data.batch_sampler is not None:
+        clone = torch.utils.data.DataLoader(
+            data.dataset,
+            batch_sampler=_SkipBatches(data.batch_sampler, skip),
+            num_workers=data.num_workers,
+            collate_fn=data.collate_fn,
+            pin_memory=data.pin_memory,
+            timeout=data.timeout,
+            worker_init_fn=data.worker_init_fn,
+            multiprocessing_context=data.multiprocessing_context,
+            generator=data.generator,
+        )
+        return iter(clone)
+    it = iter(data)
+    for _ in range(skip):
+        next(it, None)
+    return it
+
+
+def save_image_grid(images: torch.Tensor, path: str, ncols: Optional[int] = None, pad: int = 2) -> None:
+    """Write ``[N, C, H, W]`` images in [-1, 1] as one grey PNG, one tile per (image, channel).
+
+    With several channels each row is one image (a tile per modality); single-channel images are laid
+    out ``ncols`` (default 6) per row. Written atomically.
+    """
+    from PIL import Image
+
+    images = images.detach().float().cpu().clamp(-1, 1)
+    n, c, h, w = images.shape
+    tiles = images.reshape(n * c, h, w)
+    ncols = ncols or (c if c > 1 else min(n, 6))
+    nrows = math.ceil(tiles.shape[0] / ncols)
+    canvas = torch.zeros(nrows * (h + pad) + pad, ncols * (w + pad) + pad)
+    for i, tile in enumerate(tiles):
+        r, col = divmod(i, ncols)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = (
+            (tile + 1) / 2
+        )
+    array = (canvas * 255).round().to(torch.uint8).numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    Image.fromarray(array, mode="L").save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+class TrainLoop:
+    """Train ``model`` with ``diffusion.training_losses`` on ``data`` (an epoch iterable of ``(x, cond)``).
+
+    :param data: re-iterable per epoch (e.g. a DataLoader) yielding ``(x [b, C, H, W], {"y": [b]})`` with
+        ``b = batch_size // world_size`` rows per rank.
+    :param data_sampler: the loader's sampler; ``set_epoch(epoch)`` is called at each epoch start.
+    :param batch_size: the GLOBAL batch (all ranks together), as upstream; used for the ``samples`` counter.
+    :param microbatch: rows per forward on each rank (-1 or 0: the whole per-rank batch).
+    :param threshold: classifier-free label-drop probability passed to the model (``model(x, t, y=y,
+        threshold=p)``); ignored for unconditional data (no ``y``).
+    :param total_epochs, max_steps, lr_anneal_steps: stop at whichever comes first (0 = no limit for the
+        last two); ``max_steps`` and ``lr_anneal_steps`` count global steps (a resumed run continues them).
+    :param precision: "fp32", "bf16" or "fp16" (autocast; fp16 adds a grad scaler).
+    :param grad_clip: clip the global gradient norm to this value (0 = off).
+    :param w, sample_shape, preview_steps, image_dir: preview grids at save time, one per guidance weight
+        (``sample_shape = (N, C, H, W)``; None or ``preview_steps=0`` disables them).
+    :param find_unused_parameters: DDP setting; "auto" probes the model (all-kept and all-dropped labels)
+        for parameters that can get no gradient.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        diffusion: Any,
+        data: Iterable,
+        batch_size: int,
+        lr: float,
+        ema_rate: "str | float | Sequence[float]" = "0.9999",
+        log_interval: int = 100,
+        save_interval: int = 5000,
+        resume_checkpoint: str = "",
+        data_sampler: Any = None,
+        microbatch: int = -1,
+        schedule_sampler: Optional[ScheduleSampler] = None,
+        weight_decay: float = 0.0,
+        lr_anneal_steps: int = 0,
+        threshold: float = -1.0,
+        total_epochs: int = 1,
+        max_steps: int = 0,
+        precision: str = "fp32",
+        grad_clip: float = 0.0,
+        seed: int = 0,
+        w: Sequence[float] = (),
+        sample_shape: Optional[Sequence[int]] = None,
+        preview_steps: int = 50,
+        image_dir: str = "",
+        name: str = "",
+        find_unused_parameters: "str | bool" = "auto",
+        progress: bool = True,
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.rank, self.world_size = dist_util.get_rank(), dist_util.get_world_size()
+        if batch_size % self.world_size:
+            raise ValueError(
+                f"--batch_size {batch_size} (global) is not divisible by the number of processes {self.world_size}"
+            )
+        self.device = dist_util.dev()
+        self.model = model.to(self.device)
+        if self.world_size > 1:  # rank 0's initial weights everywhere, before the EMA copies are taken
+            dist_util.sync_params(self.model.state_dict().values())
+        self.diffusion = diffusion
+        self.data, self.data_sampler = data, data_sampler
+        self.batch_size = batch_size
+        self.local_batch = batch_size // self.world_size
+        self.microbatch = microbatch if microbatch > 0 else self.local_batch
+        self.lr, self.weight_decay, self.lr_anneal_steps = lr, weight_decay, lr_anneal_steps
+        self.ema_rates = parse_ema_rates(ema_rate)
+        self.log_interval, self.save_interval = log_interval, save_interval
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.threshold = threshold
+        self.total_epochs, self.max_steps = total_epochs, max_steps
+        self.precision, self.grad_clip, self.seed = precision, grad_clip, seed
+        self.w = list(w)
+        self.sample_shape = tuple(sample_shape) if sample_shape else None
+        self.preview_steps = preview_steps
+        self.name = name
+        self.progress = progress
+        self.log_dir = logger.get_dir() or "."
+        self.image_dir = image_dir or os.path.join(self.log_dir, "images")
+
+        self.step = 0  # completed optimizer steps (global, survives resume)
+        self.epoch = 0
+        self.batch_in_epoch = 0  # batches of `epoch` already consumed
+        self._last_saved = -1
+
+        seed_everything(seed + 1000003 * self.rank)  # ranks must draw different noise, t and label drops
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rates]
+        if resume_checkpoint:
+            self._resume(resume_checkpoint)
+        self._find_unused = find_unused_parameters
+        self.ddp_model: nn.Module = self.model  # wrapped in DDP at the first batch (see _wrap_ddp)
+        self._sums: Dict[str, torch.Tensor] = {}
+        self._counts: Dict[str, torch.Tensor] = {}
+
+    # -- resume -----------------------------------------------------------------------------------
+    def _resume(self, path: str) -> None:
+        step = parse_resume_step(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume_checkpoint {path} does not exist")
+        paths = checkpoint_paths(os.path.dirname(path), step, self.ema_rates)
+        logger.log(f"resuming from {path} (step {step})")
+        self.model.load_state_dict(dist_util.load_state_dict(path, map_location=self.device))
+        for rate, ema in zip(self.ema_rates, self.ema_params):
+            ema_path = paths[f"ema_{rate}"]
+            if os.path.exists(ema_path):
+                sd = dist_util.load_state_dict(ema_path, map_location=self.device)
+                names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+                for e, n in zip(ema, names):
+                    e.copy_(sd[n])
+            else:
+                logger.warn(f"no {ema_path}: EMA rate {rate} restarts from the model weights")
+                for e, p in zip(ema, self.params):
+                    e.copy_(p.detach())
+        if os.path.exists(paths["opt"]):
+            self.opt.load_state_dict(dist_util.load_state_dict(paths["opt"], map_location=self.device))
+        else:
+            logger.warn(f"no {paths['opt']}: the optimizer state starts fresh")
+        self.step = self._last_saved = step
+        if os.path.exists(paths["state"]):
+            state = dist_util.load_state_dict(paths["state"], map_location="cpu")
+            self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+            if state.get("grad_scaler"):
+                self.scaler.load_state_dict(state["grad_scaler"])
+            if len(state["rng"]) == self.world_size:
+                set_rng_state(state["rng"][self.rank], self.device)
+            else:
+                logger.warn(
+                    f"{paths['state']} was written by {len(state['rng'])} processes, this run has "
+                    f"{self.world_size}: random streams are re-seeded (data position is kept)"
+                )
+                seed_everything(self.seed + 7919 * step + 1000003 * self.rank)
+        else:
+            steps_per_epoch = len(self.data) if hasattr(self.data, "__len__") else 0
+            if steps_per_epoch:
+                self.epoch, self.batch_in_epoch = divmod(step, steps_per_epoch)
+            logger.warn(
+                f"no {paths['state']} (upstream checkpoint?): continuing at epoch {self.epoch}, batch "
+                f"{self.batch_in_epoch}, with re-seeded random streams"
+            )
+            seed_everything(self.seed + 7919 * step + 1000003 * self.rank)
+
+    # -- DDP --------------------------------------------------------------------------------------
+    def _wrap_ddp(self, x: torch.Tensor, cond: Dict[str, Any]) -> None:
+        if self.world_size == 1 or isinstance(self.ddp_model, DDP):
+            return
+        find_unused = self._find_unused
+        if isinstance(find_unused, str):
+            if find_unused.lower() in ("true", "false"):
+                find_unused = find_unused.lower() == "true"
+            elif find_unused == "auto":
+                unused = self.unused_parameters(x, cond)
+                find_unused = bool(unused)
+                if unused:
+                    logger.log(f"DDP: {len(unused)} parameter tensors can get no gradient (e.g. {unused[0]}); "
+                               "find_unused_parameters=True")
+            else:
+                raise ValueError(f"--find_unused_parameters must be auto, true or false, got {find_unused!r}")
+        self.ddp_model = DDP(
+            self.model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            output_device=self.device.index if self.device.type == "cuda" else None,
+            bucket_cap_mb=128,
+            gradient_as_bucket_view=True,
+            find_unused_parameters=find_unused,
+        )
+
+    def unused_parameters(self, x: torch.Tensor, cond: Dict[str, Any]) -> List[str]:
+        """Names of parameters that get no gradient with all labels kept or all dropped (one row each)."""
+        x1 = x[:1].to(self.device)
+        t = torch.zeros(1, dtype=torch.long, device=self.device)
+        if "y" in cond and getattr(self.model, "num_classes", None) is not None:
+            y1 = cond["y"][:1].to(self.device)
+            scenarios = [dict(y=y1, threshold=1.0), dict(y=y1, threshold=1e-12)]
+        else:
+            scenarios = [{}]
+        unused = set()
+        with preserved_rng(self.device):
+            for kwargs in scenarios:
+                self.model.zero_grad(set_to_none=True)
+                with self._autocast():
+                    out = self.model(x1, t, **kwargs)
+                out.float().sum().backward()
+                unused |= {n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None}
+        self.model.zero_grad(set_to_none=True)
+        return sorted(unused)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _planned_steps(self) -> Optional[int]:
+        limits = [s for s in (self.max_steps, self.lr_anneal_steps) if s > 0]
+        if hasattr(self.data, "__len__"):
+            limits.append(self.total_epochs * len(self.data))
+        return min(limits) if limits else None
+
+    def _should_stop(self) -> bool:
+        return (
+            (self.max_steps > 0 and self.step >= self.max_steps)
+            or (self.lr_anneal_steps > 0 and self.step >= self.lr_anneal_steps)
+            or self.epoch >= self.total_epochs
+        )
+
+    def run_loop(self) -> int:
+        """Train until a stop condition; returns the final step."""
+        start_step = self.step
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self._planned_steps(), initial=self.step, desc=f"train {self.name}".strip(),
+                       dynamic_ncols=True)
+        stop_after_save = bool(os.environ.get("DIFFUSION_TRAINING_TEST"))
+        try:
+            while not self._should_stop():
+                if self.data_sampler is not None and hasattr(self.data_sampler, "set_epoch"):
+                    self.data_sampler.set_epoch(self.epoch)
+                # Starting an epoch may draw from the global RNGs (worker seeds, samplers); keep them out of
+                # the training streams so a resumed run matches an uninterrupted one.
+                with preserved_rng(self.device):
+                    batches = iterate_from(self.data, self.batch_in_epoch)
+                    first = next(batches, None)
+                if first is None:
+                    if self.batch_in_epoch == 0:
+                        raise RuntimeError("the training data yielded no batch (fewer slices than the batch size?)")
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    continue
+                if self.step == 0 and self.rank == 0 and self.sample_shape is not None:
+                    save_image_grid(first[0][: self.sample_shape[0]],
+                                    os.path.join(self.image_dir, f"real_{self.name or 'data'}_train.png"))
+                for x, cond in _chain_first(first, batches):
+                    self.run_step(x, cond)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % self.log_interval == 0:
+                        self.log_metrics(bar)
+                    if self.step % self.save_interval == 0:
+                        self.save()
+                        if stop_after_save:
+                            return self.step
+                    if self._should_stop():
+                        break
+                else:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            if self.step != self._last_saved and self.step > start_step:
+                self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.step
+
+    def run_step(self, x: torch.Tensor, cond: Dict[str, Any]) -> None:
+        """One optimizer step on a per-rank batch (forward/backward per microbatch, clip, step, EMA)."""
+        self._wrap_ddp(x, cond)
+        lr = self._current_lr()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        n = x.shape[0]
+        for start in range(0, n, self.microbatch):
+            micro = x[start: start + self.microbatch].to(self.device, non_blocking=True)
+            micro_cond = {k: v[start: start + self.microbatch].to(self.device, non_blocking=True)
+                          for k, v in cond.items()}
+            if "y" in micro_cond:
+                micro_cond["threshold"] = self.threshold
+            last = start + self.microbatch >= n
+            t, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
+            sync = contextlib.nullcontext() if last or not isinstance(self.ddp_model, DDP) else self.ddp_model.no_sync()
+            with sync:
+                with self._autocast():
+                    losses = self.diffusion.training_losses(self.ddp_model, micro, t, model_kwargs=micro_cond)
+                if hasattr(self.schedule_sampler, "update_with_local_losses"):
+                    self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+                loss = (losses["loss"].float() * weights).mean()
+                self._check_finite(loss)
+                # weight by the microbatch's share: the gradient is the mean over the per-rank batch
+                self.scaler.scale(loss * (micro.shape[0] / n)).backward()
+            self._accumulate(t, {k: v.detach().float() * weights for k, v in losses.items()})
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, max_norm=self.grad_clip if self.grad_clip > 0 else float("inf")
+        )
+        self._accumulate_value("grad_norm", grad_norm.detach().float())
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self._update_ema()
+
+    def _current_lr(self) -> float:
+        if not self.lr_anneal_steps:
+            return self.lr
+        return self.lr * max(0.0, 1.0 - self.step / self.lr_anneal_steps)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(bad)  # every rank stops together instead of hanging in DDP
+        if bad.item() > 0:
+            raise FloatingPointError(
+                f"non-finite training loss at step {self.step + 1} (epoch {self.epoch}, precision {self.precision}, "
+                f"loss on this rank {loss.item()}). Lower --lr, set --grad_clip (e.g. 1.0), try --precision "
+                f"bf16 or fp32, check the data for NaN/inf, and resume from the last checkpoint "
+                f"(--resume_checkpoint {self.log_dir}/model{max(self._last_saved, 0):06d}.pt)"
+            )
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        for rate, ema in zip(self.ema_rates, self.ema_params):
+            torch._foreach_lerp_(ema, [p.detach().float() for p in self.params], 1.0 - rate)
+
+    # -- logging ----------------------------------------------------------------------------------
+    def _accumulate_value(self, key: str, value: torch.Tensor, count: float = 1.0) -> None:
+        self._sums[key] = self._sums.get(key, 0) + value
+        self._counts[key] = self._counts.get(key, 0) + count
+
+    def _accumulate(self, t: torch.Tensor, values: Dict[str, torch.Tensor]) -> None:
+        """Per-sample loss terms: their means plus means per quarter of the timestep range."""
+        quartile = (4 * t // self.diffusion.num_timesteps).clamp(max=3)
+        ones = torch.ones_like(quartile, dtype=torch.float32)
+        for key, v in values.items():
+            self._accumulate_value(key, v.sum(), float(v.numel()))
+            sums = torch.zeros(4, device=v.device).index_add_(0, quartile, v)
+            counts = torch.zeros(4, device=v.device).index_add_(0, quartile, ones)
+            self._accumulate_value(f"{key}_quartiles", sums, counts)
+
+    def log_metrics(self, bar: Any = None) -> None:
+        """Write the means since the last dump (averaged over ranks) with step/samples/lr/norms."""
+        logger.logkv("step", self.step)
+        logger.logkv("samples", self.step * self.batch_size)
+        logger.logkv("epoch", self.epoch)
+        logger.logkv("lr", self._current_lr())
+        for key, total in self._sums.items():
+            count = self._counts[key]
+            if key.endswith("_quartiles"):
+                base = key[: -len("_quartiles")]
+                for q, (s, c) in enumerate(zip(total.tolist(), count.tolist())):
+                    if c > 0:
+                        logger.logkv(f"{base}_q{q}", s / c)
+            else:
+                logger.logkv(key, (total / count).item())
+        with torch.no_grad():
+            logger.logkv("param_norm", torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in self.params])).item())
+        if self.scaler.is_enabled():
+            logger.logkv("lg_loss_scale", math.log2(self.scaler.get_scale()))
+        self._sums.clear()
+        self._counts.clear()
+        values = logger.dumpkvs()
+        if bar is not None and "loss" in values:
+            bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dicts(self) -> Dict[str, Any]:
+        """The guided-diffusion files' contents: model, one EMA per rate, optimizer (plain state_dicts)."""
+        out = {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        for rate, ema in zip(self.ema_rates, self.ema_params):
+            sd = dict(out["model"])
+            for n, e in zip(names, ema):
+                sd[n] = e.to(sd[n].dtype)
+            out[f"ema_{rate}"] = sd
+        return out
+
+    def save(self) -> None:
+        """Write the checkpoint set for ``self.step`` (rank 0), then previews; all ranks must call it."""
+        rng_states = dist_util.gather_objects(get_rng_state(self.device))  # collective
+        if self.rank == 0:
+            paths = checkpoint_paths(self.log_dir, self.step, self.ema_rates)
+            sds = self.state_dicts()
+            for key, sd in sds.items():
+                if key != "model":
+                    atomic_torch_save(sd, paths[key])
+            atomic_torch_save(
+                {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "batch_in_epoch": self.batch_in_epoch,
+                    "world_size": self.world_size,
+                    "batch_size": self.batch_size,
+                    "rng": rng_states,
+                    "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                },
+                paths["state"],
+            )
+            atomic_torch_save(sds["model"], paths["model"])  # last: its presence means the set is complete
+            logger.log(f"saved checkpoint {paths['model']}")
+            self.save_previews()
+        self._last_saved = self.step
+        dist_util.barrier()
+
+    @torch.no_grad()
+    def sample_preview(self, w: Optional[float]) -> torch.Tensor:
+        """``sample_shape`` DDIM samples (``preview_steps`` steps, fixed noise) from the online model in eval
+        mode: guided with weight ``w`` for class-conditional models (rows split evenly over the classes)."""
+        from .respace import SpacedDiffusion, space_timesteps
+
+        base = self.diffusion
+        steps = getattr(base, "timestep_map", None)
+        if steps is not None and len(steps) != getattr(base, "original_num_steps", len(steps)):
+            sampler = base  # already respaced for training: sample on its grid
+        else:
+            sampler = SpacedDiffusion(
+                use_timesteps=space_timesteps(base.num_timesteps, str(min(self.preview_steps, base.num_timesteps))),
+                betas=base.betas,
+                model_mean_type=base.model_mean_type,
+                model_var_type=base.model_var_type,
+                loss_type=base.loss_type,
+                rescale_timesteps=base.rescale_timesteps,
+            )
+        n = self.sample_shape[0]
+        noise = torch.randn(self.sample_shape, generator=torch.Generator().manual_seed(self.seed)).to(self.device)
+        kwargs: Dict[str, Any] = {}
+        num_classes = getattr(self.model, "num_classes", None)
+        if num_classes is not None:
+            kwargs = dict(model_kwargs={"y": torch.arange(n, device=self.device) * num_classes // n}, guidance_w=w)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with preserved_rng(self.device), self._autocast():
+                return sampler.ddim_sample_loop(self.model, self.sample_shape, noise=noise, **kwargs).float()
+        finally:
+            self.model.train(was_training)
+
+    def save_previews(self) -> List[str]:
+        """One PNG per guidance weight in ``image_dir`` (``{step:06d}_{w}.png``); returns the paths."""
+        if self.sample_shape is None or self.preview_steps <= 0:
+            return []
+        conditional = getattr(self.model, "num_classes", None) is not None
+        # w = 0 is the plain conditional prediction; unconditional models take no weight
+        weights: List[Optional[float]] = (list(self.w) or [0.0]) if conditional else [None]
+        paths = []
+        for w in weights:
+            path = os.path.join(self.image_dir, f"{self.step:06d}" + (f"_{w}" if w is not None else "") + ".png")
+            save_image_grid(self.sample_preview(w), path)
+            paths.append(path)
+        return paths
+
+
+def _chain_first(first: Any, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest

@@ -1,0 +1,330 @@
+"""Training loop, dist_util, logger and train.py flags on CPU with tiny models (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.resample import ScheduleSampler
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion.train_util import TrainLoop, get_rng_state, iterate_from, parse_ema_rates, parse_resume_step
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import train as train_script  # noqa: E402
+
+TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16,8",
+            channel_mult="1,1,1,2", in_channels=4, num_classes=2)
+
+
+def tiny_model(unet_ver: str = "v2", seed: int = 0, class_cond: bool = True, **overrides):
+    flags = model_and_diffusion_defaults()
+    flags.update(TINY, unet_ver=unet_ver, use_hae=unet_ver != "v2", class_cond=class_cond, **overrides)
+    torch.manual_seed(seed)
+    return create_model_and_diffusion(**flags)
+
+
+def collate(rows):
+    x, y = zip(*rows)
+    return torch.stack(x), {"y": torch.stack(y)}
+
+
+def tiny_loader(n: int, batch: int, rank: int = 0, world: int = 1, seed: int = 0):
+    g = torch.Generator().manual_seed(123)
+    x = torch.rand(n, 4, 32, 32, generator=g) * 2 - 1
+    y = torch.arange(n) % 2
+    sampler = DistributedSampler(TensorDataset(x, y), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch, sampler=sampler, collate_fn=collate, drop_last=True), sampler
+
+
+class FixedT(ScheduleSampler):
+    """Always the same timesteps, so the loss on a fixed batch is comparable across steps."""
+
+    def __init__(self, t):
+        self.t = torch.as_tensor(t)
+
+    def weights(self):
+        return np.ones(1000)
+
+    def sample(self, batch_size, device):
+        return self.t[:batch_size].to(device), torch.ones(batch_size, device=device)
+
+
+@pytest.fixture
+def logdir(tmp_path):
+    logger.configure(str(tmp_path / "log"), format_strs=["log", "csv"])
+    yield tmp_path / "log"
+    logger.reset()
+
+
+def fixed_batch_loss(model, diffusion, x, y, t, noise) -> float:
+    model.eval()
+    with torch.no_grad():
+        eps = model(diffusion.q_sample(x, t, noise), t, y=y, clf_free=True)
+    model.train()
+    return torch.mean((eps - noise) ** 2).item()
+
+
+@pytest.mark.parametrize("unet_ver", ["v2", "hae_v2_conservative"])
+def test_few_steps_lower_the_loss_on_a_fixed_batch(logdir, unet_ver):
+    model, diffusion = tiny_model(unet_ver)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 4, 32, 32, generator=g) * 2 - 1
+    y = torch.tensor([0, 1])
+    t = torch.tensor([500, 800])
+    noise = torch.randn(x.shape, generator=g)
+    before = fixed_batch_loss(model, diffusion, x, y, t, noise)
+    loop = TrainLoop(model=model, diffusion=diffusion, data=[(x, {"y": y})], batch_size=2, lr=2e-3,
+                     threshold=0.1, total_epochs=6, log_interval=3, save_interval=1000,
+                     schedule_sampler=FixedT(t), progress=False)
+    assert loop.run_loop() == 6
+    after = fixed_batch_loss(model, diffusion, x, y, t, noise)
+    assert after < 0.8 * before, (before, after)
+    rows = (logdir / "progress.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"step", "samples", "loss", "mse", "grad_norm", "param_norm"} <= set(header)
+    assert rows[-1].split(",")[header.index("samples")] == "12"
+    assert (logdir / "model000006.pt").exists() and (logdir / "ema_0.9999_000006.pt").exists()
+
+
+def _flatten(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in [k] + _flatten(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _flatten(v)]
+    return [obj]
+
+
+def assert_identical(a, b, what):
+    fa, fb = _flatten(a), _flatten(b)
+    assert len(fa) == len(fb), what
+    for u, v in zip(fa, fb):
+        if isinstance(u, torch.Tensor):
+            assert torch.equal(u, v), what
+        else:
+            assert u == v, what
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    def run(folder, max_steps, resume=""):
+        logger.configure(str(folder), format_strs=["csv"])
+        model, diffusion = tiny_model("v2", dropout=0.1)  # dropout and label drops make the RNG matter
+        loader, sampler = tiny_loader(6, 2)  # 3 batches per epoch, shuffled per epoch
+        loop = TrainLoop(model=model, diffusion=diffusion, data=loader, data_sampler=sampler, batch_size=2,
+                         lr=1e-3, ema_rate="0.9,0.99", threshold=0.5, total_epochs=10, max_steps=max_steps,
+                         save_interval=1, log_interval=100, resume_checkpoint=resume, seed=5, progress=False)
+        loop.run_loop()
+        return loop, get_rng_state(torch.device("cpu")), torch.randn(3)
+
+    full, full_rng, full_next = run(tmp_path / "a", 2)
+    run(tmp_path / "b", 1)
+    resumed, resumed_rng, resumed_next = run(tmp_path / "b", 2, resume=str(tmp_path / "b" / "model000001.pt"))
+    logger.reset()
+    # step 2 must use the second batch of the epoch's shuffled order (a restarted epoch would reuse the first)
+    assert (resumed.step, resumed.epoch, resumed.batch_in_epoch) == (full.step, full.epoch, full.batch_in_epoch) == (2, 0, 2)
+    a, b = full.state_dicts(), resumed.state_dicts()
+    assert set(a) == {"model", "opt", "ema_0.9", "ema_0.99"}
+    for key in a:
+        assert_identical(a[key], b[key], key)
+    assert_identical(full_rng, resumed_rng, "rng")
+    assert torch.equal(full_next, resumed_next)
+    # the files on disk are plain state_dicts that load strictly into a fresh model
+    model, _ = tiny_model("v2", dropout=0.1)
+    model.load_state_dict(torch.load(tmp_path / "b" / "ema_0.99_000002.pt", weights_only=True))
+    assert not list((tmp_path / "b").glob("*.tmp*"))
+
+
+def test_resume_from_a_different_step_differs(tmp_path):
+    """Sanity check of the test above: restoring step 2 and training 2 more steps is not the step-3 state."""
+    logger.configure(str(tmp_path), format_strs=["csv"])
+    model, diffusion = tiny_model("v2")
+    loader, sampler = tiny_loader(6, 2)
+    TrainLoop(model=model, diffusion=diffusion, data=loader, data_sampler=sampler, batch_size=2, lr=1e-3,
+              threshold=0.5, max_steps=2, save_interval=1, total_epochs=5, progress=False).run_loop()
+    one = torch.load(tmp_path / "model000001.pt", weights_only=True)
+    two = torch.load(tmp_path / "model000002.pt", weights_only=True)
+    state = torch.load(tmp_path / "state000002.pt", weights_only=True)
+    logger.reset()
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (2, 0, 2)
+    assert any(not torch.equal(one[k], two[k]) for k in one)
+
+
+def test_iterate_from_skips_batches_without_changing_the_order():
+    loader, sampler = tiny_loader(10, 2)
+    sampler.set_epoch(3)
+    full = [b[1]["y"].tolist() + [b[0][0, 0, 0, 0].item()] for b in loader]
+    sampler.set_epoch(3)
+    tail = [b[1]["y"].tolist() + [b[0][0, 0, 0, 0].item()] for b in iterate_from(loader, 3)]
+    assert tail == full[3:] and len(full) == 5
+    assert [b for b in iterate_from([1, 2, 3], 2)] == [3]
+
+
+def test_non_finite_loss_stops_with_a_clear_message(logdir):
+    model, diffusion = tiny_model("v2")
+    x = torch.full((2, 4, 32, 32), float("nan"))
+    loop = TrainLoop(model=model, diffusion=diffusion, data=[(x, {"y": torch.tensor([0, 1])})], batch_size=2,
+                     lr=1e-3, threshold=0.1, progress=False)
+    with pytest.raises(FloatingPointError, match="non-finite training loss at step 1"):
+        loop.run_loop()
+
+
+def test_preview_grids_and_microbatches(logdir):
+    model, diffusion = tiny_model("v2")
+    x = torch.rand(4, 4, 32, 32) * 2 - 1
+    loop = TrainLoop(model=model, diffusion=diffusion, data=[(x, {"y": torch.tensor([0, 1, 0, 1])})],
+                     batch_size=4, microbatch=3, lr=1e-3, threshold=0.1, total_epochs=1, save_interval=1,
+                     w=[0.0, 2.0], sample_shape=(2, 4, 32, 32), preview_steps=3, progress=False)
+    loop.run_loop()
+    from PIL import Image
+
+    names = sorted(os.listdir(logdir / "images"))
+    assert names == ["000001_0.0.png", "000001_2.0.png", "real_data_train.png"]
+    img = Image.open(logdir / "images" / "000001_2.0.png")
+    assert img.size == (4 * 34 + 2, 2 * 34 + 2)  # one row per sample, one tile per modality
+
+
+def test_ema_rates_and_checkpoint_names():
+    assert parse_ema_rates("0.999,0.9999") == [0.999, 0.9999]
+    assert parse_resume_step("/x/model012345.pt") == 12345
+    with pytest.raises(ValueError, match="ema_rate"):
+        parse_ema_rates("0.9,fast")
+    with pytest.raises(ValueError, match="model005000.pt"):
+        parse_resume_step("/x/ema_0.9999_005000.pt")
+
+
+# -- train.py flags ------------------------------------------------------------------------------
+
+def cli_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        train_script.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--unet_ver", "v3"], "unknown --unet_ver 'v3'; valid: v2, hae, hae_lite, hae_v2, hae_v2_conservative"),
+        (["--data_dir", ""], "--data_dir is required"),
+        (["--data_dir", "/nonexistent/data"], "--data_dir /nonexistent/data does not exist"),
+        (["--w", "1", "two"], "--w takes guidance weights"),
+        (["--threshold", "-1"], "needs 0 < threshold <= 1"),
+        (["--sample_shape", "12", "3", "32", "32"], "must match --in_channels 4"),
+        (["--precision", "fp8"], "--precision must be one of fp32, bf16, fp16"),
+        (["--ema_rate", "1.5"], "--ema_rate values must lie in [0, 1)"),
+        (["--noise_type", "simplex"], "only gaussian"),
+    ],
+)
+def test_bad_flags_give_clear_errors(capsys, tmp_path, extra, message):
+    argv = ["--data_dir", str(tmp_path), "--in_channels", "4", "--image_size", "32"] + extra
+    assert message in cli_error(capsys, argv)
+
+
+def test_flag_parsing_and_normalisation(tmp_path):
+    parser = train_script.create_argparser()
+    args = parser.parse_args(["--data_dir", str(tmp_path), "--w", "1", "1.8,2", "3", "--use_fp16", "True",
+                              "--in_channels", "4", "--image_size", "128", "--batch_size", "28"])
+    train_script.check_args(args, world_size=2)
+    assert args.w == [1.0, 1.8, 2.0, 3.0]
+    assert args.precision == "fp16" and args.use_fp16 is False
+    assert args.sample_shape == [12, 4, 128, 128]
+    assert args.class_cond is True
+    with pytest.raises(ValueError, match="--batch_size 28 .* multiple of the number of processes \\(3\\)"):
+        train_script.check_args(parser.parse_args(["--data_dir", str(tmp_path), "--batch_size", "28"]), world_size=3)
+
+
+# -- two processes, gloo ---------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_process_worker(rank: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist_util.setup_dist()
+    try:
+        logger.configure(os.path.join(folder, "log"), format_strs=["csv"] if rank == 0 else [], sync_ranks=True)
+        result = {}
+        for name, class_cond in (("cond", True), ("uncond", False)):
+            model, diffusion = tiny_model("v2", seed=rank, class_cond=class_cond)  # different inits: DDP syncs
+            loader, sampler = tiny_loader(8, 2, rank=rank, world=2)
+            if not class_cond:
+                loader = [(x, {}) for x, _ in loader]
+            loop = TrainLoop(model=model, diffusion=diffusion, data=loader, data_sampler=sampler, batch_size=4,
+                             lr=1e-3, threshold=0.1, max_steps=2, total_epochs=5, save_interval=2,
+                             log_interval=1, progress=False)
+            loop.run_loop()
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+            ema = torch.cat([e.flatten() for e in loop.ema_params[0]])
+            gathered = dist_util.gather_objects((flat, ema, get_rng_state(dist_util.dev())["torch"]))
+            if rank == 0:
+                result[name] = {
+                    "same_weights": all(torch.equal(g[0], gathered[0][0]) for g in gathered),
+                    "same_ema": all(torch.equal(g[1], gathered[0][1]) for g in gathered),
+                    "different_rng": not torch.equal(gathered[0][2], gathered[1][2]),
+                    "find_unused": loop.ddp_model.find_unused_parameters,
+                    "steps": loop.step,
+                }
+        if rank == 0:
+            with open(os.path.join(folder, "result.json"), "w") as f:
+                json.dump(result, f)
+    finally:
+        dist_util.cleanup_dist()
+
+
+def test_two_gloo_processes_train_and_hold_identical_weights(tmp_path):
+    mp.spawn(_two_process_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    for name in ("cond", "uncond"):
+        assert result[name]["same_weights"] and result[name]["same_ema"], name
+        assert result[name]["different_rng"], name  # ranks draw their own noise / t / label drops
+        assert result[name]["steps"] == 2
+    assert result["cond"]["find_unused"] is False
+    assert result["uncond"]["find_unused"] is True  # the class-conditioning attention inputs get no gradient
+    written = sorted(os.listdir(tmp_path / "log"))
+    assert "model000002.pt" in written and not [f for f in written if "rank" in f]
+    rows = (tmp_path / "log" / "progress.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,grad_norm,loss") and len(rows) == 5  # header + 2 steps × 2 models
+
+
+# -- dist_util / logger without a process group ----------------------------------------------------
+
+def test_single_process_dist_util_and_logger(tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    dist_util.setup_dist()
+    assert (dist_util.get_rank(), dist_util.get_world_size(), dist_util.is_main_process()) == (0, 1, True)
+    assert dist_util.gather_objects({"a": 1}) == [{"a": 1}]
+    assert dist_util.dev().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    dist_util.barrier()
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "run"))
+    logger.configure(format_strs=["log", "csv"])
+    logger.logkv("step", 1)
+    logger.logkv_mean("loss", 1.0)
+    logger.logkv_mean("loss", 2.0)
+    logger.dumpkvs()
+    logger.logkv("step", 2)
+    logger.logkv("extra", 0.5)
+    logger.dumpkvs()
+    logger.log("hello")
+    logger.reset()
+    csv = (tmp_path / "run" / "progress.csv").read_text().splitlines()
+    assert csv == ["loss,step,extra", "1.5,1,", ",2,0.5"]
+    assert "hello" in (tmp_path / "run" / "log.txt").read_text()
