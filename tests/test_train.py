@@ -328,3 +328,76 @@ def test_single_process_dist_util_and_logger(tmp_path, monkeypatch):
     csv = (tmp_path / "run" / "progress.csv").read_text().splitlines()
     assert csv == ["loss,step,extra", "1.5,1,", ",2,0.5"]
     assert "hello" in (tmp_path / "run" / "log.txt").read_text()
+
+
+# -- end to end: train.py and the config scripts on a tiny on-disk data set -------------------------
+
+def write_npz_dataset(root: Path, patients: int = 2, slices: int = 3, size: int = 32, channels: int = 4) -> Path:
+    """The upstream preprocessed format: npy_train/patient_<P>/slice_<z>.npz with x [1,C,H,W], y [1,1,H,W]."""
+    rng = np.random.default_rng(0)
+    for p in range(patients):
+        folder = root / "npy_train" / f"patient_{p:03d}"
+        folder.mkdir(parents=True)
+        for z in range(slices):
+            x = rng.random((1, channels, size, size))
+            y = np.zeros((1, 1, size, size), dtype=np.float32)
+            if z % 2:
+                y[..., 10:16, 10:16] = 1.0
+            np.savez(folder / f"slice_{z}.npz", x=x, y=y)
+    return root
+
+
+TINY_FLAGS = ["--image_size", "32", "--num_channels", "32", "--num_res_blocks", "1", "--attention_resolutions",
+              "16,8", "--channel_mult", "1,1,1,2", "--dropout", "0", "--num_workers", "0", "--preview_steps", "2",
+              "--log_interval", "1", "--save_interval", "2", "--sample_shape", "2", "4", "32", "32"]
+
+
+def test_train_script_end_to_end_with_auto_resume(tmp_path, monkeypatch):
+    data = write_npz_dataset(tmp_path / "data")
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "run"))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    argv = ["--data_dir", str(data), "--unet_ver", "v2", "--in_channels", "4", "--batch_size", "2",
+            "--threshold", "0.1", "--w", "1,2", *TINY_FLAGS]
+    try:
+        assert train_script.main(argv + ["--max_steps", "2"]) == 2
+        assert train_script.main(argv + ["--max_steps", "3", "--resume_checkpoint", "auto"]) == 3
+    finally:
+        logger.reset()
+    run = tmp_path / "run"
+    for step in ("000002", "000003"):
+        for prefix in ("model", "ema_0.9999_", "opt", "state"):
+            assert (run / f"{prefix}{step}.pt").exists(), f"{prefix}{step}.pt"
+    state = torch.load(run / "state000003.pt", weights_only=True)
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 3)  # 6 slices = 3 batches: epoch 0 is used up
+    assert sorted(os.listdir(run / "images")) == ["000002_1.0.png", "000002_2.0.png", "000003_1.0.png",
+                                                  "000003_2.0.png", "real_brats_train.png"]
+    log = (run / "log.txt").read_text()
+    assert "resuming from" in log and "model000002.pt" in log and "Model params" in log
+    rows = (run / "progress.csv").read_text().splitlines()
+    assert len(rows) == 4  # header + 3 steps, appended across the two runs
+
+
+def test_config_script_runs_on_cpu(tmp_path):
+    data = write_npz_dataset(tmp_path / "data")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DATA_DIR=str(data), OPENAI_LOGDIR=str(tmp_path / "run"),
+               BATCH_PER_GPU="2", PYTHON=sys.executable, OPENAI_LOG_FORMAT="log,csv")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run(
+        ["bash", str(REPO / "config" / "run_train_brats_clf_free_guided_hae_v2_conservative.sh"), *TINY_FLAGS,
+         "--max_steps", "1", "--save_interval", "1", "--preview_steps", "1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training on the CPU with 1 process" in proc.stderr
+    assert (tmp_path / "run" / "model000001.pt").exists()
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "'unet_ver': 'hae_v2_conservative'" in log and "'batch_size': 2" in log and "'use_hae': True" in log
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "config").glob("run_train_*.sh")), ids=lambda p: p.name)
+def test_config_scripts_are_valid_bash(config):
+    assert subprocess.run(["bash", "-n", str(config)]).returncode == 0
+    text = config.read_text()
+    assert "_launch_train.sh" in text and "MASTER_PORT" in text and "NCCL_P2P_DISABLE" in text

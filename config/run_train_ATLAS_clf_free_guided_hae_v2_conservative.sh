@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Classifier-free guided training, ATLAS, UNet hae_v2_conservative. Runs on the CPU when no GPU is visible.
+# Override any variable from the environment, and add or override flags as arguments, e.g.
+#   CUDA_VISIBLE_DEVICES=0,1 NUM_GPUS=2 bash config/run_train_ATLAS_clf_free_guided_hae_v2_conservative.sh --max_steps 50000 --resume_checkpoint auto
+# (see config/_launch_train.sh for every variable and the flags it passes).
+UNET_VER=hae_v2_conservative
+DATASET=atlas
+SCRIPT=${SCRIPT:-scripts/train_hae_v2_conservative.py}
+MASTER_PORT=${MASTER_PORT:-12368}      # distinct per config, so two trainings can share a machine
+BATCH_PER_GPU=${BATCH_PER_GPU:-28}      # provisional until the memory benchmark (bench/) sets it; global = x processes
+
+# GPUs: which ones (a comma list; empty = none, train on the CPU) and how many processes to start.
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}
+NUM_GPUS=${NUM_GPUS:-}                 # empty: one process per visible GPU
+
+# NCCL (multi-GPU only):
+#   NCCL_P2P_DISABLE=1  when training hangs at start-up or at the first all-reduce because the GPUs have no
+#                       working peer-to-peer path (many consumer cards, e.g. RTX 40xx; VMs or containers with IOMMU).
+#   NCCL_IB_DISABLE=1   on one machine, or where InfiniBand is missing or misconfigured (stops NCCL probing it).
+#   NCCL_DEBUG=INFO     to see what NCCL does when a run hangs or fails (WARN prints only problems).
+export NCCL_P2P_DISABLE=${NCCL_P2P_DISABLE:-0}
+export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+
+source "$(dirname "${BASH_SOURCE[0]}")/_launch_train.sh"
