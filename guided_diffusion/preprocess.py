@@ -27,6 +27,7 @@ import tempfile
 import traceback
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -416,6 +417,10 @@ def preprocess(
                 for fut in as_completed(futures):
                     results.append(fut.result())
                     bar.update()
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise RuntimeError(f"a worker process died (out of memory?); the {len(results)} subjects finished "
+                                   f"so far are kept: rerun to resume, with fewer --workers") from None
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise

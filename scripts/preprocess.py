@@ -25,7 +25,7 @@ def main() -> int:
     try:
         summary = preprocess(args.source, name=args.name, mod=args.mod, first=args.first, last=args.last,
                              output=args.output or None, image_size=args.image_size, workers=args.workers)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 1 if summary["errors"] else 0
