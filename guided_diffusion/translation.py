@@ -26,6 +26,7 @@ import argparse
 import csv
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -229,7 +230,7 @@ def load_model(args: argparse.Namespace, device: torch.device):
             f"checkpoint {path} does not fit the model built from the flags (--unet_ver {args.unet_ver}, "
             f"--use_hae {args.use_hae}, --num_channels {args.num_channels}, --channel_mult {args.channel_mult!r}, "
             f"--attention_resolutions {args.attention_resolutions}, --in_channels {args.in_channels}, "
-            f"--image_size {args.image_size}): {e}"
+            f"--image_size {args.image_size}): {_shorten(str(e))}"
         ) from None
     model.to(device).eval()
     return model, diffusion, path
@@ -246,6 +247,11 @@ def _fingerprint(obj: Any) -> str:
 
 def batch_path(log_dir: str, split: str, world_size: int, rank: int, index: int) -> str:
     return os.path.join(log_dir, BATCH_DIR, f"{split}_ws{world_size}_r{rank}_b{index:05d}.npz")
+
+
+def _batch_index(path: str) -> int:
+    """The batch number k of a result file name (``..._b{k:05d}.npz``)."""
+    return int(re.search(r"_b(\d+)\.npz$", path).group(1))
 
 
 def save_npz_atomic(path: str, arrays: Dict[str, np.ndarray]) -> None:
@@ -282,10 +288,11 @@ def eval_batches(args: argparse.Namespace, split: str, global_batch: int, num_ba
     """This rank's batches ``(x, gt_mask, label)`` of ``split``: at most ``num_batches`` (-1 = all)."""
     from .data import get_data_iter
 
+    per_rank = global_batch // dist_util.get_world_size()  # val/test loaders take the per-rank batch
     loader = get_data_iter(
         args.name,
         args.data_dir,
-        global_batch,
+        per_rank,
         split=split,
         ret_lab=True,
         mixed=True,
@@ -467,10 +474,12 @@ class Translation:
                                     "the log folder must be shared by all ranks")
 
         def batches(i: int) -> Iterator[dict]:
-            for p in paths:
-                d = load_batch(p)
-                yield {"label": d["label"], "pred_label": d["pred_label"], "gt": d["gt"],
-                       "pred_mask": d[f"mask_{i}"], "anomaly_map": d[f"anomaly_map_{i}"], "foreground": d["foreground"]}
+            # the ranks' batch k together are exactly the global batch k of a single-process run
+            for _, group in itertools.groupby(paths, key=_batch_index):
+                ds = [load_batch(p) for p in group]
+                yield {name: np.concatenate([d[src] for d in ds]) for name, src in (
+                    ("label", "label"), ("pred_label", "pred_label"), ("gt", "gt"), ("pred_mask", f"mask_{i}"),
+                    ("anomaly_map", f"anomaly_map_{i}"), ("foreground", "foreground"))}
 
         results = []
         for i, ratio in enumerate(a.t_e_ratio):
@@ -583,7 +592,8 @@ class Translation:
                    f"diff_min {hyper.diff_min}, val errors {hyper.n_errors} of {hyper.n_val} "
                    f"({hyper.n_val_unhealthy} unhealthy), val accuracy {hyper.val_accuracy}")
         paths = self.test(hyper)
-        all_paths = [p for ps in dist_util.gather_objects(paths) for p in ps]
+        all_paths = sorted((p for ps in dist_util.gather_objects(paths) for p in ps),
+                           key=lambda p: (_batch_index(p), p))
         dist_util.barrier()
         metrics = None
         if self.rank == 0:
@@ -599,6 +609,10 @@ class Translation:
         logger.log(f"evaluation complete ({self.summary['computed']} computed, {self.summary['reused']} reused, "
                    f"{self.summary['seconds']:.1f} s)")
         return self.summary
+
+
+def _shorten(text: str, limit: int = 1200) -> str:
+    return text if len(text) <= limit else text[:limit] + f" ... ({len(text) - limit} more characters)"
 
 
 def _fmt(v: Any) -> str:

@@ -1,0 +1,226 @@
+"""End-to-end AnoFPDM translation on a tiny random model and a tiny synthetic data set (CPU, seconds)."""
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion import translation
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+TINY = dict(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,1,1,2", attention_resolutions="16,8",
+            in_channels=4, class_cond=True, num_classes=2)
+
+
+def _tiny_flags(unet_ver: str) -> list:
+    return (f"--image_size {SIZE} --num_channels 32 --num_res_blocks 1 --channel_mult 1,1,1,2 "
+            f"--attention_resolutions 16,8 --in_channels 4 --num_classes 2 --unet_ver {unet_ver} "
+            f"--use_hae {unet_ver != 'v2'}").split()
+
+
+def _write_dataset(root: Path) -> None:
+    """Two val and two test patients with 4 slices each; even slices carry a bright blob lesion."""
+    rng = np.random.RandomState(0)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    brain = ((yy - SIZE / 2) ** 2 / (0.4 * SIZE) ** 2 + (xx - SIZE / 2) ** 2 / (0.35 * SIZE) ** 2) < 1
+    for split in ("val", "test"):
+        for p in range(2):
+            d = root / f"npy_{split}" / f"patient_{split}{p}"
+            d.mkdir(parents=True)
+            for z in range(4):
+                x = np.stack([brain * (0.5 + 0.1 * rng.rand(SIZE, SIZE)) for _ in range(4)])
+                y = np.zeros((SIZE, SIZE), np.float32)
+                if z % 2 == 0:
+                    cy, cx = rng.randint(11, 21, 2)
+                    blob = (yy - cy) ** 2 + (xx - cx) ** 2 < 16
+                    y[blob] = 1.0
+                    x[:, blob] += 0.6
+                np.savez_compressed(d / f"slice_{z + 3}", x=x[None].astype(np.float64), y=y[None, None])
+
+
+def _write_checkpoint(model_dir: Path, unet_ver: str, step: int = 10) -> None:
+    kw = model_and_diffusion_defaults()
+    kw.update(TINY, unet_ver=unet_ver, use_hae=unet_ver != "v2")
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**kw)
+    with torch.no_grad():  # random weights everywhere (the zero-initialised output layer included)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), model_dir / f"model{step:06d}.pt")
+    torch.save(model.state_dict(), model_dir / f"ema_0.9999_{step:06d}.pt")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("translation")
+    _write_dataset(root / "data")
+    _write_checkpoint(root / "model_hae", "hae_v2_conservative")
+    _write_checkpoint(root / "model_v2", "v2")
+    return root
+
+
+def _run(workspace: Path, log_dir: Path, unet_ver: str, monkeypatch, extra: str = "", script_ver=None) -> dict:
+    monkeypatch.setenv("OPENAI_LOGDIR", str(log_dir))
+    model_dir = workspace / ("model_v2" if unet_ver == "v2" else "model_hae")
+    argv = (f"--data_dir {workspace / 'data'} --model_dir {model_dir} --ema True --w 2 --forward_steps 3 "
+            "--null True --batch_size 3 --num_batches -1 --batch_size_val 4 --num_batches_val -1 "
+            "--modality 0 3 --num_panels 4 --progress False").split() + _tiny_flags(unet_ver) + extra.split()
+    return translation.main(argv, unet_ver=script_ver)
+
+
+def _assert_metrics(metrics: dict) -> None:
+    for setup in ("mixed", "unhealthy"):
+        for key in ("dice", "iou", "auprc"):
+            v = metrics[setup][key]
+            assert v is not None and not math.isnan(v) and 0.0 <= v <= 1.0, (setup, key, v)
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_end_to_end_hae_v2_conservative_outputs_and_resume(workspace, tmp_path, monkeypatch):
+    log_dir = tmp_path / "logs"
+    summary = _run(workspace, log_dir, "hae_v2_conservative", monkeypatch, extra="--save_data True")
+    # 8 val slices in batches of 4, 8 test slices in batches of 3 (the last one partial)
+    assert summary["computed"] == {"val": 2, "test": 3} and summary["reused"] == {"val": 0, "test": 0}
+
+    metrics = json.loads((log_dir / "metrics.json").read_text())
+    _assert_metrics(metrics)
+    assert metrics["mixed"]["n_slices"] == 8 and metrics["unhealthy"]["n_slices"] == 4
+    hyper = json.loads((log_dir / "hyperparams.json").read_text())
+    assert hyper["n_val"] == 8 and hyper["n_val_unhealthy"] == 4
+    assert all(d > 0 for d in hyper["diff_max"])
+    assert (log_dir / "metrics.csv").read_text().startswith("t_e_ratio,setup,dice,iou,auprc")
+    assert len((log_dir / "per_slice.csv").read_text().strip().splitlines()) == 1 + 8
+    assert (log_dir / "panels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with np.load(log_dir / "per_slice_arrays.npz") as arrays:
+        assert arrays["anomaly_map"].shape == (8, 1, SIZE, SIZE)
+        assert arrays["source"].shape == (8, 4, SIZE, SIZE)
+        assert np.isfinite(arrays["anomaly_map"]).all()
+        # the test slices are all different (drawn without replacement)
+        flat = arrays["source"].reshape(8, -1)
+        assert len({row.tobytes() for row in flat}) == 8
+        assert arrays["label"].sum() == 4
+
+    # a rerun reuses everything
+    again = _run(workspace, log_dir, "hae_v2_conservative", monkeypatch, extra="--save_data True")
+    assert again["computed"] == {"val": 0, "test": 0} and again["reused"] == {"val": 2, "test": 3}
+    assert json.loads((log_dir / "metrics.json").read_text())["mixed"] == metrics["mixed"]
+
+    # a lost and a truncated batch file (as if killed) are recomputed, the others are kept
+    batch_dir = log_dir / "batches"
+    (batch_dir / "test_ws1_r0_b00001.npz").unlink()
+    (batch_dir / "test_ws1_r0_b00002.npz").write_bytes(b"PK\x03\x04 truncated")
+    third = _run(workspace, log_dir, "hae_v2_conservative", monkeypatch, extra="--save_data True")
+    assert third["computed"] == {"val": 0, "test": 2} and third["reused"] == {"val": 2, "test": 1}
+    # the same seeds give the same results
+    assert json.loads((log_dir / "metrics.json").read_text())["mixed"] == metrics["mixed"]
+
+    # other settings (here the guidance weight) do not reuse stale results
+    fourth = _run(workspace, log_dir, "hae_v2_conservative", monkeypatch,
+                  extra="--save_data True --w 1 --num_batches 1 --num_batches_val 1")
+    assert fourth["computed"] == {"val": 1, "test": 1}
+
+
+def test_end_to_end_v2_upstream_flags_and_alias(workspace, tmp_path, monkeypatch):
+    log_dir = tmp_path / "logs_v2"
+    summary = _run(workspace, log_dir, "v2", monkeypatch,
+                   extra="--ugp_mode upstream --legacy_ddim_encoding True --d_reverse True --num_batches 1 --num_batches_val 1 "
+                         "--t_e_ratio 1 2 --last_only True")
+    assert summary["computed"]["test"] == 1
+    metrics = json.loads((log_dir / "metrics.json").read_text())
+    assert metrics["settings"]["ugp_mode"] == "upstream" and metrics["settings"]["legacy_ddim_encoding"] is True
+    assert set(metrics["by_t_e_ratio"]) == {"1.0", "2.0"}
+    assert metrics["mixed"]["n_slices"] == 3
+    # the hae_v2_conservative alias fixes the variant whatever --unet_ver says
+    log_alias = tmp_path / "logs_alias"
+    out = _run(workspace, log_alias, "hae_v2_conservative", monkeypatch, script_ver="hae_v2_conservative",
+               extra="--num_batches 1 --num_batches_val 1 --d_reverse False --unet_ver v2 --use_hae False")
+    assert out["computed"] == {"val": 1, "test": 1}
+    assert "hae" in json.loads((log_alias / "metrics.json").read_text())["checkpoint"]
+
+
+def test_reused_hyperparams_file_and_fallback(workspace, tmp_path, monkeypatch):
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({"thr_01": 0.9, "diff_max": [0.01, 0.02]}))
+    log_dir = tmp_path / "logs_hp"
+    out = _run(workspace, log_dir, "v2", monkeypatch, extra=f"--num_batches_val 0 --hyperparams_file {hp} --num_batches 1")
+    assert out["computed"] == {"val": 0, "test": 1}
+    assert out["hyperparams"]["thr_01"] == 0.9
+    with pytest.raises(ValueError, match="forward_steps 3"):
+        _run(workspace, tmp_path / "logs_fb", "v2", monkeypatch, extra="--num_batches_val 0 --num_batches 1")
+
+
+def test_find_checkpoint(tmp_path):
+    for name in ("model000100.pt", "model065000.pt", "ema_0.9999_065000.pt", "opt065000.pt", "ema_0.99_000100.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert translation.find_checkpoint(str(tmp_path)).endswith("model065000.pt")
+    assert translation.find_checkpoint(str(tmp_path), "65000").endswith("model065000.pt")
+    assert translation.find_checkpoint(str(tmp_path), "000100").endswith("model000100.pt")
+    assert translation.find_checkpoint(str(tmp_path), None, ema=True).endswith("ema_0.9999_065000.pt")
+    assert translation.find_checkpoint(str(tmp_path), "", ema=True, ema_rate="0.99").endswith("ema_0.99_000100.pt")
+    with pytest.raises(FileNotFoundError, match="available steps: \\[100, 65000\\]"):
+        translation.find_checkpoint(str(tmp_path), "210000")
+    with pytest.raises(ValueError, match="--model_num"):
+        translation.find_checkpoint(str(tmp_path), "abc")
+    with pytest.raises(FileNotFoundError, match="no EMA"):
+        translation.find_checkpoint(str(tmp_path), "", ema=True, ema_rate="0.5")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("--w -1", "--w -1"),
+        ("--modality 0 7", "out of range"),
+        ("--num_batches 0", "--num_batches"),
+        ("--unet_ver hae_v2 --use_hae False", "--use_hae True"),
+        ("--precision fp8", "--precision"),
+    ],
+)
+def test_bad_flags_give_clear_errors(workspace, tmp_path, extra, message):
+    parser = translation.create_argparser()
+    argv = (f"--data_dir {workspace / 'data'} --model_dir {workspace / 'model_v2'} --w 2 ".split()
+            + _tiny_flags("v2") + extra.split())
+    args = parser.parse_args(argv)
+    with pytest.raises(ValueError, match=message.replace("-", "\\-")):
+        translation.check_args(args)
+    args = parser.parse_args(argv[:0] + f"--data_dir {tmp_path / 'none'} --model_dir {tmp_path} --w 2".split())
+    with pytest.raises(ValueError, match="--data_dir"):
+        translation.check_args(args)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_shards_and_gathers(workspace, tmp_path):
+    """torchrun with 2 CPU processes: every slice once across ranks, metrics from the gathered results."""
+    log_dir = tmp_path / "logs_ddp"
+    env = {**os.environ, "OPENAI_LOGDIR": str(log_dir), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = launcher + ["--nproc-per-node", "2", "--nnodes", "1", "--rdzv-backend", "c10d",
+                      "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", str(REPO / "scripts" / "translation_FPDM.py"),
+                      "--data_dir", str(workspace / "data"), "--model_dir", str(workspace / "model_v2"), "--w", "2",
+                      "--forward_steps", "2", "--batch_size", "4", "--num_batches", "-1", "--batch_size_val", "4",
+                      "--num_batches_val", "-1", "--progress", "False", "--num_panels", "2"] + _tiny_flags("v2")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((log_dir / "metrics.json").read_text())
+    _assert_metrics(metrics)
+    assert metrics["mixed"]["n_slices"] == 8 and metrics["settings"]["world_size"] == 2
+    files = sorted(p.name for p in (log_dir / "batches").iterdir())
+    assert files == [f"{s}_ws2_r{r}_b{k:05d}.npz" for s in ("test", "val") for r in (0, 1) for k in (0, 1)]
