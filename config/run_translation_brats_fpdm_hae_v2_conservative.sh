@@ -1,9 +1,26 @@
 #!/usr/bin/env bash
-# AnoFPDM translation, brats, UNet hae_v2_conservative. Override any variable from the environment
-# (W, MODEL_NUM, NUM_GPUS, BATCH_PER_GPU, DATA_DIR, MODEL_DIR, FORWARD_STEPS, D_REVERSE, ...; see _launch_translation.sh).
-# BATCH_PER_GPU is provisional until the memory benchmark (bench/) sets it.
-VERSION=${VERSION:-hae_v2_conservative}
+# AnoFPDM anomaly segmentation, brats, UNet hae_v2_conservative: validation (thresholds), test, metrics.json, panels.png.
+# Runs on the CPU when no GPU is visible. Override any variable from the environment, and add or override flags
+# as arguments, e.g.
+#   CUDA_VISIBLE_DEVICES=0,1 NUM_GPUS=2 MODEL_NUM=210000 bash config/run_translation_brats_fpdm_hae_v2_conservative.sh --num_batches 5
+# (see config/_launch_translation.sh for every variable and the flags it passes).
+UNET_VER=hae_v2_conservative
 DATASET=brats
-PORT=${PORT:-12364}
-BATCH_PER_GPU=${BATCH_PER_GPU:-28}
+SCRIPT=${SCRIPT:-scripts/translation_FPDM_hae_v2_conservative.py}
+MASTER_PORT=${MASTER_PORT:-12364}      # distinct per config, so two runs can share a machine
+BATCH_PER_GPU=${BATCH_PER_GPU:-28}      # provisional until the memory benchmark (bench/) sets it; global = x processes
+
+# GPUs: which ones (a comma list; empty = none, run on the CPU) and how many processes to start.
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}
+NUM_GPUS=${NUM_GPUS:-}                 # empty: one process per visible GPU
+
+# NCCL (multi-GPU only; inference needs little communication: one gather of validation curves and file names):
+#   NCCL_P2P_DISABLE=1  when a run hangs at start-up because the GPUs have no working peer-to-peer path
+#                       (many consumer cards, e.g. RTX 40xx; VMs or containers with IOMMU).
+#   NCCL_IB_DISABLE=1   on one machine, or where InfiniBand is missing or misconfigured (stops NCCL probing it).
+#   NCCL_DEBUG=INFO     to see what NCCL does when a run hangs or fails (WARN prints only problems).
+export NCCL_P2P_DISABLE=${NCCL_P2P_DISABLE:-0}
+export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+
 source "$(dirname "${BASH_SOURCE[0]}")/_launch_translation.sh"

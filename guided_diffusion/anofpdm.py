@@ -92,7 +92,7 @@ def validation_similarity(stats: StepStats) -> torch.Tensor:
     return cosine_similarity_over_steps(stats.mse_guided.mean(-1), stats.mse_unguided.mean(-1))
 
 
-def test_similarity(stats: StepStats) -> torch.Tensor:
+def classification_similarity(stats: StepStats) -> torch.Tensor:
     """cos_t(mean_{m,hw} S_t, mean_m MSE_∅) per slice, as upstream's test pass computes it."""
     return cosine_similarity_over_steps(stats.sam_mean.mean(-1), stats.mse_unguided.mean(-1))
 
@@ -471,10 +471,8 @@ class ForwardProcess:
         return out["eps_null"] if self.cfg.encode_null else out["eps_cond"]
 
     def _inversion_step(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """DDIM inversion t -> t+1 from eps at (x, t), re-derived from the clipped x̂0 as upstream does."""
-        if self.cfg.clip_denoised:
-            eps = self.diffusion.predict_eps_from_xstart(x, t, self._xstart(x, t, eps))
-        return self.diffusion.ddim_reverse_step_from_eps(x, t, eps)
+        """DDIM inversion t -> t+1 from eps at (x, t), eps re-derived from the clipped x̂0 as upstream does."""
+        return self.diffusion.ddim_reverse_step_from_eps(x, t, eps, clip_denoised=self.cfg.clip_denoised)
 
     def _sub_anomaly(self, x0g: torch.Tensor, x0u: torch.Tensor, src: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.cfg.sub_anomaly == "input":
@@ -583,7 +581,7 @@ def segment_batch(
     stats = result.stats
     if len(hyper.diff_max) != stats.divergence.shape[-1]:
         raise ValueError(f"hyper-parameters have {len(hyper.diff_max)} modalities, the batch has {stats.divergence.shape[-1]}")
-    sim = test_similarity(stats)
+    sim = classification_similarity(stats)
     pred_label = classify(sim, hyper.thr_01)
     t_e = end_steps(stats.divergence)
     q = quantile_levels(stats.divergence.amax(1), hyper.diff_max, a, b)
