@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nn import TimestepBlock, checkpoint, normalization
+from .nn import TimestepBlock, checkpoint, norm_act, normalization
 
 PATCH_SIZES = (4, 8)
 HAE_NUM_HEADS = 8
@@ -156,13 +156,14 @@ class MultiScaleSparseTransformer(nn.Module):
         q, k, v = F.linear(seq, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (t.reshape(b, length, HAE_NUM_HEADS, c // HAE_NUM_HEADS).transpose(1, 2) for t in (q, k, v))
         out = masked_attention(q, k, v, self.plan(length, seq.device), dropout_p=mha.dropout, training=self.training)
-        return mha.out_proj(out.transpose(1, 2).reshape(b, length, c))
+        return mha.out_proj(out.transpose(1, 2).reshape(b, length, c).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         a = self.attend(self.tokens(x))[:, : h * w]
         a = a + self.mlp(self.norm_out(a))
-        return a.transpose(1, 2).reshape(b, c, h, w) + x
+        # contiguous NCHW: a channels-last view here sends later convolutions down slow kernels
+        return a.transpose(1, 2).reshape(b, c, h, w).contiguous() + x
 
 
 class HybridCNNTransformerBlock(TimestepBlock):
@@ -180,6 +181,7 @@ class HybridCNNTransformerBlock(TimestepBlock):
         super().__init__()
         self.design = design
         self.use_checkpoint = use_checkpoint
+        self.recompute_norm_act = False
         self.conv_branch = nn.Sequential(
             normalization(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
             normalization(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
@@ -194,6 +196,9 @@ class HybridCNNTransformerBlock(TimestepBlock):
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         xe = x + self.emb_layers(emb).type(x.dtype)[..., None, None]
-        conv, trans = self.conv_branch(xe), self.transformer_branch(xe)
+        branch = self.conv_branch
+        conv = branch[2](norm_act(branch[0], branch[1], xe, recompute=self.recompute_norm_act))
+        conv = branch[5](norm_act(branch[3], branch[4], conv, recompute=self.recompute_norm_act))
+        trans = self.transformer_branch(xe)
         fused = torch.cat([conv, trans], dim=1) if self.design == "hae" else (conv + trans) / 2
         return self.fusion_conv(fused) + x

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -72,6 +72,31 @@ class TimestepBlock(nn.Module):
         raise NotImplementedError
 
 
+def _norm_act(norm: nn.Module, act: nn.Module, x: torch.Tensor, scale, shift) -> torch.Tensor:
+    h = norm(x)
+    if scale is not None:
+        h = h * (1 + scale) + shift
+    return act(h)
+
+
+def norm_act(
+    norm: nn.Module,
+    act: nn.Module,
+    x: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    recompute: bool = False,
+) -> torch.Tensor:
+    """``act(norm(x) * (1 + scale) + shift)``; with ``recompute`` only x (and scale, shift) are kept.
+
+    Norm, modulation and SiLU are cheap elementwise work but each would store a full-size tensor
+    for backward; recomputing them in backward keeps one (the input) instead of up to four.
+    """
+    if recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(_norm_act, norm, act, x, scale, shift, use_reentrant=False)
+    return _norm_act(norm, act, x, scale, shift)
+
+
 def silu_or_identity(silu: bool) -> nn.Module:
     return nn.SiLU() if silu else nn.Identity()
 
@@ -90,5 +115,6 @@ __all__ = [
     "timestep_embedding",
     "checkpoint",
     "silu_or_identity",
+    "norm_act",
     "mean_flat",
 ]

@@ -29,6 +29,7 @@ from .nn import (
     avg_pool_nd,
     checkpoint,
     conv_nd,
+    norm_act,
     normalization,
     silu_or_identity,
     timestep_embedding,
@@ -99,6 +100,7 @@ class ResBlock(TimestepBlock):
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
+        self.recompute_norm_act = False
         self.in_layers = nn.Sequential(
             normalization(channels), silu_or_identity(silu_everywhere), conv_nd(dims, channels, out_channels, 3, padding=1)
         )
@@ -124,19 +126,17 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), self.use_checkpoint)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = norm_act(self.in_layers[0], self.in_layers[1], x, recompute=self.recompute_norm_act)
         if self.updown:
-            h = self.in_layers[:-1](x)
             h, x = self.h_upd(h), self.x_upd(x)
-            h = self.in_layers[-1](h)
-        else:
-            h = self.in_layers(x)
+        h = self.in_layers[2](h)
         e = self.emb_layers(emb).type(h.dtype)[..., None, None]
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
+            h = norm_act(self.out_layers[0], self.out_layers[1], h, scale, shift, recompute=self.recompute_norm_act)
         else:
-            h = self.out_layers(h + e)
+            h = norm_act(self.out_layers[0], self.out_layers[1], h + e, recompute=self.recompute_norm_act)
+        h = self.out_layers[3](self.out_layers[2](h))
         return self.skip_connection(x) + h
 
 
@@ -313,6 +313,7 @@ class UNetModel(nn.Module):
         for index, block in enumerate(self.hae_transformers()):
             block.mask_seed = MASK_SEED + index
         self.set_attention_impl(attention_impl or self.default_attention_impl)
+        self.set_recompute_norm_act(False)
 
     # -- configuration ------------------------------------------------------------------------
     def hae_transformers(self) -> List[MultiScaleSparseTransformer]:
@@ -327,6 +328,13 @@ class UNetModel(nn.Module):
             if isinstance(m, (AttentionBlock, MultiScaleSparseTransformer)):
                 m.attention_impl = impl
         self.attention_impl = impl
+
+    def set_recompute_norm_act(self, enabled: bool) -> None:
+        """Recompute GroupNorm(+scale-shift)+SiLU in backward instead of storing their outputs."""
+        for m in self.modules():
+            if isinstance(m, (ResBlock, HybridCNNTransformerBlock)):
+                m.recompute_norm_act = enabled
+        self.recompute_norm_act = enabled
 
     def set_hae_masks(self, masks: Optional[Sequence[Optional[torch.Tensor]]]) -> None:
         """Install one bool mask (True = may not attend) per HAE block, in forward order.
@@ -428,3 +436,4 @@ class HAEUNetModelV2Conservative(HAEUNetModelV2):
     def __init__(self, *args, memory_optimization: bool = True, attention_impl: Optional[str] = None, **kwargs):
         impl = attention_impl or ("fused" if memory_optimization else "reference")
         super().__init__(*args, memory_optimization=memory_optimization, attention_impl=impl, **kwargs)
+        self.set_recompute_norm_act(memory_optimization)

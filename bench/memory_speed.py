@@ -1,0 +1,292 @@
+"""Memory and speed of every UNet variant, at the production config (default) or a small one.
+
+    python bench/memory_speed.py                 # production config (128 px, 128 channels), CPU or CUDA
+    python bench/memory_speed.py --small         # quick run
+    python bench/memory_speed.py --per-block     # where the activation memory goes, per top-level block
+    python bench/memory_speed.py --budget-gib 70 # on CUDA: largest training batch that fits
+
+Measured per variant, each in a fresh subprocess so nothing leaks from one to the next:
+
+* activation memory saved for backward per training sample: unique storages that autograd
+  saves (parameters excluded), via ``torch.autograd.graph.saved_tensors_hooks``;
+* peak memory of an inference forward of a cond+null batch (the AnoFPDM/CFG call): peak RSS
+  growth on CPU (``/proc`` high-water mark, reset before the call), ``max_memory_allocated``
+  growth on CUDA;
+* training step time per sample (forward, backward, AdamW step; label dropout 0.1; train mode)
+  and inference forward time per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from guided_diffusion.script_util import create_model  # noqa: E402
+
+VARIANTS = ("v2", "hae", "hae_lite", "hae_v2", "hae_v2_conservative")
+PRODUCTION = dict(image_size=128, in_channels=4, num_channels=128, num_res_blocks=2, attention_resolutions="32,16,8",
+                  channel_mult="", num_heads=4, use_scale_shift_norm=True, dropout=0.1, class_cond=True,
+                  num_classes=2, use_hae=True, bottleneck_ratio=0.25)
+SMALL = dict(PRODUCTION, image_size=64, num_channels=64, num_res_blocks=1, attention_resolutions="16,8")
+MIB = 2 ** 20
+
+
+def build(variant: str, config: dict, device: str, attention_impl: str | None = None):
+    torch.manual_seed(0)
+    model = create_model(**config, unet_ver=variant).to(device)
+    if attention_impl:
+        model.set_attention_impl(attention_impl)
+    return model
+
+
+def batch(config: dict, n: int, device: str):
+    size, ch = config["image_size"], config["in_channels"]
+    x = torch.randn(n, ch, size, size, device=device)
+    t = torch.randint(0, 1000, (n,), device=device)
+    y = torch.randint(0, 2, (n,), device=device)
+    return x, t, y
+
+
+def saved_activation_bytes(model, config, device, n: int, per_block: bool):
+    """Unique bytes autograd saves for backward in one training forward of n samples."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, total = set(), [0]
+    by_block = defaultdict(int)
+    current = ["embeddings"]
+    hooks = []
+    if per_block:
+        for name, module in model.named_children():
+            children = list(module.named_children()) if isinstance(module, torch.nn.ModuleList) else [(None, module)]
+            for idx, child in children:
+                label = name if idx is None else f"{name}.{idx}"
+                hooks.append(child.register_forward_pre_hook(lambda m, a, label=label: current.__setitem__(0, label)))
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in params and key not in seen and tensor.device.type != "meta":
+            seen.add(key)
+            total[0] += storage.nbytes()
+            by_block[current[0]] += storage.nbytes()
+        return tensor
+
+    x, t, y = batch(config, n, device)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x, t, y=y, threshold=0.1)
+    del out
+    for h in hooks:
+        h.remove()
+    return total[0] / n, {k: v / n for k, v in by_block.items()}
+
+
+def rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def inference_peak_bytes(model, config, device, n: int) -> float:
+    """Peak memory growth of one cond+null inference forward of n samples (2n rows)."""
+    x, t, y = batch(config, n, device)
+    x2, t2, y2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y])
+    null = torch.tensor([False] * n + [True] * n, device=device)
+    model.eval()
+    with torch.no_grad():
+        model(x2, t2, y=y2, clf_free=True, null=null)  # warm-up: masks, plans, allocator
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            model(x2, t2, y=y2, clf_free=True, null=null)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark
+        base = rss_bytes("VmRSS")
+        model(x2, t2, y=y2, clf_free=True, null=null)
+        return rss_bytes("VmHWM") - base
+
+
+def timed(fn, device, repeats: int) -> float:
+    fn()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def train_step_fn(model, config, device, n):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    x, t, y = batch(config, n, device)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(x, t, y=y, threshold=0.1).square().mean().backward()
+        opt.step()
+
+    return step
+
+
+def forward_fn(model, config, device, n):
+    x, t, y = batch(config, n, device)
+    x2, t2, y2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y])
+    null = torch.tensor([False] * n + [True] * n, device=device)
+    model.eval()
+
+    def fwd():
+        with torch.no_grad():
+            model(x2, t2, y=y2, clf_free=True, null=null)
+
+    return fwd
+
+
+def max_train_batch(variant, config, device, budget_bytes, impl) -> int:
+    """Largest training batch whose step peaks under the budget (binary search, CUDA only)."""
+    model = build(variant, config, device, impl)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def fits(n: int) -> bool:
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            x, t, y = batch(config, n, device)
+            opt.zero_grad(set_to_none=True)
+            model.train()(x, t, y=y, threshold=0.1).square().mean().backward()
+            opt.step()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() <= budget_bytes
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            opt.zero_grad(set_to_none=True)
+
+    lo, hi = 0, 1
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 4096:
+            return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def measure(variant: str, args) -> dict:
+    config = SMALL if args.small else PRODUCTION
+    device = args.device
+    model = build(variant, config, device, args.attention_impl)
+    result = {"variant": variant, "attention_impl": model.attention_impl,
+              "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    act, blocks = saved_activation_bytes(model, config, device, args.batch, args.per_block)
+    result["activation_MiB_per_sample"] = act / MIB
+    if args.per_block:
+        result["per_block_MiB"] = {k: v / MIB for k, v in sorted(blocks.items(), key=lambda kv: -kv[1])}
+    model.zero_grad(set_to_none=True)
+    result["inference_peak_MiB_per_sample"] = inference_peak_bytes(model, config, device, args.batch) / MIB / args.batch
+    result["train_step_s_per_sample"] = timed(train_step_fn(model, config, device, args.batch), device, args.repeats) / args.batch
+    result["forward_s_per_sample"] = timed(forward_fn(model, config, device, args.batch), device, args.repeats) / args.batch
+    if device == "cuda" and args.budget_gib:
+        del model
+        torch.cuda.empty_cache()
+        result["max_train_batch"] = max_train_batch(variant, config, device, args.budget_gib * 2 ** 30, args.attention_impl)
+    return result
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{cpu}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        desc += f"; GPU {torch.cuda.get_device_name()}"
+    return f"{desc}; torch {torch.__version__}; {datetime.date.today().isoformat()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="64 px, 64 channels, 1 res block: a quick run")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=1, help="samples per measurement (results are per sample)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--attention_impl", choices=["reference", "fused"], default=None,
+                        help="override every variant's attention computation")
+    parser.add_argument("--per-block", dest="per_block", action="store_true")
+    parser.add_argument("--budget-gib", dest="budget_gib", type=float, default=0.0,
+                        help="CUDA: find the largest training batch under this memory budget")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; valid: {', '.join(VARIANTS)}")
+
+    if args.child:
+        print(json.dumps(measure(args.child, args)))
+        return
+
+    print(f"# {'small' if args.small else 'production'} config on {machine()}", flush=True)
+    results = []
+    for variant in variants:
+        cmd = [sys.executable, __file__, "--child", variant] + [a for a in sys.argv[1:] if not a.startswith("--json")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"  measured {variant}: {r['activation_MiB_per_sample']:.0f} MiB saved/sample", flush=True)
+
+    header = "| variant | attention | params (M) | saved for backward (MiB/sample) | inference peak cond+null (MiB/sample) | train step (s/sample) | forward cond+null (s/sample) |"
+    if any("max_train_batch" in r for r in results):
+        header += " max train batch |"
+    print()
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in results:
+        row = (f"| {r['variant']} | {r['attention_impl']} | {r['params_M']:.1f} | {r['activation_MiB_per_sample']:.0f} | "
+               f"{r['inference_peak_MiB_per_sample']:.0f} | {r['train_step_s_per_sample']:.2f} | {r['forward_s_per_sample']:.2f} |")
+        if "max_train_batch" in r:
+            row += f" {r['max_train_batch']} |"
+        print(row)
+    by = {r["variant"]: r for r in results}
+    if "hae_v2" in by and "hae_v2_conservative" in by:
+        c, v = by["hae_v2_conservative"], by["hae_v2"]
+        print(f"\nConservative / HAE V2: activation memory {c['activation_MiB_per_sample'] / v['activation_MiB_per_sample']:.3f}, "
+              f"train step time {c['train_step_s_per_sample'] / v['train_step_s_per_sample']:.3f}")
+        if "v2" in by:
+            print(f"Conservative / v2 UNet: activation memory "
+                  f"{c['activation_MiB_per_sample'] / by['v2']['activation_MiB_per_sample']:.3f}")
+    if args.per_block:
+        for r in results:
+            top = list(r["per_block_MiB"].items())[:6]
+            print(f"\n{r['variant']} largest blocks (MiB/sample): " + ", ".join(f"{k} {v:.0f}" for k, v in top))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "small": args.small, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
