@@ -41,32 +41,38 @@ __all__ = [
 
 _SEED_MASK = (1 << 63) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
-# Relative per-key cost of a gathered (outside-window) key versus a key inside the dense window;
-# used only to choose the window width.
-_GATHER_COST = 3.0
+# Relative per-key cost of a gathered (outside-window) key versus a key inside the dense window
+# (measured on CPU: gathers and scatters of k, v, dk, dv dominate); only chooses the window width.
+_GATHER_COST = 6.0
 
 
 @dataclass
 class MaskPlan:
     """A bool mask [L, L] (True = blocked) rewritten as per-block key windows + gathered keys.
 
-    Query block `b` covers rows `[b * block_size, min(L, (b + 1) * block_size))`; its key window
-    is `[window_starts[b], window_starts[b] + window)`. Row i's allowed keys are the False
-    entries of `window_blocked[i]` (relative to its block's window) and the valid entries of
-    `outside_index[i]` (`outside_blocked[i]` marks padding).
+    Query block `b` covers rows `[b * block_size, (b + 1) * block_size)`; rows are padded to
+    `padded_length = num_blocks * block_size` (padding rows have every key blocked). Block b's
+    key window is `window_index[b] = window_starts[b] + arange(window)`. Row i's allowed keys are
+    the False entries of `window_blocked[i]` (relative to its block's window) and the entries of
+    `outside_index[i]` that `outside_blocked[i]` does not mark as padding.
     """
 
     length: int
     block_size: int
     window: int
     window_starts: List[int]
-    window_blocked: torch.Tensor  # [L, window] bool, True = blocked
-    outside_index: torch.Tensor  # [L, R] int64 key columns outside the row's window
-    outside_blocked: torch.Tensor  # [L, R] bool, True = padding
+    window_index: torch.Tensor  # [num_blocks, window] int64 key columns of each block's window
+    window_blocked: torch.Tensor  # [padded_length, window] bool, True = blocked
+    outside_index: torch.Tensor  # [padded_length, R] int64 key columns outside the row's window
+    outside_blocked: torch.Tensor  # [padded_length, R] bool, True = padding
 
     @property
     def num_blocks(self) -> int:
         return len(self.window_starts)
+
+    @property
+    def padded_length(self) -> int:
+        return self.num_blocks * self.block_size
 
     @property
     def num_outside(self) -> int:
@@ -77,11 +83,12 @@ class MaskPlan:
         return self.window_blocked.device
 
     def block_rows(self, block: int) -> Tuple[int, int]:
+        """Real (unpadded) rows [start, end) of query block `block`."""
         start = block * self.block_size
         return start, min(self.length, start + self.block_size)
 
     def nbytes(self) -> int:
-        tensors = (self.window_blocked, self.outside_index, self.outside_blocked)
+        tensors = (self.window_index, self.window_blocked, self.outside_index, self.outside_blocked)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def to(self, device: torch.device | str) -> "MaskPlan":
@@ -90,6 +97,7 @@ class MaskPlan:
             self.block_size,
             self.window,
             list(self.window_starts),
+            self.window_index.to(device),
             self.window_blocked.to(device),
             self.outside_index.to(device),
             self.outside_blocked.to(device),
@@ -153,10 +161,14 @@ def build_mask_plan(mask: torch.Tensor, block_size: int = 128) -> MaskPlan:
     window = _choose_window(allowed, block_size)
     starts = _window_starts(length, block_size, window)
 
-    rows_block = torch.arange(length, device=device) // block_size
-    row_starts = torch.tensor(starts, device=device, dtype=torch.long)[rows_block]  # [L]
-    cols = row_starts[:, None] + torch.arange(window, device=device)[None]  # [L, W]
-    window_blocked = mask.gather(1, cols)
+    num_blocks = len(starts)
+    padded = num_blocks * block_size
+    window_index = torch.tensor(starts, device=device, dtype=torch.long)[:, None] + torch.arange(
+        window, device=device
+    )
+    cols = window_index.repeat_interleave(block_size, dim=0)[:length]  # [L, W]
+    window_blocked = torch.ones(padded, window, dtype=torch.bool, device=device)
+    window_blocked[:length] = mask.gather(1, cols)
 
     in_window = torch.zeros_like(mask)
     in_window.scatter_(1, cols, True)
@@ -166,11 +178,13 @@ def build_mask_plan(mask: torch.Tensor, block_size: int = 128) -> MaskPlan:
     rows, out_cols = outside.nonzero(as_tuple=True)  # row-major order
     row_offsets = torch.cumsum(counts, 0) - counts
     rank = torch.arange(rows.numel(), device=device) - row_offsets[rows]
-    outside_index = torch.zeros(length, n_outside, dtype=torch.long, device=device)
-    outside_blocked = torch.ones(length, n_outside, dtype=torch.bool, device=device)
+    outside_index = torch.zeros(padded, n_outside, dtype=torch.long, device=device)
+    outside_blocked = torch.ones(padded, n_outside, dtype=torch.bool, device=device)
     outside_index[rows, rank] = out_cols
     outside_blocked[rows, rank] = False
-    return MaskPlan(length, block_size, window, starts, window_blocked, outside_index, outside_blocked)
+    return MaskPlan(
+        length, block_size, window, starts, window_index, window_blocked, outside_index, outside_blocked
+    )
 
 
 def draw_dropout_seed(device: torch.device | str) -> int:
@@ -186,81 +200,188 @@ def _block_generator(seed: int, block: int, device: torch.device) -> torch.Gener
     return generator
 
 
-def _block_keep(seed: int, block: int, shape: Tuple[int, ...], dropout_p: float, device: torch.device) -> torch.Tensor:
-    """Keep-mask for one query block's [B, H, n, window + R] slots."""
-    generator = _block_generator(seed, block, device)
-    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+def _keep_threshold(dropout_p: float) -> int:
+    """Slots whose signed 32-bit random value is below this are dropped: P = round(p 2^32) / 2^32."""
+    return -(1 << 31) + round(dropout_p * (1 << 32))
+
+
+def _chunk_keep(
+    seed: int, blocks: range, batch: int, heads: int, block_size: int, slots: int, dropout_p: float, device
+) -> torch.Tensor:
+    """Keep-mask [B, H, G * block_size, slots] for consecutive query blocks `blocks`.
+
+    Block b's bits depend only on (seed, b): 64-bit draws from a generator seeded by them, split
+    in two 32-bit values per slot (cheaper than `torch.rand`), so chunking never changes them.
+    """
+    per_block = batch * heads * block_size * slots
+    bits = torch.empty(len(blocks), (per_block + 1) // 2, dtype=torch.int64, device=device)
+    for j, block in enumerate(blocks):
+        bits[j].random_(-(1 << 63), None, generator=_block_generator(seed, block, device))
+    bits = bits.view(torch.int32)[:, :per_block].view(len(blocks), batch, heads, block_size, slots)
+    keep = torch.empty(batch, heads, len(blocks), block_size, slots, dtype=torch.bool, device=device)
+    if dropout_p >= 1.0:
+        return keep.fill_(False).view(batch, heads, -1, slots)
+    torch.ge(bits.permute(1, 2, 0, 3, 4), _keep_threshold(dropout_p), out=keep)
+    return keep.view(batch, heads, -1, slots)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _BlockKeys:
-    """Keys/values of one query block: the dense window and the gathered outside keys."""
-
-    def __init__(self, plan: MaskPlan, block: int, key: torch.Tensor, value: torch.Tensor):
-        self.rows = plan.block_rows(block)
-        r0, r1 = self.rows
-        w0 = plan.window_starts[block]
-        self.window_slice = slice(w0, w0 + plan.window)
-        self.key_window = key[:, :, self.window_slice]
-        self.value_window = value[:, :, self.window_slice]
-        self.window_blocked = plan.window_blocked[r0:r1]
-        self.has_outside = plan.num_outside > 0
-        if self.has_outside:
-            self.index = plan.outside_index[r0:r1]  # [n, R]
-            self.outside_blocked = plan.outside_blocked[r0:r1]
-            self.key_outside = key[:, :, self.index]  # [B, H, n, R, c]
-            self.value_outside = value[:, :, self.index]
-
-    def scores(self, query_scaled: torch.Tensor) -> torch.Tensor:
-        """Masked logits [B, H, n, window + R] (blocked slots = -inf)."""
-        s_win = torch.matmul(query_scaled, self.key_window.transpose(-1, -2))
-        s_win.masked_fill_(self.window_blocked, float("-inf"))
-        if not self.has_outside:
-            return s_win
-        s_out = torch.matmul(self.key_outside, query_scaled.unsqueeze(-1)).squeeze(-1)
-        s_out.masked_fill_(self.outside_blocked, float("-inf"))
-        return torch.cat([s_win, s_out], dim=-1)
+def _bias(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask: 0 where allowed, -inf where blocked (adding is cheaper than masked_fill)."""
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, float("-inf"))
 
 
 def _dropout_scale(dropout_p: float) -> float:
     return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
+# Elements of one [B, H, rows, window + R] temporary per loop step: several query blocks are
+# processed together (fewer, larger ops; what matters on busy CPUs and for CUDA launch overhead).
+_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
+
+
+def _blocks_per_step(plan: MaskPlan, batch: int, heads: int, channels: int, device: torch.device) -> int:
+    # Scores/probabilities per slot, plus the gathered keys and values (2c per outside slot).
+    slots = plan.window + plan.num_outside * (1 + 2 * channels)
+    per_block = batch * heads * plan.block_size * slots
+    budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
+    return max(1, min(plan.num_blocks, budget // max(1, per_block)))
+
+
+class _Chunk:
+    """Consecutive query blocks `blocks`: their rows, key windows and gathered outside keys.
+
+    Shapes: G blocks of n = block_size rows; window keys [B, H, G, W, c]; outside keys
+    [B, H, G * n, R, c]; biases [G * n, W] and [G * n, R].
+    """
+
+    def __init__(self, plan: MaskPlan, blocks: range, key: torch.Tensor, value: torch.Tensor, dtype: torch.dtype):
+        batch, heads, length, _ = key.shape
+        self.blocks = blocks
+        self.shape = (batch, heads, len(blocks), plan.block_size)
+        self.rows = slice(blocks.start * plan.block_size, blocks.stop * plan.block_size)
+        self.window_flat = plan.window_index[blocks.start : blocks.stop].reshape(-1)
+        if len(blocks) == 1:  # a view, no copy
+            start = plan.window_starts[blocks.start]
+            self.key_window = key[:, :, None, start : start + plan.window]
+            self.value_window = value[:, :, None, start : start + plan.window]
+        else:
+            self.key_window = key.index_select(2, self.window_flat).view(batch, heads, len(blocks), plan.window, -1)
+            self.value_window = value.index_select(2, self.window_flat).view(batch, heads, len(blocks), plan.window, -1)
+        self.bias_window = _bias(plan.window_blocked[self.rows], dtype).view(len(blocks), plan.block_size, -1)
+        self.has_outside = plan.num_outside > 0
+        if self.has_outside:
+            index = plan.outside_index[self.rows]  # [G n, R]
+            self.outside_flat = index.reshape(-1)
+            gathered = (batch, heads) + tuple(index.shape)
+            self.key_outside = key.view(batch * heads, length, -1).index_select(1, self.outside_flat)
+            self.key_outside = self.key_outside.view(gathered + (-1,))
+            self.value_outside = value.view(batch * heads, length, -1).index_select(1, self.outside_flat)
+            self.value_outside = self.value_outside.view(gathered + (-1,))
+            self.bias_outside = _bias(plan.outside_blocked[self.rows], dtype)
+
+    def blocked_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H, G n, X] -> [B, H, G, n, X] (a view)."""
+        return t.view(self.shape + t.shape[-1:])
+
+    def flat_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H, G, n, X] -> [B, H, G n, X] (a view)."""
+        return t.view(self.shape[:2] + (-1,) + t.shape[-1:])
+
+    def scores(self, query_scaled: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Masked logits: window [B, H, G n, W] and outside [B, H, G n, R] (None without outside keys)."""
+        s_win = torch.matmul(self.blocked_rows(query_scaled), self.key_window.transpose(-1, -2))
+        s_win = self.flat_rows(s_win.add_(self.bias_window))
+        if not self.has_outside:
+            return s_win, None
+        s_out = torch.einsum("bhirc,bhic->bhir", self.key_outside, query_scaled).add_(self.bias_outside)
+        return s_win, s_out
+
+    def keep(self, seed: Optional[int], dropout_p: float, s_win: torch.Tensor, s_out: Optional[torch.Tensor]):
+        """Dropout keep-masks for the window and outside slots (None, None without dropout)."""
+        if seed is None:
+            return None, None
+        width = s_win.shape[-1]
+        slots = width + (0 if s_out is None else s_out.shape[-1])
+        batch, heads, _, block_size = self.shape
+        keep = _chunk_keep(seed, self.blocks, batch, heads, block_size, slots, dropout_p, s_win.device)
+        return keep[..., :width], (None if s_out is None else keep[..., width:])
+
+    def window_product(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """sum over window slots: [B, H, G n, W] x [B, H, G, W, c] -> [B, H, G n, c]."""
+        return self.flat_rows(torch.matmul(self.blocked_rows(weights), values))
+
+    def scatter_window(self, accumulator: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> None:
+        """accumulator[L, B*H*c] += weights^T rows, summed into each window key (windows overlap)."""
+        contribution = torch.matmul(self.blocked_rows(weights).transpose(-1, -2), self.blocked_rows(rows))
+        contribution = contribution.permute(2, 3, 0, 1, 4).reshape(self.window_flat.numel(), -1)
+        accumulator.index_add_(0, self.window_flat, contribution)
+
+    def scatter_outside(self, accumulator: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> None:
+        """accumulator[L, B*H*c][j] += sum over slots (i, r) pointing at key j of weights[..i, r] rows[..i, :].
+
+        The [L, B*H*c] layout makes index_add_ move whole contiguous rows (much faster than dim 2).
+        """
+        # Broadcast product written straight into [G n, R, B, H, c] (einsum would bmm then copy).
+        batch, heads, rows_n, slots = weights.shape
+        contribution = torch.empty(rows_n, slots, batch, heads, rows.shape[-1], dtype=rows.dtype, device=rows.device)
+        torch.mul(weights.permute(2, 3, 0, 1).unsqueeze(-1), rows.permute(2, 0, 1, 3).unsqueeze(1), out=contribution)
+        accumulator.index_add_(0, self.outside_flat, contribution.view(self.outside_flat.numel(), -1))
+
+
+def _fold_rows(accumulator: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """[L, B*H*c] -> [B, H, L, c]."""
+    return accumulator.view(accumulator.shape[0], batch, heads, -1).permute(1, 2, 0, 3)
+
+
+def _pad_rows(t: torch.Tensor, padded_length: int) -> torch.Tensor:
+    """Zero-pad dim 2 ([B, H, L, c]) to the plan's padded length."""
+    extra = padded_length - t.shape[2]
+    return torch.nn.functional.pad(t, (0, 0, 0, extra)) if extra else t
+
+
 class _MaskedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: MaskPlan, dropout_p: float, seed: Optional[int]):
-        device_type = q.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
+        with torch.autocast(device_type=q.device.type, enabled=False):
             cdt = _compute_dtype(q.dtype)
             batch, heads, length, channels = q.shape
-            scale = 1.0 / math.sqrt(channels)
-            q_s = q.to(cdt) * scale
+            padded = plan.padded_length
+            q_s = _pad_rows(q.to(cdt) * (1.0 / math.sqrt(channels)), padded)
             k_c = k.to(cdt).contiguous()
             v_c = v.to(cdt).contiguous()
-            window = plan.window
-            out = torch.empty(batch, heads, length, v.shape[-1], dtype=cdt, device=q.device)
-            lse = torch.empty(batch, heads, length, dtype=cdt, device=q.device)
-            for block in range(plan.num_blocks):
-                keys = _BlockKeys(plan, block, k_c, v_c)
-                r0, r1 = keys.rows
-                s = keys.scores(q_s[:, :, r0:r1])
-                row_max = s.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(cdt).min)
-                p = s.sub_(row_max).exp_()
-                row_sum = p.sum(dim=-1, keepdim=True)
-                p.div_(row_sum.clamp_min(torch.finfo(cdt).tiny))
-                block_lse = torch.where(row_sum > 0, row_max + row_sum.log(), float("inf"))
-                lse[:, :, r0:r1] = block_lse.squeeze(-1)
-                if seed is not None:
-                    keep = _block_keep(seed, block, tuple(p.shape), dropout_p, q.device)
-                    p.masked_fill_(~keep, 0.0).mul_(_dropout_scale(dropout_p))
-                o = torch.matmul(p[..., :window], keys.value_window)
-                if keys.has_outside:
-                    o += torch.matmul(p[..., window:].unsqueeze(-2), keys.value_outside).squeeze(-2)
-                out[:, :, r0:r1] = o
-            out = out.to(q.dtype)
+            out = torch.empty(batch, heads, padded, v.shape[-1], dtype=cdt, device=q.device)
+            lse = torch.empty(batch, heads, padded, dtype=cdt, device=q.device)
+            out_scale = _dropout_scale(dropout_p) if seed is not None else 1.0
+            step = _blocks_per_step(plan, batch, heads, channels, q.device)
+            for first in range(0, plan.num_blocks, step):
+                chunk = _Chunk(plan, range(first, min(plan.num_blocks, first + step)), k_c, v_c, cdt)
+                s_win, s_out = chunk.scores(q_s[:, :, chunk.rows])
+                row_max = s_win.amax(dim=-1)
+                if s_out is not None:
+                    row_max = torch.maximum(row_max, s_out.amax(dim=-1))
+                row_max = row_max.clamp_min_(torch.finfo(cdt).min).unsqueeze(-1)  # all-blocked rows
+                p_win = s_win.sub_(row_max).exp_()
+                row_sum = p_win.sum(dim=-1)
+                if s_out is not None:
+                    p_out = s_out.sub_(row_max).exp_()
+                    row_sum += p_out.sum(dim=-1)
+                lse[:, :, chunk.rows] = torch.where(row_sum > 0, row_max.squeeze(-1) + row_sum.log(), float("inf"))
+                keep_win, keep_out = chunk.keep(seed, dropout_p, p_win, s_out)
+                if keep_win is not None:
+                    p_win.mul_(keep_win)
+                o = chunk.window_product(p_win, chunk.value_window)
+                if s_out is not None:
+                    if keep_out is not None:
+                        p_out.mul_(keep_out)
+                    o += torch.einsum("bhir,bhirc->bhic", p_out, chunk.value_outside)
+                # Normalise after the product: [rows, c] work instead of [rows, W + R].
+                o.mul_((out_scale / row_sum.clamp_min(torch.finfo(cdt).tiny)).unsqueeze(-1))
+                out[:, :, chunk.rows] = o
+            out = out[:, :, :length].to(q.dtype).contiguous()  # don't keep the padded storage
         ctx.plan = plan
         ctx.dropout_p = dropout_p
         ctx.seed = seed
@@ -274,56 +395,57 @@ class _MaskedAttention(torch.autograd.Function):
         seed, dropout_p = ctx.seed, ctx.dropout_p
         with torch.autocast(device_type=q.device.type, enabled=False):
             cdt = _compute_dtype(q.dtype)
-            channels = q.shape[-1]
+            batch, heads, length, channels = q.shape
+            padded = plan.padded_length
             scale = 1.0 / math.sqrt(channels)
-            q_s = q.to(cdt) * scale
+            q_s = _pad_rows(q.to(cdt) * scale, padded)
             k_c = k.to(cdt).contiguous()
             v_c = v.to(cdt).contiguous()
             d_out = grad_out.to(cdt)
-            # D_i = sum_j P_ij dP_ij = rowsum(dO * O) (dropout included in O).
-            delta = (d_out * out.to(cdt)).sum(dim=-1)
+            # D_i = sum_j P_ij dP_ij = rowsum(dO * O), dropout included in O.
+            delta = _pad_rows((d_out * out.to(cdt)).sum(dim=-1, keepdim=True), padded)
+            # The gradient w.r.t. kept probabilities carries the dropout scale: fold it into dO.
+            if seed is not None:
+                d_out = d_out * _dropout_scale(dropout_p)
+            d_out = _pad_rows(d_out, padded)
             dq = torch.empty_like(q_s)
-            dk = torch.zeros_like(k_c)
-            dv = torch.zeros_like(v_c)
-            window = plan.window
-            batch, heads = q.shape[:2]
-            for block in range(plan.num_blocks):
-                keys = _BlockKeys(plan, block, k_c, v_c)
-                r0, r1 = keys.rows
-                n = r1 - r0
-                q_b = q_s[:, :, r0:r1]
-                do_b = d_out[:, :, r0:r1]
-                s = keys.scores(q_b)
-                p = s.sub_(lse[:, :, r0:r1, None]).exp_()
-                if seed is not None:
-                    keep = _block_keep(seed, block, tuple(p.shape), dropout_p, q.device)
-                    z = keep.to(cdt).mul_(_dropout_scale(dropout_p))
-                    p_drop = p * z
-                else:
-                    z, p_drop = None, p
-                # dV and dP (w.r.t. the dropped probabilities).
-                dv[:, :, keys.window_slice] += torch.matmul(p_drop[..., :window].transpose(-1, -2), do_b)
-                dp_win = torch.matmul(do_b, keys.value_window.transpose(-1, -2))
-                if keys.has_outside:
-                    flat_index = keys.index.reshape(-1)
-                    r = keys.index.shape[1]
-                    dv_out = p_drop[..., window:].unsqueeze(-1) * do_b.unsqueeze(-2)
-                    dv.index_add_(2, flat_index, dv_out.reshape(batch, heads, n * r, -1))
-                    dp_out = torch.matmul(keys.value_outside, do_b.unsqueeze(-1)).squeeze(-1)
-                    dp = torch.cat([dp_win, dp_out], dim=-1)
-                else:
-                    dp = dp_win
-                if z is not None:
-                    dp.mul_(z)
-                ds = p.mul_(dp.sub_(delta[:, :, r0:r1, None]))  # dS, in place of p
-                dq_b = torch.matmul(ds[..., :window], keys.key_window)
-                dk[:, :, keys.window_slice] += torch.matmul(ds[..., :window].transpose(-1, -2), q_b)
-                if keys.has_outside:
-                    ds_out = ds[..., window:]
-                    dq_b += torch.matmul(ds_out.unsqueeze(-2), keys.key_outside).squeeze(-2)
-                    dk_out = ds_out.unsqueeze(-1) * q_b.unsqueeze(-2)
-                    dk.index_add_(2, flat_index, dk_out.reshape(batch, heads, n * r, -1))
-                dq[:, :, r0:r1] = dq_b * scale
+            # dK, dV accumulate in [L, B*H*c] rows so index_add_ moves contiguous rows.
+            dk_rows = torch.zeros(length, batch * heads * channels, dtype=cdt, device=q.device)
+            dv_rows = torch.zeros(length, batch * heads * v.shape[-1], dtype=cdt, device=q.device)
+            step = _blocks_per_step(plan, batch, heads, channels, q.device)
+            for first in range(0, plan.num_blocks, step):
+                chunk = _Chunk(plan, range(first, min(plan.num_blocks, first + step)), k_c, v_c, cdt)
+                q_b = q_s[:, :, chunk.rows]
+                do_b = d_out[:, :, chunk.rows]
+                lse_b = lse[:, :, chunk.rows].unsqueeze(-1)
+                delta_b = delta[:, :, chunk.rows]
+                s_win, s_out = chunk.scores(q_b)
+                p_win = s_win.sub_(lse_b).exp_()
+                keep_win, keep_out = chunk.keep(seed, dropout_p, p_win, s_out)
+                kept_win = p_win if keep_win is None else p_win * keep_win
+                chunk.scatter_window(dv_rows, kept_win, do_b)
+                dp_win = chunk.flat_rows(
+                    torch.matmul(chunk.blocked_rows(do_b), chunk.value_window.transpose(-1, -2))
+                )
+                if keep_win is not None:
+                    dp_win.mul_(keep_win)
+                ds_win = dp_win.sub_(delta_b).mul_(p_win)
+                dq_b = chunk.window_product(ds_win, chunk.key_window)
+                chunk.scatter_window(dk_rows, ds_win, q_b)
+                if s_out is not None:
+                    p_out = s_out.sub_(lse_b).exp_()
+                    kept_out = p_out if keep_out is None else p_out * keep_out
+                    chunk.scatter_outside(dv_rows, kept_out, do_b)
+                    dp_out = torch.einsum("bhirc,bhic->bhir", chunk.value_outside, do_b)
+                    if keep_out is not None:
+                        dp_out.mul_(keep_out)
+                    ds_out = dp_out.sub_(delta_b).mul_(p_out)
+                    dq_b += torch.einsum("bhir,bhirc->bhic", ds_out, chunk.key_outside)
+                    chunk.scatter_outside(dk_rows, ds_out, q_b)
+                dq[:, :, chunk.rows] = dq_b.mul_(scale)
+            dq = dq[:, :, :length]
+            dk = _fold_rows(dk_rows, batch, heads)
+            dv = _fold_rows(dv_rows, batch, heads)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
@@ -373,20 +495,22 @@ def dropout_keep_mask(
     Entries at blocked (row, column) pairs are meaningless (their probability is zero).
     """
     device = plan.device if device is None else torch.device(device)
-    length, window = plan.length, plan.window
     # One spare column receives the padding slots, so scatter never sees duplicate targets.
-    keep = torch.zeros(batch, heads, length, length + 1, dtype=torch.bool, device=device)
+    length, padded, window = plan.length, plan.padded_length, plan.window
+    keep = torch.zeros(batch, heads, padded, length + 1, dtype=torch.bool, device=device)
+    slots = window + plan.num_outside
     for block in range(plan.num_blocks):
-        r0, r1 = plan.block_rows(block)
-        shape = (batch, heads, r1 - r0, window + plan.num_outside)
-        slots = _block_keep(seed, block, shape, dropout_p, device)
-        w0 = plan.window_starts[block]
-        keep[:, :, r0:r1, w0 : w0 + window] = slots[..., :window]
+        rows = slice(block * plan.block_size, (block + 1) * plan.block_size)
+        block_keep = _chunk_keep(
+            seed, range(block, block + 1), batch, heads, plan.block_size, slots, dropout_p, device
+        )
+        window_index = plan.window_index[block].to(device).expand(batch, heads, plan.block_size, -1)
+        keep[:, :, rows].scatter_(3, window_index, block_keep[..., :window])
         if plan.num_outside:
-            index = plan.outside_index[r0:r1].to(device)
-            index = index.masked_fill(plan.outside_blocked[r0:r1].to(device), length)
-            keep[:, :, r0:r1].scatter_(3, index.expand(batch, heads, -1, -1), slots[..., window:])
-    return keep[..., :length]
+            index = plan.outside_index[rows].to(device)
+            index = index.masked_fill(plan.outside_blocked[rows].to(device), length)
+            keep[:, :, rows].scatter_(3, index.expand(batch, heads, -1, -1), block_keep[..., window:])
+    return keep[:, :, :length, :length]
 
 
 def dense_masked_attention(
