@@ -297,7 +297,7 @@ class TrainLoop:
         seed_everything(seed + 1000003 * self.rank)  # ranks must draw different noise, t and label drops
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.scaler = _grad_scaler(self.device, enabled=precision == "fp16")
         self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rates]
         if resume_checkpoint:
             self._resume(resume_checkpoint)
@@ -651,6 +651,12 @@ class TrainLoop:
             save_image_grid(self.sample_preview(w), path)
             paths.append(path)
         return paths
+
+
+def _grad_scaler(device: torch.device, enabled: bool):
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
 
 
 def _chain_first(first: Any, rest: Iterator) -> Iterator:

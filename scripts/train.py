@@ -115,6 +115,8 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
                          "AnoDDPM is not part of this project)")
     # upstream: num_classes > 0 means a class-conditional model
     args.class_cond = args.num_classes > 0
+    if not args.class_cond:
+        args.ret_lab = False  # an unconditional model takes no labels
     if args.class_cond:
         if not args.ret_lab:
             raise ValueError("a class-conditional model (--num_classes > 0) needs labels: --ret_lab True")

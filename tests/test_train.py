@@ -85,17 +85,17 @@ def test_few_steps_lower_the_loss_on_a_fixed_batch(logdir, unet_ver):
     t = torch.tensor([500, 800])
     noise = torch.randn(x.shape, generator=g)
     before = fixed_batch_loss(model, diffusion, x, y, t, noise)
-    loop = TrainLoop(model=model, diffusion=diffusion, data=[(x, {"y": y})], batch_size=2, lr=2e-3,
-                     threshold=0.1, total_epochs=6, log_interval=3, save_interval=1000,
+    loop = TrainLoop(model=model, diffusion=diffusion, data=[(x, {"y": y})], batch_size=2, lr=3e-3,
+                     threshold=0.1, total_epochs=3, log_interval=3, save_interval=1000,
                      schedule_sampler=FixedT(t), progress=False)
-    assert loop.run_loop() == 6
+    assert loop.run_loop() == 3
     after = fixed_batch_loss(model, diffusion, x, y, t, noise)
     assert after < 0.8 * before, (before, after)
     rows = (logdir / "progress.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert {"step", "samples", "loss", "mse", "grad_norm", "param_norm"} <= set(header)
-    assert rows[-1].split(",")[header.index("samples")] == "12"
-    assert (logdir / "model000006.pt").exists() and (logdir / "ema_0.9999_000006.pt").exists()
+    assert rows[-1].split(",")[header.index("samples")] == "6"
+    assert (logdir / "model000003.pt").exists() and (logdir / "ema_0.9999_000003.pt").exists()  # final save
 
 
 def _flatten(obj):
@@ -194,6 +194,27 @@ def test_preview_grids_and_microbatches(logdir):
     assert names == ["000001_0.0.png", "000001_2.0.png", "real_data_train.png"]
     img = Image.open(logdir / "images" / "000001_2.0.png")
     assert img.size == (4 * 34 + 2, 2 * 34 + 2)  # one row per sample, one tile per modality
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_with_gradient_clipping(logdir, precision):
+    model, diffusion = tiny_model("v2")
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.rand(2, 4, 32, 32) * 2 - 1
+    loop = TrainLoop(model=model, diffusion=diffusion, data=[(x, {"y": torch.tensor([0, 1])})], batch_size=2,
+                     lr=1e-3, threshold=0.1, precision=precision, grad_clip=0.05, log_interval=1,
+                     save_interval=100, progress=False)
+    assert loop.run_loop() == 1
+    params = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in params)
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
+    # the gradients left from the step were clipped to the global norm 0.05 (logged grad_norm is before clipping)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    assert clipped <= 0.05 * 1.001
+    header, row = (logdir / "progress.csv").read_text().splitlines()[:2]
+    values = dict(zip(header.split(","), row.split(",")))
+    assert float(values["grad_norm"]) > 0.05
+    assert ("lg_loss_scale" in values) == (precision == "fp16")
 
 
 def test_ema_rates_and_checkpoint_names():
@@ -358,7 +379,7 @@ def test_train_script_end_to_end_with_auto_resume(tmp_path, monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     argv = ["--data_dir", str(data), "--unet_ver", "v2", "--in_channels", "4", "--batch_size", "2",
-            "--threshold", "0.1", "--w", "1,2", *TINY_FLAGS]
+            "--use_checkpoint", "True", "--threshold", "0.1", "--w", "1,2", *TINY_FLAGS]
     try:
         assert train_script.main(argv + ["--max_steps", "2"]) == 2
         assert train_script.main(argv + ["--max_steps", "3", "--resume_checkpoint", "auto"]) == 3
