@@ -350,7 +350,7 @@ class _MaskedAttention(torch.autograd.Function):
             cdt = _compute_dtype(q.dtype)
             batch, heads, length, channels = q.shape
             padded = plan.padded_length
-            q_s = _pad_rows(q.to(cdt) * (1.0 / math.sqrt(channels)), padded)
+            q_s = _pad_rows((q.to(cdt) * (1.0 / math.sqrt(channels))).contiguous(), padded)
             k_c = k.to(cdt).contiguous()
             v_c = v.to(cdt).contiguous()
             out = torch.empty(batch, heads, padded, v.shape[-1], dtype=cdt, device=q.device)
@@ -398,10 +398,10 @@ class _MaskedAttention(torch.autograd.Function):
             batch, heads, length, channels = q.shape
             padded = plan.padded_length
             scale = 1.0 / math.sqrt(channels)
-            q_s = _pad_rows(q.to(cdt) * scale, padded)
+            q_s = _pad_rows((q.to(cdt) * scale).contiguous(), padded)
             k_c = k.to(cdt).contiguous()
             v_c = v.to(cdt).contiguous()
-            d_out = grad_out.to(cdt)
+            d_out = grad_out.to(cdt).contiguous()
             # D_i = sum_j P_ij dP_ij = rowsum(dO * O), dropout included in O.
             delta = _pad_rows((d_out * out.to(cdt)).sum(dim=-1, keepdim=True), padded)
             # The gradient w.r.t. kept probabilities carries the dropout scale: fold it into dO.

@@ -16,6 +16,15 @@ from guided_diffusion.sparse_attention import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are small: one thread avoids OpenMP overhead (severe on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _random_mask(length: int, blocked_fraction: float, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(length, length, generator=gen) < blocked_fraction
@@ -126,6 +135,23 @@ def test_matches_nn_multihead_attention():
     out = masked_attention(q, k, v, build_mask_plan(mask, 32), dropout_p=0.1, training=False)
     out = mha.out_proj(out.transpose(1, 2).flatten(2))
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_non_contiguous_inputs_and_grad():
+    """q, k, v as MHA produces them ([B, L, H, c] transposed) and a non-contiguous grad_out."""
+    mask = band_random_mask(128, torch.Generator().manual_seed(17))  # L a multiple of block_size
+    plan = build_mask_plan(mask, 64)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 128, 8, 4, generator=gen, dtype=torch.float64).transpose(1, 2).requires_grad_()
+        for _ in range(3)
+    )
+    out = masked_attention(q, k, v, plan, 0.2, training=True, seed=9)
+    ref = dense_masked_attention(q, k, v, mask, dropout_keep_mask(plan, 9, 2, 8, 0.2), 0.2)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn(2, 128, 8, 4, generator=gen, dtype=torch.float64).transpose(1, 2)
+    for g, rg in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(ref, (q, k, v), grad_out)):
+        torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10)
 
 
 def test_eval_ignores_dropout_and_dropout_changes_training_output():
