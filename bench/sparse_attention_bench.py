@@ -1,7 +1,11 @@
 """Time and saved-activation memory: dense masked attention (as nn.MultiheadAttention computes it
 in training: explicit softmax + dropout) versus guided_diffusion.sparse_attention.masked_attention.
 
-    python bench/sparse_attention_bench.py [--lengths 4416,1104] [--channels 16,32] [--repeats 3]
+    python bench/sparse_attention_bench.py [--lengths 4416,1104,276,69] [--channels 16,32,48,64]
+        [--batch 1] [--heads 8] [--dropout 0.1] [--block-size 128] [--repeats 3] [--threads N]
+
+Times are the best of --repeats forward+backward passes (wall clock); memory is the bytes of
+unique storages saved for backward, measured with autograd saved-tensor hooks.
 """
 
 from __future__ import annotations
@@ -40,28 +44,41 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def time_fwd_bwd(fn: Callable[[], torch.Tensor], inputs: List[torch.Tensor], repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # first run is warm-up
-        start = time.perf_counter()
-        out = fn()
-        grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
-        del out, grads
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fwd_bwd(fns: List[Callable[[], torch.Tensor]], inputs: List[torch.Tensor], repeats: int) -> List[float]:
+    """Best forward+backward wall time of each fn; runs are interleaved so load changes hit all."""
+    device = inputs[0].device
+    times = [[] for _ in fns]
+    for _ in range(repeats + 1):  # first round is warm-up
+        for fn, record in zip(fns, times):
+            _sync(device)
+            start = time.perf_counter()
+            out = fn()
+            grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+            _sync(device)
+            record.append(time.perf_counter() - start)
+            del out, grads
+    return [min(record[1:]) for record in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="4416,1104")
-    parser.add_argument("--channels", default="16,32", help="head dim per length")
+    parser.add_argument("--lengths", default="4416,1104,276,69")
+    parser.add_argument("--channels", default="16,32,48,64", help="head dim per length")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     channels = [int(x) for x in args.channels.split(",")]
     if len(channels) != len(lengths):
@@ -87,8 +104,7 @@ def main() -> None:
         def kernel():
             return masked_attention(q, k, v, plan, args.dropout, training=True)
 
-        t_dense = time_fwd_bwd(dense, [q, k, v], args.repeats)
-        t_kernel = time_fwd_bwd(kernel, [q, k, v], args.repeats)
+        t_dense, t_kernel = time_fwd_bwd([dense, kernel], [q, k, v], args.repeats)
         m_dense = saved_bytes(dense) / 2**20
         m_kernel = saved_bytes(kernel) / 2**20
         print(f"{length:>6} {c:>4} | {t_dense:>8.3f} {t_kernel:>8.3f} {t_dense / t_kernel:>6.1f}x | "

@@ -37,6 +37,7 @@ __all__ = [
     "dropout_keep_mask",
     "draw_dropout_seed",
     "band_random_mask",
+    "multihead_self_attention",
 ]
 
 _SEED_MASK = (1 << 63) - 1
@@ -556,3 +557,23 @@ def band_random_mask(
         scores = torch.rand(length, length, generator=generator)
         allowed.scatter_(1, scores.topk(n_random, dim=1).indices, True)
     return (~allowed).to(device)
+
+
+def multihead_self_attention(
+    mha: torch.nn.MultiheadAttention,
+    x: torch.Tensor,
+    plan: MaskPlan,
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """`mha(x, x, x, attn_mask=mask, need_weights=False)[0]` through `masked_attention`.
+
+    For a batch-first self-attention `nn.MultiheadAttention` with packed in-projection (the HAE
+    blocks' configuration); x is [B, L, E]. Attention dropout uses `mha.dropout` in training mode.
+    """
+    if not mha.batch_first or not mha._qkv_same_embed_dim:
+        raise ValueError("multihead_self_attention needs batch_first=True and equal q/k/v embed dims")
+    batch, length, _ = x.shape
+    qkv = torch.nn.functional.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    q, k, v = (t.view(batch, length, mha.num_heads, mha.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    out = masked_attention(q, k, v, plan, dropout_p=mha.dropout, training=mha.training, seed=seed)
+    return mha.out_proj(out.transpose(1, 2).reshape(batch, length, -1))

@@ -13,6 +13,7 @@ from guided_diffusion.sparse_attention import (
     draw_dropout_seed,
     dropout_keep_mask,
     masked_attention,
+    multihead_self_attention,
 )
 
 
@@ -151,6 +152,29 @@ def test_non_contiguous_inputs_and_grad():
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grad_out = torch.randn(2, 128, 8, 4, generator=gen, dtype=torch.float64).transpose(1, 2)
     for g, rg in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(ref, (q, k, v), grad_out)):
+        torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10)
+
+
+def test_multihead_self_attention_helper():
+    torch.manual_seed(0)
+    length, embed, heads = 100, 32, 8
+    mha = torch.nn.MultiheadAttention(embed, heads, dropout=0.25, batch_first=True).double()
+    mask = band_random_mask(length, torch.Generator().manual_seed(18))
+    plan = build_mask_plan(mask, 32)
+    x = torch.randn(2, length, embed, dtype=torch.float64, requires_grad=True)
+    mha.eval()
+    expected, _ = mha(x, x, x, attn_mask=mask, need_weights=False)
+    torch.testing.assert_close(multihead_self_attention(mha, x, plan), expected, rtol=1e-10, atol=1e-10)
+    mha.train()
+    out = multihead_self_attention(mha, x, plan, seed=21)
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    ref = dense_masked_attention(q, k, v, mask, dropout_keep_mask(plan, 21, 2, heads, 0.25), 0.25)
+    ref = mha.out_proj(ref.transpose(1, 2).flatten(2))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(out.sum(), (x, mha.in_proj_weight))
+    ref_grads = torch.autograd.grad(ref.sum(), (x, mha.in_proj_weight))
+    for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10)
 
 
