@@ -272,8 +272,7 @@ class TrainLoop:
         self.diffusion = diffusion
         self.data, self.data_sampler = data, data_sampler
         self.batch_size = batch_size
-        self.local_batch = batch_size // self.world_size
-        self.microbatch = microbatch if microbatch > 0 else self.local_batch
+        self.microbatch = microbatch if microbatch > 0 else batch_size // self.world_size
         self.lr, self.weight_decay, self.lr_anneal_steps = lr, weight_decay, lr_anneal_steps
         self.ema_rates = parse_ema_rates(ema_rate)
         self.log_interval, self.save_interval = log_interval, save_interval
@@ -295,7 +294,8 @@ class TrainLoop:
         self._last_saved = -1
 
         seed_everything(seed + 1000003 * self.rank)  # ranks must draw different noise, t and label drops
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.param_names, self.params = map(list, zip(*[(n, p) for n, p in self.model.named_parameters()
+                                                         if p.requires_grad]))
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scaler = _grad_scaler(self.device, enabled=precision == "fp16")
         self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rates]
@@ -318,8 +318,7 @@ class TrainLoop:
             ema_path = paths[f"ema_{rate}"]
             if os.path.exists(ema_path):
                 sd = dist_util.load_state_dict(ema_path, map_location=self.device)
-                names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-                for e, n in zip(ema, names):
+                for e, n in zip(ema, self.param_names):
                     e.copy_(sd[n])
             else:
                 logger.warn(f"no {ema_path}: EMA rate {rate} restarts from the model weights")
@@ -570,10 +569,9 @@ class TrainLoop:
     def state_dicts(self) -> Dict[str, Any]:
         """The guided-diffusion files' contents: model, one EMA per rate, optimizer (plain state_dicts)."""
         out = {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         for rate, ema in zip(self.ema_rates, self.ema_params):
             sd = dict(out["model"])
-            for n, e in zip(names, ema):
+            for n, e in zip(self.param_names, ema):
                 sd[n] = e.to(sd[n].dtype)
             out[f"ema_{rate}"] = sd
         return out
