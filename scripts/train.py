@@ -166,6 +166,11 @@ def train(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     logger.log(f"Model params: {n_params / 1024 ** 2:.2f} M ({args.unet_ver}); device {dist_util.dev()}, "
                f"{dist_util.get_world_size()} process(es), precision {args.precision}")
+    if dist_util.is_distributed():
+        import torch.distributed as dist
+
+        logger.log(f"process group: {dist.get_backend()}, rendezvous {os.environ.get('MASTER_ADDR')}:"
+                   f"{os.environ.get('MASTER_PORT')}")
 
     from guided_diffusion.data import get_data_iter
 

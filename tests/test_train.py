@@ -325,6 +325,20 @@ def test_two_gloo_processes_train_and_hold_identical_weights(tmp_path):
     assert rows[0].startswith("epoch,grad_norm,loss") and len(rows) == 5  # header + 2 steps × 2 models
 
 
+def test_mpi_launch_without_mpi4py_is_a_clear_error(monkeypatch):
+    pytest.importorskip("torch.distributed")
+    try:
+        import mpi4py  # noqa: F401
+        pytest.skip("mpi4py is installed: the MPI path would really start")
+    except ImportError:
+        pass
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="MPI launcher .* mpi4py is not installed"):
+        dist_util.setup_dist()
+
+
 # -- dist_util / logger without a process group ----------------------------------------------------
 
 def test_single_process_dist_util_and_logger(tmp_path, monkeypatch):
@@ -399,11 +413,14 @@ def test_train_script_end_to_end_with_auto_resume(tmp_path, monkeypatch):
     assert len(rows) == 4  # header + 3 steps, appended across the two runs
 
 
-def test_config_script_runs_on_cpu(tmp_path):
+def test_config_script_runs_on_cpu_with_torchrun_on_its_port(tmp_path):
+    """The hae_v2_conservative config (upstream's alias script) on 2 CPU processes: torchrun, gloo, MASTER_PORT."""
     data = write_npz_dataset(tmp_path / "data")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DATA_DIR=str(data), OPENAI_LOGDIR=str(tmp_path / "run"),
-               BATCH_PER_GPU="2", PYTHON=sys.executable, OPENAI_LOG_FORMAT="log,csv")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+    port = str(_free_port())
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CPU_PROCS="2", DATA_DIR=str(data), MASTER_PORT=port,
+               OPENAI_LOGDIR=str(tmp_path / "run"), BATCH_PER_GPU="1", PYTHON=sys.executable,
+               OPENAI_LOG_FORMAT="log,csv", OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)
     proc = subprocess.run(
         ["bash", str(REPO / "config" / "run_train_brats_clf_free_guided_hae_v2_conservative.sh"), *TINY_FLAGS,
@@ -411,10 +428,13 @@ def test_config_script_runs_on_cpu(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "training on the CPU with 1 process" in proc.stderr
+    assert "training on the CPU with 2 process" in proc.stderr
+    assert f"--master-port {port}" in proc.stderr and "scripts/train_hae_v2_conservative.py" in proc.stderr
     assert (tmp_path / "run" / "model000001.pt").exists()
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "'unet_ver': 'hae_v2_conservative'" in log and "'batch_size': 2" in log and "'use_hae': True" in log
+    assert f"process group: gloo, rendezvous localhost:{port}" in log and "2 process(es)" in log
+    assert not [f for f in os.listdir(tmp_path / "run") if "rank" in f]  # only rank 0 writes
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "config").glob("run_train_*.sh")), ids=lambda p: p.name)
