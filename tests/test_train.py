@@ -141,25 +141,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
         assert_identical(a[key], b[key], key)
     assert_identical(full_rng, resumed_rng, "rng")
     assert torch.equal(full_next, resumed_next)
+    state = torch.load(tmp_path / "b" / "state000001.pt", weights_only=True)
+    assert (state["step"], state["epoch"], state["batch_in_epoch"], state["world_size"]) == (1, 0, 1, 1)
     # the files on disk are plain state_dicts that load strictly into a fresh model
     model, _ = tiny_model("v2", dropout=0.1)
     model.load_state_dict(torch.load(tmp_path / "b" / "ema_0.99_000002.pt", weights_only=True))
     assert not list((tmp_path / "b").glob("*.tmp*"))
-
-
-def test_resume_from_a_different_step_differs(tmp_path):
-    """Sanity check of the test above: restoring step 2 and training 2 more steps is not the step-3 state."""
-    logger.configure(str(tmp_path), format_strs=["csv"])
-    model, diffusion = tiny_model("v2")
-    loader, sampler = tiny_loader(6, 2)
-    TrainLoop(model=model, diffusion=diffusion, data=loader, data_sampler=sampler, batch_size=2, lr=1e-3,
-              threshold=0.5, max_steps=2, save_interval=1, total_epochs=5, progress=False).run_loop()
-    one = torch.load(tmp_path / "model000001.pt", weights_only=True)
-    two = torch.load(tmp_path / "model000002.pt", weights_only=True)
-    state = torch.load(tmp_path / "state000002.pt", weights_only=True)
-    logger.reset()
-    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (2, 0, 2)
-    assert any(not torch.equal(one[k], two[k]) for k in one)
 
 
 def test_iterate_from_skips_batches_without_changing_the_order():
@@ -383,7 +370,7 @@ def write_npz_dataset(root: Path, patients: int = 2, slices: int = 3, size: int 
 
 
 TINY_FLAGS = ["--image_size", "32", "--num_channels", "32", "--num_res_blocks", "1", "--attention_resolutions",
-              "16,8", "--channel_mult", "1,1,1,2", "--dropout", "0", "--num_workers", "0", "--preview_steps", "2",
+              "16,8", "--channel_mult", "1,1,1,2", "--dropout", "0", "--num_workers", "0", "--preview_steps", "1",
               "--log_interval", "1", "--save_interval", "2", "--sample_shape", "2", "4", "32", "32"]
 
 
@@ -424,7 +411,7 @@ def test_config_script_runs_on_cpu_with_torchrun_on_its_port(tmp_path):
         env.pop(var, None)
     proc = subprocess.run(
         ["bash", str(REPO / "config" / "run_train_brats_clf_free_guided_hae_v2_conservative.sh"), *TINY_FLAGS,
-         "--max_steps", "1", "--save_interval", "1", "--preview_steps", "1"],
+         "--max_steps", "1", "--save_interval", "1"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
