@@ -157,6 +157,8 @@ def build_mask_plan(mask: torch.Tensor, block_size: int = 128) -> MaskPlan:
         raise ValueError(f"mask must be bool (True = blocked), got dtype {mask.dtype}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if mask.shape[0] == 0:
+        raise ValueError("mask must have at least one row (L >= 1)")
     length = mask.shape[0]
     device = mask.device
     allowed = ~mask
@@ -176,7 +178,7 @@ def build_mask_plan(mask: torch.Tensor, block_size: int = 128) -> MaskPlan:
     in_window.scatter_(1, cols, True)
     outside = allowed & ~in_window
     counts = outside.sum(dim=1)
-    n_outside = int(counts.max().item()) if length > 0 else 0
+    n_outside = int(counts.max().item())
     rows, out_cols = outside.nonzero(as_tuple=True)  # row-major order
     row_offsets = torch.cumsum(counts, 0) - counts
     rank = torch.arange(rows.numel(), device=device) - row_offsets[rows]
