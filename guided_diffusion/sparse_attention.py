@@ -574,8 +574,11 @@ def multihead_self_attention(
     For a batch-first self-attention `nn.MultiheadAttention` with packed in-projection (the HAE
     blocks' configuration); x is [B, L, E]. Attention dropout uses `mha.dropout` in training mode.
     """
-    if not mha.batch_first or not mha._qkv_same_embed_dim:
-        raise ValueError("multihead_self_attention needs batch_first=True and equal q/k/v embed dims")
+    if not mha.batch_first or not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        raise ValueError(
+            "multihead_self_attention needs batch_first=True, equal q/k/v embed dims, "
+            "no add_bias_kv and no add_zero_attn"
+        )
     batch, length, _ = x.shape
     qkv = torch.nn.functional.linear(x, mha.in_proj_weight, mha.in_proj_bias)
     q, k, v = (t.view(batch, length, mha.num_heads, mha.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
