@@ -132,8 +132,14 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
     if args.w < 0:
         raise ValueError(f"--w {args.w}: pass the guidance weight (>= 0; paper: BraTS 2, ATLAS 30). Upstream's "
                          "default -1 silently disabled guidance")
-    if args.forward_steps < 1 or args.forward_steps > args.diffusion_steps:
-        raise ValueError(f"--forward_steps must lie in [1, --diffusion_steps {args.diffusion_steps}], got {args.forward_steps}")
+    grid = args.diffusion_steps
+    if args.timestep_respacing:  # forward steps then count on the respaced grid (e.g. ddim100: 60 steps ~ t <= 600)
+        from .respace import space_timesteps
+
+        grid = len(space_timesteps(args.diffusion_steps, args.timestep_respacing))
+    if args.forward_steps < 1 or args.forward_steps > grid:
+        raise ValueError(f"--forward_steps must lie in [1, {grid}] (the diffusion's steps"
+                         f"{', respaced' if args.timestep_respacing else ''}), got {args.forward_steps}")
     for flag in ("batch_size", "batch_size_val"):
         if getattr(args, flag) < world_size:
             raise ValueError(f"--{flag} {getattr(args, flag)} is global and must be >= the number of processes ({world_size})")
@@ -603,7 +609,8 @@ class Translation:
                                                     for k in ("dice", "iou", "auprc", "n_slices")))
             logger.log(f"classification accuracy {_fmt(metrics['accuracy'])}")
             logger.log(f"metrics: {os.path.join(self.log_dir, 'metrics.json')}")
-        dist_util.barrier()
+        # no barrier after the evaluation: the other ranks are done, and a long evaluation on rank 0 must not
+        # run into a collective timeout on theirs
         self.summary.update(metrics=metrics, hyperparams=hyper.to_dict(), seconds=time.time() - t0,
                             test_files=all_paths)
         logger.log(f"evaluation complete ({self.summary['computed']} computed, {self.summary['reused']} reused, "
