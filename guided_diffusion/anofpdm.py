@@ -459,7 +459,7 @@ class ForwardProcess:
     def _guided(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict:
         with self._autocast(x.device):
             out = self.diffusion.guided_eps(self.model, x, t, y, self.cfg.w)
-        return {k: v.float() for k, v in out.items()}
+        return {k: v.float() for k, v in out.items() if v is not None}
 
     def _encode_eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """eps for the inversion: null embedding with --null True, else healthy-conditional.
