@@ -243,3 +243,113 @@ def test_segment_batch_end_to_end_on_synthetic_stats():
     res_nomaps = af.ForwardResult(stats=stats, maps=agg.maps, end_step=agg.end_step)
     with pytest.raises(ValueError, match="store_maps"):
         af.segment_batch(res_nomaps, hp, cfg, t_e_ratio=2.0)
+
+
+# ------------------------------------------------------------------ forward process with an oracle model
+
+
+class OracleModel(torch.nn.Module):
+    """Predicts the exact eps that maps x_t to a known clean image.
+
+    Null rows aim at the input x0 itself; conditional (healthy) rows aim at x0 with the lesion scaled down by
+    s(t), so the guided/unguided divergence peaks where s does. Records every call.
+    """
+
+    def __init__(self, diffusion, x0, lesion, strength):
+        super().__init__()
+        self.diffusion, self.x0, self.lesion = diffusion, x0, lesion
+        self.strength = torch.as_tensor(strength, dtype=torch.float32)
+        self.calls = []
+
+    def forward(self, x, t, y=None, threshold=-1, null=False, clf_free=False):
+        n, b = x.shape[0], self.x0.shape[0]
+        reps = n // b
+        x0 = self.x0.repeat(reps, 1, 1, 1)
+        healthy = x0 - self.lesion.repeat(reps, 1, 1, 1) * self.strength[t][:, None, None, None]
+        null = torch.as_tensor(null, dtype=torch.bool).expand(n)
+        target = torch.where(null[:, None, None, None], x0, healthy)
+        abar = torch.as_tensor(self.diffusion.alphas_cumprod, dtype=torch.float32)[t][:, None, None, None]
+        self.calls.append({"n": n, "t": t.clone(), "x": x.clone(), "null": null.clone()})
+        return (x - abar.sqrt() * target) / (1 - abar).sqrt()
+
+
+def _oracle_setup(T=6, B=2, H=8):
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=50)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(B, 2, H, H, generator=g) * 1.2 - 0.6
+    lesion = torch.zeros(B, 2, H, H)
+    lesion[:, :, 2:5, 3:6] = 0.1
+    strength = torch.zeros(50)
+    strength[:T] = torch.tensor([0.2, 0.5, 0.8, 1.0, 0.6, 0.3][:T])
+    return diffusion, x0, lesion, strength
+
+
+def test_forward_process_one_batched_forward_per_step_and_exact_maps():
+    diffusion, x0, lesion, strength = _oracle_setup()
+    T, w = 6, 2.0
+    model = OracleModel(diffusion, x0, lesion, strength)
+    cfg = af.ForwardConfig(w=w, forward_steps=T, modality=[0, 1])
+    res = af.ForwardProcess(model, diffusion, cfg).run(x0, generator=torch.Generator().manual_seed(1))
+    assert len(model.calls) == T and all(c["n"] == 2 * x0.shape[0] for c in model.calls)
+    assert [int(c["t"][0]) for c in model.calls] == list(range(T))
+    assert all(c["null"][:2].logical_not().all() and c["null"][2:].all() for c in model.calls)
+    # x̂0_w = x0 - (1+w) s(t) lesion, x̂0_∅ = x0: divergence (1+w)² s(t)² mean(lesion²), peak at t = 3
+    expected_div = (1 + w) ** 2 * strength[:T] ** 2 * (lesion[0, 0] ** 2).mean()
+    torch.testing.assert_close(res.stats.divergence[0, :, 0], expected_div, rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(res.stats.mse_unguided, torch.zeros_like(res.stats.mse_unguided), atol=1e-8, rtol=0)
+    assert res.end_step.tolist() == [[3, 3], [3, 3]]
+    # aggregated map = mean over steps 0..2 of ((1+w) s(t) lesion)²
+    s2 = (strength[:3] ** 2).mean()
+    torch.testing.assert_close(res.maps, (1 + w) ** 2 * s2 * lesion ** 2, rtol=1e-3, atol=1e-6)
+
+
+def test_ddim_encoding_noise_level_correct_and_legacy():
+    diffusion, x0, lesion, strength = _oracle_setup()
+    T = 6
+    abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float32)
+
+    def residual_eps(call):
+        t = call["t"][0]
+        x = call["x"][: x0.shape[0]]
+        return (x - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()
+
+    model = OracleModel(diffusion, x0, lesion, strength)
+    cfg = af.ForwardConfig(w=2.0, forward_steps=T, modality=[0])
+    af.ForwardProcess(model, diffusion, cfg).run(x0, generator=torch.Generator().manual_seed(1))
+    eps0 = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    for call in model.calls:  # the latent labelled t really is at level t, with the initial noise
+        torch.testing.assert_close(residual_eps(call), eps0, rtol=1e-3, atol=2e-3)
+
+    legacy = OracleModel(diffusion, x0, lesion, strength)
+    cfg = af.ForwardConfig(w=2.0, forward_steps=T, modality=[0], legacy_ddim_encoding=True)
+    af.ForwardProcess(legacy, diffusion, cfg).run(x0, generator=torch.Generator().manual_seed(1))
+    assert len(legacy.calls) == T + (T - 1)  # an extra inversion forward per step
+    last = [c for c in legacy.calls if int(c["t"][0]) == T - 1][-1]
+    ratio = residual_eps(last).norm() / eps0.norm()
+    assert abs(ratio - 1) > 0.1  # the latent sits one level ahead of its label
+
+
+def test_ugp_modes_and_ddpm_encoding():
+    diffusion, x0, lesion, strength = _oracle_setup()
+    T, w = 6, 2.0
+    out = {}
+    for mode in ("null", "upstream"):
+        model = OracleModel(diffusion, x0, lesion, strength)
+        cfg = af.ForwardConfig(w=w, forward_steps=T, modality=[0], ugp_mode=mode, ddim=False)
+        out[mode] = af.ForwardProcess(model, diffusion, cfg).run(x0, generator=torch.Generator().manual_seed(3))
+        assert len(model.calls) == T
+    # upstream UGP (healthy-conditional) makes M_t smaller by w²/(1+w)²
+    ratio = out["upstream"].stats.divergence[:, 3] / out["null"].stats.divergence[:, 3]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, w**2 / (1 + w) ** 2), rtol=1e-3, atol=0)
+    assert torch.equal(out["upstream"].end_step, out["null"].end_step)
+
+
+def test_forward_config_validation():
+    with pytest.raises(ValueError, match="--w"):
+        af.ForwardConfig(w=-1, forward_steps=3).validate()
+    with pytest.raises(ValueError, match="ugp_mode"):
+        af.ForwardConfig(w=1, forward_steps=3, ugp_mode="cond").validate()
+    with pytest.raises(ValueError, match="out of range"):
+        af.ForwardConfig(w=1, forward_steps=3, modality=[0, 3]).validate(in_channels=1)
