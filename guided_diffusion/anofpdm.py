@@ -492,8 +492,14 @@ class ForwardProcess:
         with_maps: bool = True,
         generator: Optional[torch.Generator] = None,
         progress: Optional[Callable[[int], None]] = None,
+        noise_rows: Optional[tuple[int, int, int]] = None,
     ) -> ForwardResult:
-        """Run T forward steps on the batch ``x0`` ``[B, C, H, W]`` in [-1, 1]."""
+        """Run T forward steps on the batch ``x0`` ``[B, C, H, W]`` in [-1, 1].
+
+        ``noise_rows=(global_batch, rank, world_size)``: draw the noise for the whole global batch and keep the
+        rows ``rank::world_size`` (this rank's share of it), so every slice gets the same noise whatever the
+        number of processes.
+        """
         cfg = self.cfg
         cfg.validate(x0.shape[1])
         b = x0.shape[0]
@@ -506,7 +512,11 @@ class ForwardProcess:
         stats = {k: [] for k in StepStats.__dataclass_fields__}
 
         def noise() -> torch.Tensor:
-            return torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+            if noise_rows is None:
+                return torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+            rows, rank, world = noise_rows
+            full = torch.randn((rows, *x0.shape[1:]), generator=generator, dtype=torch.float32)
+            return full[rank::world][:b].to(device)
 
         x = None
         for step in range(cfg.forward_steps):

@@ -49,7 +49,7 @@ from .script_util import (
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH_DIR = "batches"
-FILE_VERSION = 1
+FILE_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -314,8 +314,8 @@ def eval_batches(args: argparse.Namespace, split: str, global_batch: int, num_ba
         yield batch
 
 
-def _batch_seed(args: argparse.Namespace, split: str, rank: int, index: int) -> int:
-    return (args.seed * 1_000_003 + (0 if split == "val" else 500_009) + rank * 10_007 + index) % 2**63
+def _batch_seed(args: argparse.Namespace, split: str, index: int) -> int:
+    return (args.seed * 1_000_003 + (0 if split == "val" else 500_009) + index) % 2**63
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -373,11 +373,16 @@ class Translation:
         return tqdm(total=total, desc=desc, leave=leave, disable=not (self.args.progress and self.rank == 0),
                     dynamic_ncols=True)
 
-    def _run_forward(self, x: torch.Tensor, split: str, index: int, with_maps: bool, bar) -> af.ForwardResult:
-        gen = torch.Generator().manual_seed(_batch_seed(self.args, split, self.rank, index))
+    def _run_forward(self, x: torch.Tensor, split: str, index: int, global_batch: int, with_maps: bool,
+                     bar) -> af.ForwardResult:
+        # Noise is drawn per global batch and dealt out like the slices (rank r holds rows r::world of the global
+        # batch, see data.ShardedOrderSampler), so each slice sees the same noise for any number of processes.
+        gen = torch.Generator().manual_seed(_batch_seed(self.args, split, index))
+        rows = (global_batch // self.world) * self.world
         bar.reset(total=self.cfg.forward_steps)
         bar.set_description(f"{split} batch {index} forward steps")
-        return self.process.run(x.to(self.device).float(), with_maps=with_maps, generator=gen, progress=bar.update)
+        return self.process.run(x.to(self.device).float(), with_maps=with_maps, generator=gen, progress=bar.update,
+                                noise_rows=(rows, self.rank, self.world))
 
     def validation(self) -> af.Hyperparams:
         a = self.args
@@ -400,7 +405,7 @@ class Translation:
             path = batch_path(self.log_dir, "val", self.world, self.rank, k)
             data = load_batch(path, key) if a.resume else None
             if data is None:
-                res = self._run_forward(x, "val", k, with_maps=False, bar=inner)
+                res = self._run_forward(x, "val", k, a.batch_size_val, with_maps=False, bar=inner)
                 data = {"fingerprint": np.array(key), "label": lab.cpu().numpy().astype(np.int64), **res.stats.to_numpy()}
                 save_npz_atomic(path, data)
                 self.summary["computed"]["val"] += 1
@@ -439,7 +444,7 @@ class Translation:
                 self.summary["reused"]["test"] += 1
                 outer.update(1)
                 continue
-            res = self._run_forward(x, "test", k, with_maps=True, bar=inner)
+            res = self._run_forward(x, "test", k, a.batch_size, with_maps=True, bar=inner)
             x_np = x.cpu().float().numpy()
             data = {
                 "fingerprint": np.array(key),
