@@ -119,16 +119,20 @@ def inference_peak_bytes(model, config, device, n: int) -> float:
         return rss_bytes("VmHWM") - base
 
 
-def timed(fn, device, repeats: int) -> float:
+def timed(fn, device, repeats: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per call, after one warm-up call.
+
+    CPU time is the robust number on a shared machine: other processes inflate wall time.
+    """
     fn()  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+    return (time.perf_counter() - start) / repeats, (time.process_time() - start_cpu) / repeats
 
 
 def train_step_fn(model, config, device, n):
@@ -191,6 +195,8 @@ def max_train_batch(variant, config, device, budget_bytes, impl) -> int:
 def measure(variant: str, args) -> dict:
     config = SMALL if args.small else PRODUCTION
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build(variant, config, device, args.attention_impl)
     result = {"variant": variant, "attention_impl": model.attention_impl,
               "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -200,8 +206,10 @@ def measure(variant: str, args) -> dict:
         result["per_block_MiB"] = {k: v / MIB for k, v in sorted(blocks.items(), key=lambda kv: -kv[1])}
     model.zero_grad(set_to_none=True)
     result["inference_peak_MiB_per_sample"] = inference_peak_bytes(model, config, device, args.batch) / MIB / args.batch
-    result["train_step_s_per_sample"] = timed(train_step_fn(model, config, device, args.batch), device, args.repeats) / args.batch
-    result["forward_s_per_sample"] = timed(forward_fn(model, config, device, args.batch), device, args.repeats) / args.batch
+    wall, cpu = timed(train_step_fn(model, config, device, args.batch), device, args.repeats)
+    result["train_step_s_per_sample"], result["train_step_cpu_s_per_sample"] = wall / args.batch, cpu / args.batch
+    wall, cpu = timed(forward_fn(model, config, device, args.batch), device, args.repeats)
+    result["forward_s_per_sample"], result["forward_cpu_s_per_sample"] = wall / args.batch, cpu / args.batch
     if device == "cuda" and args.budget_gib:
         del model
         torch.cuda.empty_cache()
@@ -218,10 +226,23 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    desc = f"{cpu}, {torch.get_num_threads()} threads"
+    desc = f"{cpu}, {os.cpu_count()} cores"
     if torch.cuda.is_available():
         desc += f"; GPU {torch.cuda.get_device_name()}"
-    return f"{desc}; torch {torch.__version__}; {datetime.date.today().isoformat()}"
+    return f"{desc}; load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; {datetime.date.today().isoformat()}"
+
+
+def child_args(argv: list[str]) -> list[str]:
+    """The command line minus --json (only the parent writes it)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif not arg.startswith("--json="):
+            out.append(arg)
+    return out
 
 
 def main() -> None:
@@ -233,6 +254,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--attention_impl", choices=["reference", "fused"], default=None,
                         help="override every variant's attention computation")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--per-block", dest="per_block", action="store_true")
     parser.add_argument("--budget-gib", dest="budget_gib", type=float, default=0.0,
                         help="CUDA: find the largest training batch under this memory budget")
@@ -251,7 +273,7 @@ def main() -> None:
     print(f"# {'small' if args.small else 'production'} config on {machine()}", flush=True)
     results = []
     for variant in variants:
-        cmd = [sys.executable, __file__, "--child", variant] + [a for a in sys.argv[1:] if not a.startswith("--json")]
+        cmd = [sys.executable, __file__, "--child", variant] + child_args(sys.argv[1:])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(f"{variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -260,7 +282,8 @@ def main() -> None:
         r = results[-1]
         print(f"  measured {variant}: {r['activation_MiB_per_sample']:.0f} MiB saved/sample", flush=True)
 
-    header = "| variant | attention | params (M) | saved for backward (MiB/sample) | inference peak cond+null (MiB/sample) | train step (s/sample) | forward cond+null (s/sample) |"
+    header = ("| variant | attention | params (M) | saved for backward (MiB/sample) | inference peak cond+null (MiB/sample) "
+              "| train step wall / CPU (s/sample) | forward cond+null wall / CPU (s/sample) |")
     if any("max_train_batch" in r for r in results):
         header += " max train batch |"
     print()
@@ -268,7 +291,8 @@ def main() -> None:
     print("|" + "---|" * (header.count("|") - 1))
     for r in results:
         row = (f"| {r['variant']} | {r['attention_impl']} | {r['params_M']:.1f} | {r['activation_MiB_per_sample']:.0f} | "
-               f"{r['inference_peak_MiB_per_sample']:.0f} | {r['train_step_s_per_sample']:.2f} | {r['forward_s_per_sample']:.2f} |")
+               f"{r['inference_peak_MiB_per_sample']:.0f} | {r['train_step_s_per_sample']:.2f} / {r['train_step_cpu_s_per_sample']:.2f} | "
+               f"{r['forward_s_per_sample']:.2f} / {r['forward_cpu_s_per_sample']:.2f} |")
         if "max_train_batch" in r:
             row += f" {r['max_train_batch']} |"
         print(row)
@@ -276,7 +300,8 @@ def main() -> None:
     if "hae_v2" in by and "hae_v2_conservative" in by:
         c, v = by["hae_v2_conservative"], by["hae_v2"]
         print(f"\nConservative / HAE V2: activation memory {c['activation_MiB_per_sample'] / v['activation_MiB_per_sample']:.3f}, "
-              f"train step time {c['train_step_s_per_sample'] / v['train_step_s_per_sample']:.3f}")
+              f"train step time {c['train_step_s_per_sample'] / v['train_step_s_per_sample']:.3f} (wall), "
+              f"{c['train_step_cpu_s_per_sample'] / v['train_step_cpu_s_per_sample']:.3f} (CPU)")
         if "v2" in by:
             print(f"Conservative / v2 UNet: activation memory "
                   f"{c['activation_MiB_per_sample'] / by['v2']['activation_MiB_per_sample']:.3f}")

@@ -32,26 +32,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nn import TimestepBlock, checkpoint, norm_act, normalization
+from .sparse_attention import band_random_mask, build_mask_plan, multihead_self_attention
 
 PATCH_SIZES = (4, 8)
 HAE_NUM_HEADS = 8
 MASK_SEED = 20240607
 
 
-def hae_mask(length: int, seed: int, sparsity_ratio: float = 0.9) -> torch.Tensor:
-    """Upstream's sparse mask structure, built vectorised from ``seed`` (True = may NOT attend).
-
-    Row i may attend to the band |j - i| <= k//2 with k = max(1, int(L·(1 - sparsity))) and, when
-    k > 4, to max(1, k//4) distinct random columns.
-    """
-    k = max(1, int(length * (1 - sparsity_ratio)))
-    idx = torch.arange(length)
-    allowed = (idx[None, :] - idx[:, None]).abs() <= k // 2
-    if k > 4:
-        gen = torch.Generator().manual_seed(seed)
-        links = torch.rand(length, length, generator=gen).topk(max(1, k // 4), dim=1).indices
-        allowed.scatter_(1, links, True)
-    return ~allowed
+def hae_mask(length: int, seed: int) -> torch.Tensor:
+    """The built-in mask of a block: upstream's structure, drawn once from ``seed`` on the CPU."""
+    return band_random_mask(length, torch.Generator().manual_seed(seed))
 
 
 class BottleneckMLP(nn.Module):
@@ -134,8 +124,6 @@ class MultiScaleSparseTransformer(nn.Module):
     def plan(self, length: int, device: torch.device):
         key = (length, device)
         if key not in self._plans:
-            from .sparse_attention import build_mask_plan
-
             self._plans[key] = build_mask_plan(self.mask(length, device))
         return self._plans[key]
 
@@ -149,14 +137,7 @@ class MultiScaleSparseTransformer(nn.Module):
         length = seq.shape[1]
         if self.attention_impl == "reference":
             return self.multihead_attn(seq, seq, seq, attn_mask=self.mask(length, seq.device))[0]
-        from .sparse_attention import masked_attention
-
-        mha = self.multihead_attn
-        b, _, c = seq.shape
-        q, k, v = F.linear(seq, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.reshape(b, length, HAE_NUM_HEADS, c // HAE_NUM_HEADS).transpose(1, 2) for t in (q, k, v))
-        out = masked_attention(q, k, v, self.plan(length, seq.device), dropout_p=mha.dropout, training=self.training)
-        return mha.out_proj(out.transpose(1, 2).reshape(b, length, c).contiguous())
+        return multihead_self_attention(self.multihead_attn, seq, self.plan(length, seq.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -548,11 +548,12 @@ def band_random_mask(
 ) -> torch.Tensor:
     """A bool [L, L] mask (True = blocked) with the HAE structure (decisions §3), vectorised.
 
-    Band: row i allows `[max(0, i - k//2), min(L, i + k//2 + 1))` with `k = max(1, int(0.1 L))`;
+    Band: row i allows `[max(0, i - k//2), min(L, i + k//2 + 1))` with `k = max(1, int(L (1 - 0.9)))`
+    (upstream's arithmetic: 1 - 0.9 is 0.0999…, so L = 80 gives k = 7);
     if k > 4, each row also allows `max(1, k//4)` distinct random columns. Random draws use
     `generator` (CPU) and the mask is then moved to `device`.
     """
-    k = max(1, int(0.1 * length))
+    k = max(1, int(length * (1 - 0.9)))
     index = torch.arange(length)
     offset = index[None, :] - index[:, None]
     allowed = (offset >= -(k // 2)) & (offset <= k // 2)

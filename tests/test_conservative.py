@@ -290,3 +290,20 @@ def test_cuda_fp16_autocast_training_step():
     scaler.step(opt)
     scaler.update()
     assert torch.isfinite(loss)
+
+
+def test_builtin_masks_have_upstream_structure():
+    from guided_diffusion.hae import hae_mask
+
+    mask = hae_mask(4416, seed=11)  # the 64×64 HAE level at 128 px
+    allowed = ~mask
+    assert torch.equal(mask, hae_mask(4416, seed=11)) and not torch.equal(mask, hae_mask(4416, seed=12))
+    assert allowed.diagonal().all()
+    k = 441  # int(4416 · (1 − 0.9))
+    band = (torch.arange(4416)[None] - torch.arange(4416)[:, None]).abs() <= k // 2
+    assert allowed[band].all()
+    extra = (allowed & ~band).sum(1)
+    assert extra.max() <= k // 4 and extra.float().mean() > 0.8 * (k // 4)
+    assert 0.10 < allowed.float().mean() < 0.13  # upstream measured 12.0 % at L = 1104
+    small = ~hae_mask(80, seed=0)  # 1 − 0.9 is 0.0999…: k = 7, band ±3, one random link per row
+    assert small[40].sum() in (7, 8) and small[40, 37:44].all()
