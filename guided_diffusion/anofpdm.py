@@ -8,8 +8,8 @@ WACV-W 2025. For every test slice x0 and every forward step t = 0 .. T-1 (T = ``
 * the healthy guided prediction (HGP) x̂0_w uses eps = (1+w) eps(x_t, t, y=healthy) - w eps(x_t, t, ∅), and the
   unguided prediction (UGP) x̂0_∅ uses eps(x_t, t, ∅); both come from ONE batched forward of the conditional
   and null rows (``diffusion.guided_eps``);
-* per modality m: MSE_w = mean (x̂0_w - x0)², MSE_∅ = mean (x̂0_∅ - x0)², M_t = mean (x̂0_w - x̂0_∅)² and the
-  sub-anomaly map S_t = (x̂0_w - x0)².
+* per modality m: MSE_w = mean (x̂0_w - x0)², MSE_∅ = mean (x̂0_∅ - x0)², M_t = mean (x̂0_w - x̂0_∅)²
+  and the sub-anomaly map S_t = (x̂0_w - x0)².
 
 Validation (slice labels only) picks the cosine-similarity threshold (``thr_01``) that separates healthy
 from unhealthy slices and M_max (``diff_max``, the largest M_t over unhealthy slices). A test slice is then
@@ -198,7 +198,9 @@ def upstream_fallback_hyperparams(name: str, forward_steps: int, num_modalities:
         )
     thr, dmax, dmin = UPSTREAM_FALLBACK_HYPERPARAMS[key]
     if len(dmax) != num_modalities:
-        raise ValueError(f"recorded hyper-parameters for {name} have {len(dmax)} modalities, --modality gives {num_modalities}")
+        raise ValueError(
+            f"recorded hyper-parameters for {name} have {len(dmax)} modalities, --modality gives {num_modalities}"
+        )
     return Hyperparams(thr_01=thr, diff_max=list(dmax), diff_min=list(dmin), source=f"upstream fallback {key}")
 
 
@@ -443,7 +445,9 @@ class ForwardProcess:
     forward per step, because its inversion uses a different timestep label than the predictions.
     """
 
-    def __init__(self, model: torch.nn.Module, diffusion, cfg: ForwardConfig, autocast_dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self, model: torch.nn.Module, diffusion, cfg: ForwardConfig, autocast_dtype: Optional[torch.dtype] = None
+    ):
         self.model, self.diffusion, self.cfg = model, diffusion, cfg
         self.autocast_dtype = autocast_dtype
 
@@ -590,7 +594,9 @@ def segment_batch(
     """
     stats = result.stats
     if len(hyper.diff_max) != stats.divergence.shape[-1]:
-        raise ValueError(f"hyper-parameters have {len(hyper.diff_max)} modalities, the batch has {stats.divergence.shape[-1]}")
+        raise ValueError(
+            f"hyper-parameters have {len(hyper.diff_max)} modalities, the batch has {stats.divergence.shape[-1]}"
+        )
     sim = classification_similarity(stats)
     pred_label = classify(sim, hyper.thr_01)
     t_e = end_steps(stats.divergence)

@@ -142,7 +142,8 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
                          f"{', respaced' if args.timestep_respacing else ''}), got {args.forward_steps}")
     for flag in ("batch_size", "batch_size_val"):
         if getattr(args, flag) < world_size:
-            raise ValueError(f"--{flag} {getattr(args, flag)} is global and must be >= the number of processes ({world_size})")
+            raise ValueError(f"--{flag} {getattr(args, flag)} is global and must be >= the number of processes "
+                             f"({world_size})")
     if args.num_batches == 0 or args.num_batches < -1:
         raise ValueError(f"--num_batches must be >= 1 or -1 (whole test split), got {args.num_batches}")
     if args.num_batches_val < -1:
@@ -406,7 +407,8 @@ class Translation:
             data = load_batch(path, key) if a.resume else None
             if data is None:
                 res = self._run_forward(x, "val", k, a.batch_size_val, with_maps=False, bar=inner)
-                data = {"fingerprint": np.array(key), "label": lab.cpu().numpy().astype(np.int64), **res.stats.to_numpy()}
+                data = {"fingerprint": np.array(key), "label": lab.cpu().numpy().astype(np.int64),
+                        **res.stats.to_numpy()}
                 save_npz_atomic(path, data)
                 self.summary["computed"]["val"] += 1
             else:

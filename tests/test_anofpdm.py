@@ -166,7 +166,8 @@ def test_rowwise_quantile_matches_numpy():
     v = torch.rand(3, 2, 50, generator=g)
     q = torch.rand(3, 2, generator=g)
     out = af.rowwise_quantile(v, q)
-    ref = np.array([[np.quantile(v[i, j].numpy().astype(np.float64), q[i, j].item()) for j in range(2)] for i in range(3)])
+    ref = np.array([[np.quantile(v[i, j].numpy().astype(np.float64), q[i, j].item()) for j in range(2)]
+                    for i in range(3)])
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-12)
 
 

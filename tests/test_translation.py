@@ -143,7 +143,8 @@ def test_end_to_end_hae_v2_conservative_outputs_and_resume(workspace, tmp_path, 
 def test_end_to_end_v2_upstream_flags_and_alias(workspace, tmp_path, monkeypatch):
     log_dir = tmp_path / "logs_v2"
     summary = _run(workspace, log_dir, "v2", monkeypatch,
-                   extra="--ugp_mode upstream --legacy_ddim_encoding True --d_reverse True --num_batches 1 --num_batches_val 1 "
+                   extra="--ugp_mode upstream --legacy_ddim_encoding True --d_reverse True --num_batches 1 "
+                         "--num_batches_val 1 "
                          "--t_e_ratio 1 2 --last_only True")
     assert summary["computed"]["test"] == 1
     metrics = json.loads((log_dir / "metrics.json").read_text())
@@ -162,7 +163,8 @@ def test_reused_hyperparams_file_and_fallback(workspace, tmp_path, monkeypatch):
     hp = tmp_path / "hp.json"
     hp.write_text(json.dumps({"thr_01": 0.9, "diff_max": [0.01, 0.02]}))
     log_dir = tmp_path / "logs_hp"
-    out = _run(workspace, log_dir, "v2", monkeypatch, extra=f"--num_batches_val 0 --hyperparams_file {hp} --num_batches 1")
+    out = _run(workspace, log_dir, "v2", monkeypatch,
+               extra=f"--num_batches_val 0 --hyperparams_file {hp} --num_batches 1")
     assert out["computed"] == {"val": 0, "test": 1}
     assert out["hyperparams"]["thr_01"] == 0.9
     with pytest.raises(ValueError, match="forward_steps 2"):
