@@ -7,7 +7,7 @@ UNET_VER=hae_v2
 DATASET=atlas
 SCRIPT=${SCRIPT:-scripts/train.py}
 MASTER_PORT=${MASTER_PORT:-12367}      # distinct per config, so two trainings can share a machine
-BATCH_PER_GPU=${BATCH_PER_GPU:-14}      # provisional until the memory benchmark (bench/) sets it; global = x processes
+BATCH_PER_GPU=${BATCH_PER_GPU:-14}      # per process; upstream's value; 2798 MiB of activations per row (bench/memory_speed.py)
 
 # GPUs: which ones (a comma list; empty = none, train on the CPU) and how many processes to start.
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}

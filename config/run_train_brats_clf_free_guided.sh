@@ -7,7 +7,7 @@ UNET_VER=v2
 DATASET=brats
 SCRIPT=${SCRIPT:-scripts/train.py}
 MASTER_PORT=${MASTER_PORT:-12356}      # distinct per config, so two trainings can share a machine
-BATCH_PER_GPU=${BATCH_PER_GPU:-32}      # provisional until the memory benchmark (bench/) sets it; global = x processes
+BATCH_PER_GPU=${BATCH_PER_GPU:-48}      # per process; same activation budget as hae_v2's 14 rows: 14 x 2798 / 727 MiB = 53 (bench/memory_speed.py)
 
 # GPUs: which ones (a comma list; empty = none, train on the CPU) and how many processes to start.
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}

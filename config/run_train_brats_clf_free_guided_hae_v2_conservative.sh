@@ -7,7 +7,7 @@ UNET_VER=hae_v2_conservative
 DATASET=brats
 SCRIPT=${SCRIPT:-scripts/train_hae_v2_conservative.py}
 MASTER_PORT=${MASTER_PORT:-12362}      # distinct per config, so two trainings can share a machine
-BATCH_PER_GPU=${BATCH_PER_GPU:-28}      # provisional until the memory benchmark (bench/) sets it; global = x processes
+BATCH_PER_GPU=${BATCH_PER_GPU:-64}      # per process; same activation budget as hae_v2's 14 rows: 14 x 2798 / 561 MiB = 70 (bench/memory_speed.py)
 
 # GPUs: which ones (a comma list; empty = none, train on the CPU) and how many processes to start.
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}

@@ -8,7 +8,7 @@ UNET_VER=hae_v2
 DATASET=atlas
 SCRIPT=${SCRIPT:-scripts/translation_FPDM.py}
 MASTER_PORT=${MASTER_PORT:-12463}      # distinct per config, so two runs can share a machine
-BATCH_PER_GPU=${BATCH_PER_GPU:-14}      # provisional until the memory benchmark (bench/) sets it; global = x processes
+BATCH_PER_GPU=${BATCH_PER_GPU:-14}      # per process; 2784 MiB peak per slice for the cond+null forward (bench/memory_speed.py)
 
 # GPUs: which ones (a comma list; empty = none, run on the CPU) and how many processes to start.
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}

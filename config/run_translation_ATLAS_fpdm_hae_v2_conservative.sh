@@ -8,7 +8,7 @@ UNET_VER=hae_v2_conservative
 DATASET=atlas
 SCRIPT=${SCRIPT:-scripts/translation_FPDM_hae_v2_conservative.py}
 MASTER_PORT=${MASTER_PORT:-12464}      # distinct per config, so two runs can share a machine
-BATCH_PER_GPU=${BATCH_PER_GPU:-28}      # provisional until the memory benchmark (bench/) sets it; global = x processes
+BATCH_PER_GPU=${BATCH_PER_GPU:-224}      # per process; same inference budget as hae_v2's 14: 14 x 2784 / 160 MiB = 243 (bench/memory_speed.py)
 
 # GPUs: which ones (a comma list; empty = none, run on the CPU) and how many processes to start.
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}

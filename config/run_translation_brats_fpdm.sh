@@ -8,7 +8,7 @@ UNET_VER=v2
 DATASET=brats
 SCRIPT=${SCRIPT:-scripts/translation_FPDM.py}
 MASTER_PORT=${MASTER_PORT:-12358}      # distinct per config, so two runs can share a machine
-BATCH_PER_GPU=${BATCH_PER_GPU:-32}      # provisional until the memory benchmark (bench/) sets it; global = x processes
+BATCH_PER_GPU=${BATCH_PER_GPU:-256}      # per process; same inference budget as hae_v2's 14: 14 x 2784 / 112 MiB = 348 (bench/memory_speed.py)
 
 # GPUs: which ones (a comma list; empty = none, run on the CPU) and how many processes to start.
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}
