@@ -42,17 +42,8 @@ W=${W:-1 1.8 2 3}                      # guidance weights of the preview grids
 PYTHON=${PYTHON:-python}
 export OPENAI_LOGDIR MASTER_ADDR MASTER_PORT
 
-VISIBLE_GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
-if [ "$VISIBLE_GPUS" -gt 0 ]; then
-    NPROC=${NUM_GPUS:-$VISIBLE_GPUS}
-    if [ "$NPROC" -gt "$VISIBLE_GPUS" ]; then
-        echo "NUM_GPUS=$NPROC but only $VISIBLE_GPUS GPU(s) are visible (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset})" >&2
-        exit 1
-    fi
-else
-    NPROC=$CPU_PROCS
-    echo "no GPU visible: training on the CPU with $NPROC process(es)" >&2
-fi
+source config/_common.sh    # the working directory is the repository root (cd above)
+count_processes
 BATCH_SIZE=${BATCH_SIZE:-$((BATCH_PER_GPU * NPROC))}
 mkdir -p "$OPENAI_LOGDIR"
 
@@ -72,11 +63,4 @@ FLAGS=(
     --save_interval "$SAVE_INTERVAL" --sample_shape 12 "$IN_CHANNELS" 128 128
 )
 
-if [ "$NPROC" -gt 1 ] || [ "$VISIBLE_GPUS" -gt 0 ]; then
-    set -x
-    exec "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$NPROC" \
-        --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "$SCRIPT" "${FLAGS[@]}" "$@"
-else
-    set -x
-    exec "$PYTHON" "$SCRIPT" "${FLAGS[@]}" "$@"
-fi
+launch "$SCRIPT" "${FLAGS[@]}" "$@"

@@ -65,17 +65,8 @@ for dir_var in MODEL_DIR DATA_DIR; do
     fi
 done
 
-VISIBLE_GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
-if [ "$VISIBLE_GPUS" -gt 0 ]; then
-    NPROC=${NUM_GPUS:-$VISIBLE_GPUS}
-    if [ "$NPROC" -gt "$VISIBLE_GPUS" ]; then
-        echo "NUM_GPUS=$NPROC but only $VISIBLE_GPUS GPU(s) are visible (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset})" >&2
-        exit 1
-    fi
-else
-    NPROC=$CPU_PROCS
-    echo "no GPU visible: running on the CPU with $NPROC process(es)" >&2
-fi
+source config/_common.sh    # the working directory is the repository root (cd above)
+count_processes
 # Batch sizes are global (all processes together), so the slices evaluated do not depend on the GPU count.
 BATCH_SIZE=${BATCH_SIZE:-$((BATCH_PER_GPU * NPROC))}
 BATCH_SIZE_VAL=${BATCH_SIZE_VAL:-$((VAL_BATCH_PER_GPU * NPROC))}
@@ -108,10 +99,5 @@ for w in $W; do
     )
     if [ -n "$MODEL_NUM" ]; then FLAGS+=(--model_num "$MODEL_NUM"); fi
     echo "AnoFPDM $UNET_VER on $DATASET, w=$w: $NPROC process(es), test $BATCH_SIZE x $NUM_BATCHES, val $BATCH_SIZE_VAL x $NUM_BATCHES_VAL -> $OPENAI_LOGDIR" >&2
-    if [ "$NPROC" -gt 1 ] || [ "$VISIBLE_GPUS" -gt 0 ]; then
-        (set -x; "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$NPROC" \
-            --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "$SCRIPT" "${FLAGS[@]}" "$@")
-    else
-        (set -x; "$PYTHON" "$SCRIPT" "${FLAGS[@]}" "$@")
-    fi
+    launch "$SCRIPT" "${FLAGS[@]}" "$@"
 done

@@ -13,13 +13,6 @@ BATCH_PER_GPU=${BATCH_PER_GPU:-14}      # per process; upstream's value; 2798 Mi
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}
 NUM_GPUS=${NUM_GPUS:-}                 # empty: one process per visible GPU
 
-# NCCL (multi-GPU only):
-#   NCCL_P2P_DISABLE=1  when training hangs at start-up or at the first all-reduce because the GPUs have no
-#                       working peer-to-peer path (many consumer cards, e.g. RTX 40xx; VMs or containers with IOMMU).
-#   NCCL_IB_DISABLE=1   on one machine, or where InfiniBand is missing or misconfigured (stops NCCL probing it).
-#   NCCL_DEBUG=INFO     to see what NCCL does when a run hangs or fails (WARN prints only problems).
-export NCCL_P2P_DISABLE=${NCCL_P2P_DISABLE:-0}
-export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-1}
-export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# NCCL options: see config/_common.sh (e.g. NCCL_P2P_DISABLE=1 when a multi-GPU run hangs at start-up).
 
 source "$(dirname "${BASH_SOURCE[0]}")/_launch_train.sh"

@@ -415,7 +415,7 @@ def test_config_script_runs_on_cpu_with_torchrun_on_its_port(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "training on the CPU with 2 process" in proc.stderr
+    assert "running on the CPU with 2 process" in proc.stderr
     assert f"--master-port {port}" in proc.stderr and "scripts/train_hae_v2_conservative.py" in proc.stderr
     assert (tmp_path / "run" / "model000001.pt").exists()
     log = (tmp_path / "run" / "log.txt").read_text()
