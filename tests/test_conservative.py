@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from guided_diffusion.script_util import create_model
 from guided_diffusion.unet import HAEUNetModelV2, HAEUNetModelV2Conservative
 
-from conftest import load_vector, model_flags, requires_cuda, tolerance
+from conftest import load_vector, model_flags, requires_cuda
 
 
 def build_pair(dropout: float = 0.0, device: str = "cpu", **overrides):

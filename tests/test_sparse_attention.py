@@ -1,6 +1,5 @@
 """guided_diffusion.sparse_attention: exact versus dense masked attention, dropout, memory."""
 
-import math
 
 import pytest
 import torch

@@ -21,8 +21,7 @@ from guided_diffusion.script_util import create_model_and_diffusion, model_and_d
 from guided_diffusion.train_util import TrainLoop, get_rng_state, iterate_from, parse_ema_rates, parse_resume_step
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import train as train_script  # noqa: E402
+from guided_diffusion import train_cli as train_script  # noqa: E402
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16,8",
             channel_mult="1,1,1,2", in_channels=4, num_classes=2)

@@ -1,0 +1,220 @@
+"""The training command line: flags, checks, and the run (``scripts/train.py`` is its entry point).
+
+Trains a classifier-free guided diffusion UNet (any --unet_ver) on preprocessed BraTS/ATLAS slices.
+
+One process:   python scripts/train.py --data_dir ./data --unet_ver v2 ...
+Several:       torchrun --nproc-per-node 2 --master-port 12356 scripts/train.py ...   (NCCL on GPUs, gloo on CPU)
+               mpiexec -n 2 python scripts/train.py ...                           (needs mpi4py)
+Flags follow upstream AnoFPDM (see README); --batch_size is the global batch over all processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional, Sequence
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.script_util import (
+    UNET_VERSIONS,
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import PRECISIONS, TrainLoop, find_latest_checkpoint, parse_ema_rates, seed_everything
+
+
+def train_defaults() -> dict:
+    """Train-only flags (upstream names and defaults, plus this project's additions at the end)."""
+    return dict(
+        data_dir="",
+        image_dir="",
+        name="brats",
+        split="train",
+        training=True,
+        mixed=True,
+        ret_lab=True,
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,
+        ema_rate="0.9999",
+        log_interval=100,
+        save_interval=100,
+        resume_checkpoint="",
+        fp16_scale_growth=1e-3,
+        n_unhealthy_patients=-1,
+        n_healthy_patients=-1,
+        noise_type="gaussian",
+        ddpm_sampling=False,
+        total_epochs=1000,
+        threshold=0.1,
+        # additions
+        max_steps=0,
+        precision="fp32",
+        grad_clip=0.0,
+        seed=0,
+        num_workers=4,
+        preview_steps=50,
+        find_unused_parameters="auto",
+    )
+
+
+def parse_weights(values: Sequence[str]) -> List[float]:
+    """--w 1 1.8 2 or --w 1,1.8,2 -> [1.0, 1.8, 2.0]."""
+    out = []
+    for value in values:
+        for part in str(value).split(","):
+            if not part.strip():
+                continue
+            try:
+                out.append(float(part))
+            except ValueError:
+                raise ValueError(f"--w takes guidance weights (floats, space or comma separated), got {value!r}") from None
+    return out
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_keys = model_and_diffusion_defaults()
+    add_dict_to_argparser(parser, {k: v for k, v in train_defaults().items() if k not in model_keys})
+    add_dict_to_argparser(parser, model_keys)
+    parser.add_argument("--sample_shape", type=int, nargs="+", default=None,
+                        help="preview grid shape N C H W (default: 12 in_channels image_size image_size)")
+    parser.add_argument("--w", type=str, nargs="+", default=["2"],
+                        help="guidance weights for the preview grids, e.g. --w 1 1.8 2 3")
+    return parser
+
+
+def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
+    """Validate and normalise flags in place; raises ValueError naming the flag."""
+    if args.unet_ver not in UNET_VERSIONS:
+        raise ValueError(f"unknown --unet_ver {args.unet_ver!r}; valid: {', '.join(UNET_VERSIONS)}")
+    if not args.data_dir:
+        raise ValueError("--data_dir is required (the folder holding npy_train/)")
+    if not os.path.isdir(args.data_dir):
+        raise ValueError(f"--data_dir {args.data_dir} does not exist or is not a folder")
+    if args.batch_size < 1 or args.batch_size % world_size:
+        raise ValueError(f"--batch_size {args.batch_size} (global) must be a positive multiple of the number of "
+                         f"processes ({world_size})")
+    if args.microbatch > 0 and args.microbatch > args.batch_size // world_size:
+        raise ValueError(f"--microbatch {args.microbatch} exceeds the per-process batch {args.batch_size // world_size}")
+    if args.use_fp16:  # upstream's flag: mixed precision now goes through autocast
+        args.use_fp16 = False
+        if args.precision == "fp32":
+            args.precision = "fp16"
+    if args.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
+    args.ema_rate = ",".join(str(r) for r in parse_ema_rates(args.ema_rate))
+    args.w = parse_weights(args.w)
+    if args.noise_type != "gaussian":
+        raise ValueError(f"--noise_type {args.noise_type!r} is not supported (only gaussian; simplex noise for "
+                         "AnoDDPM is not part of this project)")
+    # upstream: num_classes > 0 means a class-conditional model
+    args.class_cond = args.num_classes > 0
+    if not args.class_cond:
+        args.ret_lab = False  # an unconditional model takes no labels
+    if args.class_cond:
+        if not args.ret_lab:
+            raise ValueError("a class-conditional model (--num_classes > 0) needs labels: --ret_lab True")
+        if not 0 < args.threshold <= 1:
+            raise ValueError(f"--threshold {args.threshold}: classifier-free training drops labels with this "
+                             "probability and needs 0 < threshold <= 1 (the configs use 0.1)")
+    if args.sample_shape is None:
+        args.sample_shape = [12, args.in_channels, args.image_size, args.image_size]
+    if len(args.sample_shape) != 4 or min(args.sample_shape) < 1:
+        raise ValueError(f"--sample_shape must be four positive ints N C H W, got {args.sample_shape}")
+    if tuple(args.sample_shape[1:]) != (args.in_channels, args.image_size, args.image_size):
+        raise ValueError(f"--sample_shape {args.sample_shape} must match --in_channels {args.in_channels} and "
+                         f"--image_size {args.image_size} (N {args.in_channels} {args.image_size} {args.image_size})")
+    for flag in ("total_epochs", "log_interval", "save_interval"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.find_unused_parameters not in ("auto", "true", "false", "True", "False"):
+        raise ValueError(f"--find_unused_parameters must be auto, true or false, got {args.find_unused_parameters!r}")
+
+
+def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None) -> int:
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    if unet_ver is not None:  # train_<ver>.py aliases fix the variant, as upstream's copies did
+        args.unet_ver = unet_ver
+    dist_util.setup_dist()
+    try:
+        check_args(args, dist_util.get_world_size())
+    except ValueError as e:
+        dist_util.cleanup_dist()
+        parser.error(str(e))
+    try:
+        return train(args)
+    finally:
+        dist_util.cleanup_dist()
+
+
+def train(args: argparse.Namespace) -> int:
+    logger.configure(sync_ranks=True)
+    if args.resume_checkpoint == "auto":
+        args.resume_checkpoint = find_latest_checkpoint(logger.get_dir()) or ""
+    logger.log(f"args: {vars(args)}")
+    if args.ddpm_sampling:
+        logger.log("note: --ddpm_sampling only chose upstream's preview sampler; previews always use DDIM here")
+    seed_everything(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.log(f"Model params: {n_params / 1024 ** 2:.2f} M ({args.unet_ver}); device {dist_util.dev()}, "
+               f"{dist_util.get_world_size()} process(es), precision {args.precision}")
+    if dist_util.is_distributed():
+        import torch.distributed as dist
+
+        logger.log(f"process group: {dist.get_backend()}, rendezvous {os.environ.get('MASTER_ADDR')}:"
+                   f"{os.environ.get('MASTER_PORT')}")
+
+    from guided_diffusion.data import get_data_iter
+
+    loader, sampler = get_data_iter(
+        args.name,
+        args.data_dir,
+        args.batch_size,
+        split=args.split,
+        ret_lab=args.ret_lab,
+        n_healthy_patients=args.n_healthy_patients,
+        n_unhealthy_patients=args.n_unhealthy_patients,
+        mixed=args.mixed,
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=loader,
+        data_sampler=sampler,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        threshold=args.threshold,
+        total_epochs=args.total_epochs,
+        max_steps=args.max_steps,
+        precision=args.precision,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        w=args.w,
+        sample_shape=args.sample_shape,
+        preview_steps=args.preview_steps,
+        image_dir=args.image_dir,
+        name=args.name,
+        find_unused_parameters=args.find_unused_parameters,
+    )
+    step = loop.run_loop()
+    logger.log(f"training finished at step {step}")
+    return step
