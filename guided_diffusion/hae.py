@@ -6,7 +6,7 @@ An HAE block sits before each decoder upsampling. It runs a CNN branch and a mul
 =============  ==========================  ===========================  ================
 design          regional tokens             transformer MLP              fusion
 =============  ==========================  ===========================  ================
-``hae``         Linear(C·p² → C) per patch  Linear C→4C→C                conv1x1(cat)     
+``hae``         Linear(C·p² → C) per patch  Linear C→4C→C                conv1x1(cat)
 ``hae_lite``    mean of 1×1-conv features   Linear C→4C→C                conv1x1(mean)
 ``hae_v2``      mean of 1×1-conv features   bottleneck C→C·r→C           conv1x1(mean)
 =============  ==========================  ===========================  ================
