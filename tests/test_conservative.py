@@ -217,22 +217,33 @@ def test_checkpointing_unconditional_model_does_not_crash():
     assert model.out[2].weight.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("variant", ["v2", "hae", "hae_lite", "hae_v2", "hae_v2_conservative"])
-def test_bf16_autocast_cpu(variant):
-    """bf16 autocast runs forward and backward; its error is of the size of bf16 rounding."""
+def test_autocast_cpu(variant, dtype):
+    """Autocast runs forward, backward and a (grad-scaled) optimizer step; errors are rounding-sized."""
     vec = load_vector("hae_v2" if variant == "hae_v2_conservative" else variant)
     model = create_model(**model_flags(vec["flags"], unet_ver=variant))
     model.load_state_dict(vec["state_dict"])
     model.eval()
     with torch.no_grad():
         ref = model(vec["x"], vec["t"], y=vec["y"], clf_free=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = model(vec["x"], vec["t"], y=vec["y"], clf_free=True)
-    out.float().square().mean().backward()
-    # bf16 keeps 8 significant bits (relative rounding 2^-9 per op); through ~30 layers the
+    assert out.dtype == dtype or out.dtype == torch.float32
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 per op), fp16 11; through ~30 layers the
     # error stays within a few percent of the output's scale.
     rel = (out.float() - ref).abs().max().item() / ref.abs().max().item()
-    assert rel < 0.1, rel
+    assert rel < (0.1 if dtype == torch.bfloat16 else 0.02), rel
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = model(vec["x"], vec["t"], y=vec["y"], threshold=0.5).float().square().mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- CUDA ---------------------------
