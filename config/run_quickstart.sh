@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command AnoFPDM demo on a fresh machine (CPU; a visible GPU is used automatically):
-#   1. installs the project when guided_diffusion is not importable (pip install -e ".[demo]"; the CPU wheel of
-#      torch first when torch is missing and no NVIDIA driver is seen),
+#   1. installs the project when guided_diffusion is not importable (pip install -e ".[demo]"; the pinned
+#      torch==TORCH_VERSION first when torch is missing),
 #   2. generates a small BraTS-like synthetic data set (guided_diffusion.synthetic, nilearn's MNI152 templates),
 #   3. preprocesses it at a small image size (scripts/preprocess.py),
 #   4. trains a small hae_v2_conservative model, classifier-free (label drop 0.1), for TRAIN_STEPS steps,
@@ -54,11 +54,8 @@ mkdir -p "$OUT_DIR"
 if [ "$INSTALL" != never ] && ! (cd / && "$PYTHON" -c "import guided_diffusion.translation, nilearn") >/dev/null 2>&1; then
     say "installing the project (pip install -e .[demo])"
     if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-        if command -v nvidia-smi >/dev/null 2>&1; then
-            "$PYTHON" -m pip install "torch==$TORCH_VERSION"
-        else  # a bare "torch" requirement would download the multi-GB CUDA build
-            "$PYTHON" -m pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
-        fi
+        # the pinned version first (as .ci/run does): a bare "torch" requirement may pull a multi-GB build
+        "$PYTHON" -m pip install "torch==$TORCH_VERSION"
     fi
     "$PYTHON" -m pip install -e ".[demo]"
 fi
