@@ -100,10 +100,6 @@ def silu_or_identity(silu: bool) -> nn.Module:
     return nn.SiLU() if silu else nn.Identity()
 
 
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=list(range(1, x.ndim)))
-
-
 __all__ = [
     "GroupNorm32",
     "TimestepBlock",
@@ -115,5 +111,4 @@ __all__ = [
     "checkpoint",
     "silu_or_identity",
     "norm_act",
-    "mean_flat",
 ]
