@@ -109,8 +109,6 @@ class ResBlock(TimestepBlock):
             self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
         elif down:
             self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
-        else:
-            self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         )
