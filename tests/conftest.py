@@ -1,4 +1,4 @@
-"""Shared fixtures: the upstream reference vectors in ../shared/reference/upstream/."""
+"""Shared fixtures: the upstream reference vectors carried in tests/reference/upstream/ (see its README)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "upstream"
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "upstream"
 VARIANTS_WITH_VECTORS = ("v2", "hae", "hae_lite", "hae_v2")
 MODEL_FLAGS = (
     "image_size", "num_channels", "num_res_blocks", "channel_mult", "learn_sigma", "class_cond",
@@ -23,7 +23,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def reference_path(name: str) -> Path:
     path = REFERENCE_DIR / name
     if not path.exists():
-        pytest.fail(f"reference file {path} is missing: the tests need ../shared/reference/upstream/")
+        pytest.fail(f"reference file {path} is missing from the repository (tests/reference/upstream/)")
     return path
 
 
