@@ -1,5 +1,5 @@
 """Time and saved-activation memory: dense masked attention (as nn.MultiheadAttention computes it
-in training: explicit softmax + dropout) versus guided_diffusion.sparse_attention.masked_attention.
+in training: explicit softmax + dropout) versus guided_diffusion.models.sparse_attention.masked_attention.
 
     python bench/sparse_attention_bench.py [--lengths 4416,1104,276,69] [--channels 16,32,48,64]
         [--batch 1] [--heads 8] [--dropout 0.1] [--block-size 128] [--repeats 3] [--threads N]
@@ -18,7 +18,7 @@ from typing import Callable, List
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion.sparse_attention import band_random_mask, build_mask_plan, masked_attention
+from guided_diffusion.models.sparse_attention import band_random_mask, build_mask_plan, masked_attention
 
 
 def dense_mha_math(q, k, v, float_mask, dropout_p: float) -> torch.Tensor:

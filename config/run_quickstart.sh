@@ -2,7 +2,7 @@
 # One-command AnoFPDM demo on a fresh machine (CPU; a visible GPU is used automatically):
 #   1. installs the project when guided_diffusion is not importable (pip install -e ".[demo]"; the pinned
 #      torch==TORCH_VERSION first when torch is missing),
-#   2. generates a small BraTS-like synthetic data set (guided_diffusion.synthetic, nilearn's MNI152 templates),
+#   2. generates a small BraTS-like synthetic data set (guided_diffusion.data.synthetic, nilearn's MNI152 templates),
 #   3. preprocesses it at a small image size (scripts/preprocess.py),
 #   4. trains a small hae_v2_conservative model, classifier-free (label drop 0.1), for TRAIN_STEPS steps,
 #   5. runs AnoFPDM (validation picks the thresholds, then the test slices), prints Dice / IoU / AUPRC for the
@@ -51,7 +51,7 @@ START=$(date +%s)
 mkdir -p "$OUT_DIR"
 
 # ---- 1. install ----
-if [ "$INSTALL" != never ] && ! (cd / && "$PYTHON" -c "import guided_diffusion.translation, nilearn") >/dev/null 2>&1; then
+if [ "$INSTALL" != never ] && ! (cd / && "$PYTHON" -c "import guided_diffusion.evaluation.translation, nilearn") >/dev/null 2>&1; then
     say "installing the project (pip install -e .[demo])"
     if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
         # the pinned version first (as .ci/run does): a bare "torch" requirement may pull a multi-GB build

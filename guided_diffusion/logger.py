@@ -185,7 +185,7 @@ class Logger:
         return out
 
     def _mean_over_ranks(self, kvs: Dict[str, Any]) -> Dict[str, Any]:
-        from . import dist_util
+        from guided_diffusion import dist_util
 
         if dist_util.get_world_size() == 1:
             return kvs
@@ -229,7 +229,7 @@ def configure(
 ) -> Logger:
     """Set up the current logger (closing the previous one) and return it."""
     global _current
-    from . import dist_util
+    from guided_diffusion import dist_util
 
     folder = dir or os.getenv("OPENAI_LOGDIR")
     if not folder:

@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "synth":
-        from .synthetic import BRATS_SHAPE, make_synthetic_brats
+        from guided_diffusion.data.synthetic import BRATS_SHAPE, make_synthetic_brats
 
         try:
             names: List[str] = make_synthetic_brats(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict, Iterable, Tuple
 
-from . import unet
+from guided_diffusion.models import unet
 
 UNET_VERSIONS = {
     "v2": unet.UNetModel,
@@ -171,8 +171,8 @@ def create_gaussian_diffusion(
     rescale_learned_sigmas: bool = False,
     timestep_respacing: str = "",
 ):
-    from . import gaussian_diffusion as gd
-    from .respace import SpacedDiffusion, space_timesteps
+    from guided_diffusion.diffusion import gaussian_diffusion as gd
+    from guided_diffusion.diffusion.respace import SpacedDiffusion, space_timesteps
 
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
     if use_kl:

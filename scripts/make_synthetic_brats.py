@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from guided_diffusion.synthetic import make_synthetic_brats
+from guided_diffusion.data.synthetic import make_synthetic_brats
 
 
 def main() -> int:

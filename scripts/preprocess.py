@@ -1,4 +1,4 @@
-"""Preprocess raw BraTS 2021 / ATLAS v2.0 NIfTI volumes into AnoFPDM's slice format (see guided_diffusion.preprocess).
+"""Preprocess raw BraTS 2021 / ATLAS v2.0 NIfTI volumes into AnoFPDM's slice format (see guided_diffusion.data.preprocess).
 
     python scripts/preprocess.py --source data/BraTS21 --name brats --mod all --image_size 128 --workers 4
 """
@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from guided_diffusion.preprocess import MODALITIES, preprocess
+from guided_diffusion.data.preprocess import MODALITIES, preprocess
 
 
 def main() -> int:

@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 2 --master-port 12356 scripts/train.py ...
 """
 
-from guided_diffusion.train_cli import main
+from guided_diffusion.training.train_cli import main
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Upstream's train_hae_v2_conservative.py: scripts/train.py with --unet_ver fixed to hae_v2_conservative."""
 
-from guided_diffusion.train_cli import main
+from guided_diffusion.training.train_cli import main
 
 if __name__ == "__main__":
     main(unet_ver="hae_v2_conservative")

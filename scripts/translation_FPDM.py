@@ -9,7 +9,7 @@ Flags follow upstream AnoFPDM; see the README and guided_diffusion/translation.p
 
 import sys
 
-from guided_diffusion.translation import main
+from guided_diffusion.evaluation.translation import main
 
 if __name__ == "__main__":
     main()

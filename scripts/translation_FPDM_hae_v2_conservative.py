@@ -2,7 +2,7 @@
 
 import sys
 
-from guided_diffusion.translation import main
+from guided_diffusion.evaluation.translation import main
 
 if __name__ == "__main__":
     main(unet_ver="hae_v2_conservative")

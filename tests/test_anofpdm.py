@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from guided_diffusion import anofpdm as af
+from guided_diffusion.methods import anofpdm as af
 
 
 # ------------------------------------------------------------------ end step, quantile schedule
@@ -358,7 +358,7 @@ def test_forward_config_validation():
 
 def test_pipeline_on_oracle_model_finds_the_lesion_and_the_healthy_slice():
     """Forward process + validation-style hyper-parameters + segmentation on an oracle with a known lesion."""
-    from guided_diffusion.metrics import dice_iou_per_slice
+    from guided_diffusion.evaluation.metrics import dice_iou_per_slice
     from guided_diffusion.script_util import create_gaussian_diffusion
 
     diffusion = create_gaussian_diffusion(steps=50)

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from guided_diffusion.script_util import create_model
-from guided_diffusion.unet import HAEUNetModelV2, HAEUNetModelV2Conservative
+from guided_diffusion.models.unet import HAEUNetModelV2, HAEUNetModelV2Conservative
 
 from conftest import load_vector, model_flags, requires_cuda
 
@@ -304,7 +304,7 @@ def test_cuda_fp16_autocast_training_step():
 
 
 def test_builtin_masks_have_upstream_structure():
-    from guided_diffusion.hae import hae_mask
+    from guided_diffusion.models.hae import hae_mask
 
     mask = hae_mask(4416, seed=11)  # the 64×64 HAE level at 128 px
     allowed = ~mask

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.data import (
+from guided_diffusion.data.loaders import (
     MODALITIES,
     BrainDataset,
     ShardedOrderSampler,

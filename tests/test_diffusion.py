@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
-from guided_diffusion.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
-from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+from guided_diffusion.diffusion import gaussian_diffusion as gd
+from guided_diffusion.diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
+from guided_diffusion.diffusion.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
+from guided_diffusion.diffusion.respace import SpacedDiffusion, space_timesteps
 
 
 def make_diffusion(steps=1000, schedule="linear", respacing="", learn_sigma=False, loss_type=gd.LossType.MSE,

@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from guided_diffusion import preprocess as pp
-from guided_diffusion.data import get_data_iter
+from guided_diffusion.data import preprocess as pp
+from guided_diffusion.data.loaders import get_data_iter
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (12, 10, 9)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from guided_diffusion.script_util import create_model
-from guided_diffusion.unet import HAEUNetModelV2Conservative
+from guided_diffusion.models.unet import HAEUNetModelV2Conservative
 
 from conftest import VARIANTS_WITH_VECTORS, load_keys, load_vector, model_flags, tolerance
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from guided_diffusion import script_util as su
-from guided_diffusion.unet import HAEUNetModelV2, HAEUNetModelV2Conservative, UNetModel
+from guided_diffusion.models.unet import HAEUNetModelV2, HAEUNetModelV2Conservative, UNetModel
 
 SMALL = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,1,1,2", attention_resolutions="16,8",
              in_channels=4, class_cond=True, num_heads=4)

@@ -1,11 +1,11 @@
-"""guided_diffusion.sparse_attention: exact versus dense masked attention, dropout, memory."""
+"""guided_diffusion.models.sparse_attention: exact versus dense masked attention, dropout, memory."""
 
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion.sparse_attention import (
+from guided_diffusion.models.sparse_attention import (
     band_random_mask,
     build_mask_plan,
     dense_masked_attention,

@@ -12,9 +12,9 @@ import pytest
 
 pytest.importorskip("nilearn")
 
-from guided_diffusion import synthetic as syn  # noqa: E402
-from guided_diffusion.data import get_data_iter  # noqa: E402
-from guided_diffusion.preprocess import preprocess  # noqa: E402
+from guided_diffusion.data import synthetic as syn  # noqa: E402
+from guided_diffusion.data.loaders import get_data_iter  # noqa: E402
+from guided_diffusion.data.preprocess import preprocess  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (60, 60, 40)

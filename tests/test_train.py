@@ -16,12 +16,12 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.resample import ScheduleSampler
+from guided_diffusion.diffusion.resample import ScheduleSampler
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion.train_util import TrainLoop, get_rng_state, iterate_from, parse_ema_rates, parse_resume_step
+from guided_diffusion.training.train_util import TrainLoop, get_rng_state, iterate_from, parse_ema_rates, parse_resume_step
 
 REPO = Path(__file__).resolve().parents[1]
-from guided_diffusion import train_cli as train_script  # noqa: E402
+from guided_diffusion.training import train_cli as train_script  # noqa: E402
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16,8",
             channel_mult="1,1,1,2", in_channels=4, num_classes=2)

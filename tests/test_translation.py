@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import translation
+from guided_diffusion.evaluation import translation
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import os
 from typing import List, Optional, Sequence
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     UNET_VERSIONS,
     add_dict_to_argparser,
@@ -23,7 +23,7 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import PRECISIONS, TrainLoop, find_latest_checkpoint, parse_ema_rates, seed_everything
+from guided_diffusion.training.train_util import PRECISIONS, TrainLoop, find_latest_checkpoint, parse_ema_rates, seed_everything
 
 
 def train_defaults() -> dict:
@@ -173,7 +173,7 @@ def train(args: argparse.Namespace) -> int:
         logger.log(f"process group: {dist.get_backend()}, rendezvous {os.environ.get('MASTER_ADDR')}:"
                    f"{os.environ.get('MASTER_PORT')}")
 
-    from guided_diffusion.data import get_data_iter
+    from guided_diffusion.data.loaders import get_data_iter
 
     loader, sampler = get_data_iter(
         args.name,

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch as th
 
-from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from guided_diffusion.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 Timesteps = Union[int, th.Tensor]
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import dist_util, logger
-from .resample import ScheduleSampler, UniformSampler
+from guided_diffusion import dist_util, logger
+from guided_diffusion.diffusion.resample import ScheduleSampler, UniformSampler
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MODEL_FILE = re.compile(r"model(\d+)\.pt$")
@@ -607,7 +607,7 @@ class TrainLoop:
     def sample_preview(self, w: Optional[float]) -> torch.Tensor:
         """``sample_shape`` DDIM samples (``preview_steps`` steps, fixed noise) from the online model in eval
         mode: guided with weight ``w`` for class-conditional models (rows split evenly over the classes)."""
-        from .respace import SpacedDiffusion, space_timesteps
+        from guided_diffusion.diffusion.respace import SpacedDiffusion, space_timesteps
 
         base = self.diffusion
         steps = getattr(base, "timestep_map", None)

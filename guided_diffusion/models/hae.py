@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nn import TimestepBlock, checkpoint, norm_act, normalization
-from .sparse_attention import band_random_mask, build_mask_plan, multihead_self_attention
+from guided_diffusion.models.nn import TimestepBlock, checkpoint, norm_act, normalization
+from guided_diffusion.models.sparse_attention import band_random_mask, build_mask_plan, multihead_self_attention
 
 PATCH_SIZES = (4, 8)
 HAE_NUM_HEADS = 8

@@ -36,10 +36,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import anofpdm as af
-from . import dist_util, logger
-from .metrics import dice_iou_per_slice, evaluate_segmentation, foreground_mask
-from .script_util import (
+from guided_diffusion.methods import anofpdm as af
+from guided_diffusion import dist_util, logger
+from guided_diffusion.evaluation.metrics import dice_iou_per_slice, evaluate_segmentation, foreground_mask
+from guided_diffusion.script_util import (
     UNET_VERSIONS,
     add_dict_to_argparser,
     args_to_dict,
@@ -134,7 +134,7 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
                          "default -1 silently disabled guidance")
     grid = args.diffusion_steps
     if args.timestep_respacing:  # forward steps then count on the respaced grid (e.g. ddim100: 60 steps ~ t <= 600)
-        from .respace import space_timesteps
+        from guided_diffusion.diffusion.respace import space_timesteps
 
         grid = len(space_timesteps(args.diffusion_steps, args.timestep_respacing))
     if args.forward_steps < 1 or args.forward_steps > grid:
@@ -293,7 +293,7 @@ def load_batch(path: str, fingerprint: Optional[str] = None) -> Optional[Dict[st
 
 def eval_batches(args: argparse.Namespace, split: str, global_batch: int, num_batches: int) -> Iterator:
     """This rank's batches ``(x, gt_mask, label)`` of ``split``: at most ``num_batches`` (-1 = all)."""
-    from .data import get_data_iter
+    from guided_diffusion.data.loaders import get_data_iter
 
     per_rank = global_batch // dist_util.get_world_size()  # val/test loaders take the per-rank batch
     loader = get_data_iter(
@@ -548,7 +548,7 @@ class Translation:
         _write_csv_atomic(os.path.join(self.log_dir, "per_slice.csv"), cols, rows)
 
     def _write_panels(self, paths: List[str]) -> None:
-        from .visualize import save_panels
+        from guided_diffusion.evaluation.visualize import save_panels
 
         want = self.args.num_panels
         picked: List[tuple] = []  # unhealthy slices first, then healthy ones, in file order
@@ -674,7 +674,7 @@ def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None) -
             parser.error(str(e))
         logger.configure()
         logger.log(f"args: {vars(args)}")
-        from .train_util import seed_everything
+        from guided_diffusion.training.train_util import seed_everything
 
         seed_everything(args.seed)
         return Translation(args).run()

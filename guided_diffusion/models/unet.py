@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import ATTENTION_IMPLS, Conditioning
-from .hae import HybridCNNTransformerBlock, MultiScaleSparseTransformer, MASK_SEED
-from .nn import (
+from guided_diffusion.models.attention import ATTENTION_IMPLS, Conditioning
+from guided_diffusion.models.hae import HybridCNNTransformerBlock, MultiScaleSparseTransformer, MASK_SEED
+from guided_diffusion.models.nn import (
     TimestepBlock,
     avg_pool_nd,
     checkpoint,

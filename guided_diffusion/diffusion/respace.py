@@ -7,7 +7,7 @@ from typing import Callable, Iterable, List, Set, Union
 import numpy as np
 import torch as th
 
-from .gaussian_diffusion import GaussianDiffusion
+from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
 
 
 def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]]) -> Set[int]:

@@ -1,0 +1,1 @@
+"""Data: NIfTI preprocessing into slices, slice loaders, synthetic BraTS-like volumes."""

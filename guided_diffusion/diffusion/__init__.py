@@ -1,0 +1,1 @@
+"""The diffusion core: Gaussian diffusion, respacing, timestep samplers, likelihood terms."""

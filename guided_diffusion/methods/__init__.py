@@ -1,0 +1,1 @@
+"""Anomaly-segmentation methods: each turns a batch of slices into anomaly maps."""

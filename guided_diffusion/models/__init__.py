@@ -1,0 +1,1 @@
+"""The networks: one UNet skeleton and its blocks (``unet``), HAE blocks, attention computations."""

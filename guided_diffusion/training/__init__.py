@@ -1,0 +1,1 @@
+"""Training: the loop (``train_util``) and its command line (``train_cli``)."""
