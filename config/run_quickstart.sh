@@ -19,9 +19,13 @@ case "$OUT_DIR" in /*) ;; *) OUT_DIR="$PWD/$OUT_DIR" ;; esac   # relative to whe
 cd "$REPO"
 
 # ---- data ----
-SUBJECTS=${SUBJECTS:-24}               # >= 20: the 75/5/20 subject split then has a validation subject
+RAW_DIR=${RAW_DIR:-}                   # your own raw data in the BraTS 2021 layout (<P>/<P>_{flair,t1,t1ce,t2,seg}.nii.gz);
+                                       # empty: generate synthetic subjects into $OUT_DIR/raw
+SUBJECTS=${SUBJECTS:-24}               # synthetic subjects
 HEALTHY_FRACTION=${HEALTHY_FRACTION:-0.25}
-SEED=${SEED:-0}
+PRESET=${PRESET:-default}              # synthetic lesions: default | small | faint | multi | small_faint
+SEED=${SEED:-0}                        # data, training and evaluation seed
+VAL_LESION_SUBJECTS=${VAL_LESION_SUBJECTS:-1}  # validation gets >= 1 subject with a lesion (AnoFPDM's M_max needs one)
 SYNTH_SHAPE=${SYNTH_SHAPE:-240 240 155}  # synthetic volume size (BraTS); smaller only for tests
 IMAGE_SIZE=${IMAGE_SIZE:-32}           # slices are resized to IMAGE_SIZE² (paper: 128)
 # ---- model and training ----
@@ -68,16 +72,23 @@ MODEL_FLAGS=(--unet_ver hae_v2_conservative --use_hae True --image_size "$IMAGE_
              --channel_mult "$CHANNEL_MULT" --attention_resolutions "$ATTENTION" --learn_sigma False
              --diffusion_steps 1000 --noise_schedule linear --rescale_timesteps False)
 
-# ---- 2. synthetic data (resumable: existing subjects are kept) ----
-say "synthetic data: $SUBJECTS subjects ($HEALTHY_FRACTION without tumour)"
-# shellcheck disable=SC2086  # SYNTH_SHAPE is three numbers
-"$PYTHON" -m guided_diffusion.quickstart synth --output "$OUT_DIR/raw" --num_subjects "$SUBJECTS" \
-    --healthy_fraction "$HEALTHY_FRACTION" --seed "$SEED" --workers "$WORKERS" --shape $SYNTH_SHAPE
+# ---- 2. synthetic data (resumable: existing subjects are kept), unless RAW_DIR points at real data ----
+if [ -n "$RAW_DIR" ]; then
+    [ -d "$RAW_DIR" ] || { echo "error: RAW_DIR=$RAW_DIR is not a folder" >&2; exit 1; }
+    RAW=$(cd "$RAW_DIR" && pwd)
+    say "raw data: $RAW (BraTS 2021 layout)"
+else
+    RAW=$OUT_DIR/raw
+    say "synthetic data: $SUBJECTS subjects ($HEALTHY_FRACTION without tumour), preset $PRESET, seed $SEED"
+    # shellcheck disable=SC2086  # SYNTH_SHAPE is three numbers
+    "$PYTHON" scripts/make_synthetic_brats.py --output "$RAW" --num_subjects "$SUBJECTS" --preset "$PRESET" \
+        --healthy_fraction "$HEALTHY_FRACTION" --seed "$SEED" --workers "$WORKERS" --shape $SYNTH_SHAPE
+fi
 
 # ---- 3. preprocessing (resumable: finished subjects are skipped) ----
 say "preprocessing at ${IMAGE_SIZE}x${IMAGE_SIZE}"
-"$PYTHON" scripts/preprocess.py --source "$OUT_DIR/raw" --name brats --mod all --image_size "$IMAGE_SIZE" \
-    --output "$OUT_DIR/data" --workers "$WORKERS"
+"$PYTHON" scripts/preprocess.py --source "$RAW" --name brats --mod all --image_size "$IMAGE_SIZE" \
+    --output "$OUT_DIR/data" --workers "$WORKERS" --min_val_lesion_subjects "$VAL_LESION_SUBJECTS"
 
 # ---- 4. training (resumes from the latest checkpoint; skipped once the final one exists) ----
 MODEL_DIR=$OUT_DIR/model

@@ -1,10 +1,8 @@
 """Helpers of the one-command demo ``config/run_quickstart.sh`` (synthetic data, stage checks, the summary).
 
-    python -m guided_diffusion.quickstart synth --output runs/quickstart/raw --num_subjects 24 [--shape 240 240 155]
     python -m guided_diffusion.quickstart trained --model_dir runs/quickstart/model --step 1500 --ema_rate 0.995
     python -m guided_diffusion.quickstart report --results runs/quickstart/results [--seconds 1234]
 
-``synth`` is ``scripts/make_synthetic_brats.py`` plus ``--shape`` (small volumes make the end-to-end test fast).
 ``trained`` exits 0 when the final checkpoint set of a training run exists (the shell script then skips training).
 ``report`` prints the metrics block of a finished translation run and lists the pictures.
 """
@@ -15,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 SETUPS = ("mixed", "unhealthy")
 
@@ -59,13 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m guided_diffusion.quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synth", help="write the synthetic BraTS-like subjects (resumable)")
-    s.add_argument("--output", required=True)
-    s.add_argument("--num_subjects", type=int, default=24)
-    s.add_argument("--healthy_fraction", type=float, default=0.25)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--shape", type=int, nargs=3, default=None, help="volume size X Y Z (default BraTS 240 240 155)")
     t = sub.add_parser("trained", help="exit 0 if the final checkpoint set exists, 1 otherwise")
     t.add_argument("--model_dir", required=True)
     t.add_argument("--step", type=int, required=True)
@@ -78,18 +69,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "synth":
-        from guided_diffusion.data.synthetic import BRATS_SHAPE, make_synthetic_brats
-
-        try:
-            names: List[str] = make_synthetic_brats(
-                args.output, num_subjects=args.num_subjects, healthy_fraction=args.healthy_fraction, seed=args.seed,
-                workers=args.workers, shape=tuple(args.shape) if args.shape else BRATS_SHAPE)
-        except (OSError, ValueError, ImportError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(f"{len(names)} subjects in {args.output}")
-        return 0
     if args.command == "trained":
         return 0 if final_checkpoint_exists(args.model_dir, args.step, args.ema_rate) else 1
     path = os.path.join(args.results, "metrics.json")

@@ -21,10 +21,14 @@ def main() -> int:
                    help="output folder (default: <source>/../preprocessed_data_{mod}_{first}{last}_{image_size})")
     p.add_argument("--image_size", type=int, default=128, help="slices are resized to image_size x image_size")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--min_val_lesion_subjects", type=int, default=0,
+                   help="put at least this many subjects with a lesion into validation when the split is made "
+                        "(0: upstream's split; small data sets may otherwise get none, and AnoFPDM needs one)")
     args = p.parse_args()
     try:
         summary = preprocess(args.source, name=args.name, mod=args.mod, first=args.first, last=args.last,
-                             output=args.output or None, image_size=args.image_size, workers=args.workers)
+                             output=args.output or None, image_size=args.image_size, workers=args.workers,
+                             min_val_lesion=args.min_val_lesion_subjects)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

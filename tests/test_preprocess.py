@@ -283,3 +283,32 @@ def test_script_exit_codes(tmp_path):
     assert (tmp_path / "preprocessed_data_all_00_8" / "npy_train").is_dir()
     bad = subprocess.run(cmd[:-2] + ["--image_size", "0"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "--image_size" in bad.stderr
+
+
+def test_validation_lesion_option(tmp_path):
+    """Off by default (upstream's split); on, the first lesion subject of train swaps with a healthy val subject."""
+    names = [f"BraTS2021_{i:05d}" for i in range(20)]
+    perm = list(range(20))
+    random.Random(10).shuffle(perm)  # upstream: random.seed(10); random.shuffle(sorted listing)
+    train, val, test = perm[:15], perm[15:16], perm[16:]
+    healthy = {val[0], train[0]}  # upstream's only val subject and the first train subject have no lesion
+    src = tmp_path / "BraTS21"
+    for i, name in enumerate(names):
+        _brats_subject(src, name, i, lesion=i not in healthy)
+
+    plain = pp.preprocess(src, image_size=8, output=tmp_path / "plain", progress=False)
+    assert plain["splits"]["val"]["unhealthy_slices"] == 0
+    assert (tmp_path / "plain/data_splits/val/scans.csv").read_text() == names[val[0]]
+
+    out = tmp_path / "with"
+    summary = pp.preprocess(src, image_size=8, output=out, progress=False, min_val_lesion=1)
+    got = {s: (out / "data_splits" / s / "scans.csv").read_text().split("\n") for s in pp.SPLITS}
+    assert got["val"] == [names[train[1]]]  # train[0] has no lesion: the next one moves
+    assert sorted(got["train"]) == sorted(names[i] for i in train[:1] + train[2:] + val)
+    assert got["test"] == [names[i] for i in test]
+    assert summary["splits"]["val"]["unhealthy_slices"] > 0
+    assert [summary["splits"][s]["patients"] for s in pp.SPLITS] == [15, 1, 4]
+
+    # an existing upstream split that does not satisfy the option is an error, not a silent reuse
+    with pytest.raises(ValueError, match="fewer than 1 validation subject"):
+        pp.preprocess(src, image_size=8, output=tmp_path / "plain", progress=False, min_val_lesion=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,10 @@ def _load(out: Path, name: str, kind: str) -> np.ndarray:
 def test_layout_labels_and_contrasts(full_size):
     out, names = full_size
     assert names == ["BraTS2021_00000", "BraTS2021_00001"]
-    assert sorted(p.name for p in out.iterdir()) == names  # nothing else: the preprocessor sees no stray files
+    # nothing else but the hidden settings record: the preprocessor sees no stray files
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == names
+    assert json.loads((out / syn.SETTINGS_FILE).read_text())["lesions"] == {
+        "radius_mm": [15.0, 35.0], "contrast": 1.0, "lesions": [1, 1]}
     healthy = set(syn.healthy_indices(2, 0.5, 0))
     assert len(healthy) == 1
     for i, name in enumerate(names):
@@ -106,7 +110,8 @@ def test_resume_and_bad_arguments(tmp_path):
     syn.make_synthetic_brats(out, num_subjects=3, healthy_fraction=0.0, seed=1, shape=SMALL, workers=2,
                              progress=False)
     assert f.stat().st_mtime_ns == mtime
-    assert sorted(p.name for p in out.iterdir()) == [syn.subject_name(i) for i in range(3)]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [syn.subject_name(i) for i in range(3)]
+    assert not list(out.glob(".tmp-*"))
     assert len(list((out / "BraTS2021_00002").iterdir())) == 5
     with pytest.raises(ValueError, match="num_subjects"):
         syn.make_synthetic_brats(out, num_subjects=0)
@@ -125,7 +130,7 @@ def test_failed_write_leaves_no_subject(tmp_path, monkeypatch):
     monkeypatch.setattr(syn.nib, "save", boom)
     with pytest.raises(OSError, match="simulated"):
         syn.make_synthetic_brats(tmp_path, num_subjects=1, shape=SMALL, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [syn.SETTINGS_FILE]  # no subject, no temp folder
 
 
 def test_script(tmp_path):
@@ -133,3 +138,63 @@ def test_script(tmp_path):
            "--num_subjects", "0"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 2 and "num_subjects" in res.stderr
+
+
+def _lesion_stats(img, seg):
+    brain = img["flair"] > 0
+    lesion = seg > 0
+    return int(lesion.sum()), float(img["flair"][lesion].mean() / img["flair"][brain & ~lesion].mean())
+
+
+def test_presets_change_size_contrast_and_count():
+    """Presets do what they say, relative to the default on the same subject (same anatomy, same seed)."""
+    shape = (80, 80, 52)
+    default = syn.render_subject(4, 1, False, shape, syn.lesion_settings("default"))
+    n_def, c_def = _lesion_stats(*default[:2])
+    # the default preset is the original generator: same call without settings gives identical volumes
+    plain = syn.render_subject(4, 1, False, shape)
+    assert all(np.array_equal(plain[0][m], default[0][m]) for m in syn.MODALITIES)
+
+    # contrast 0 makes the lesion invisible: the images equal the healthy rendering of the same tissue
+    zero = syn.render_subject(4, 1, False, shape, syn.lesion_settings("default", contrast=0.0))
+    _, c_zero = _lesion_stats(*zero[:2])
+    assert abs(c_zero - 1) < abs(c_def - 1) / 3  # lesion intensity close to normal tissue
+    assert np.array_equal(zero[1], default[1])  # same labels: only the appearance changed
+
+    faint = syn.render_subject(4, 1, False, shape, syn.lesion_settings("faint"))
+    _, c_faint = _lesion_stats(*faint[:2])
+    assert 1 < c_faint < c_def  # still brighter than tissue on FLAIR, less so
+
+    # "small" draws radii from 8-18 mm instead of 15-35 mm: E[r³] is 2522 vs 18125 mm³, a ratio of 0.14
+    def mean_size(preset):
+        return np.mean([_lesion_stats(*syn.render_subject(4, i, False, shape, syn.lesion_settings(preset))[:2])[0]
+                        for i in range(3)])
+    assert mean_size("small") < 0.4 * mean_size("default")
+
+    multi = syn.lesion_settings("multi", lesions=[3, 3])
+    _, seg_multi, _ = syn.render_subject(4, 1, False, shape, multi)
+    from scipy import ndimage
+    _, n_components = ndimage.label(seg_multi > 0)
+    assert 1 <= n_components <= 3 and (seg_multi > 0).sum() > 0
+    assert set(np.unique(seg_multi).tolist()) <= {0, 1, 2, 4}
+
+
+def test_settings_are_recorded_and_checked(tmp_path):
+    out = tmp_path / "s"
+    syn.make_synthetic_brats(out, num_subjects=1, healthy_fraction=1.0, seed=2, shape=SMALL, progress=False,
+                             lesions=syn.lesion_settings("small"))
+    with pytest.raises(ValueError, match="other settings.*lesions"):
+        syn.make_synthetic_brats(out, num_subjects=2, healthy_fraction=1.0, seed=2, shape=SMALL, progress=False)
+    with pytest.raises(ValueError, match="seed: folder 2, now 3"):
+        syn.make_synthetic_brats(out, num_subjects=1, healthy_fraction=1.0, seed=3, shape=SMALL, progress=False,
+                                 lesions=syn.lesion_settings("small"))
+    # more subjects with the same settings is a resume, not a conflict
+    syn.make_synthetic_brats(out, num_subjects=2, healthy_fraction=1.0, seed=2, shape=SMALL, progress=False,
+                             lesions=syn.lesion_settings("small"))
+    assert (out / syn.subject_name(1)).is_dir()
+    with pytest.raises(ValueError, match="unknown synthetic preset 'huge'"):
+        syn.lesion_settings("huge")
+    with pytest.raises(ValueError, match="radius"):
+        syn.lesion_settings("default", radius_mm=[20, 10])
+    with pytest.raises(ValueError, match="lesions per subject"):
+        syn.lesion_settings("default", lesions=[0, 2])

@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -179,10 +179,33 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def make_splits(names: Sequence[str], splits_dir: Path, warnings: Optional[List[str]] = None) -> Dict[str, List[str]]:
+def _give_validation_lesions(parts: Dict[str, List[int]], names: Sequence[str], wanted: int,
+                             has_lesion: Callable[[str], bool], warnings: List[str]) -> None:
+    """Move lesion subjects from train into val (in place) until val has ``wanted`` of them."""
+    have = sum(has_lesion(names[i]) for i in parts["val"])
+    donors = [i for i in parts["train"] if has_lesion(names[i])]
+    while have < wanted and donors:
+        donor = donors.pop(0)
+        parts["train"].remove(donor)
+        healthy_val = [i for i in parts["val"] if not has_lesion(names[i])]
+        if healthy_val:  # swap, so the split sizes stay upstream's
+            parts["val"].remove(healthy_val[-1])
+            parts["train"].append(healthy_val[-1])
+        parts["val"].append(donor)
+        have += 1
+    if have < wanted:
+        _warn(f"only {have} subject(s) with a lesion could be put into validation (wanted {wanted})", warnings)
+
+
+def make_splits(names: Sequence[str], splits_dir: Path, warnings: Optional[List[str]] = None,
+                min_val_lesion: int = 0, has_lesion: Optional[Callable[[str], bool]] = None) -> Dict[str, List[str]]:
     """Per-subject split as upstream (random.seed(10) shuffle of the sorted listing, 75% / 5% / rest).
 
     An existing ``data_splits`` folder is reused as is, so reruns and added subjects never reshuffle.
+    ``min_val_lesion > 0`` (off by default, so upstream's split stays the default) makes sure validation holds at
+    least that many subjects with a lesion (``has_lesion(name)``): M_max, one of AnoFPDM's hyper-parameters, can
+    only be estimated from unhealthy validation slices, and small data sets often get none. Lesion subjects move
+    from train to validation in the shuffled order, replacing validation subjects without a lesion.
     """
     warnings = [] if warnings is None else warnings
     if splits_dir.exists():
@@ -196,12 +219,17 @@ def make_splits(names: Sequence[str], splits_dir: Path, warnings: Optional[List[
         for n in names:
             if n not in listed:
                 _warn(f"subject {n} is not in {splits_dir}; ignored (delete data_splits to re-split)", warnings)
+        if min_val_lesion > 0 and sum(has_lesion(n) for n in splits["val"]) < min_val_lesion:
+            raise ValueError(f"the existing split in {splits_dir} has fewer than {min_val_lesion} validation "
+                             f"subject(s) with a lesion; delete {splits_dir} (and the npy_* folders) to re-split")
         return splits
     indices = list(range(len(names)))
     random.Random(SPLIT_SEED).shuffle(indices)  # same permutation as upstream's random.seed(10); random.shuffle
     n_train = int(len(indices) * SPLIT_FRACTIONS[0])
     n_val = int(len(indices) * SPLIT_FRACTIONS[1])
     parts = {"train": indices[:n_train], "val": indices[n_train:n_train + n_val], "test": indices[n_train + n_val:]}
+    if min_val_lesion > 0:
+        _give_validation_lesions(parts, names, min_val_lesion, has_lesion, warnings)
     splits = {split: [names[i] for i in parts[split]] for split in SPLITS}
     tmp = splits_dir.with_name(f".{splits_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
     for split in SPLITS:
@@ -256,6 +284,14 @@ def trim_slices(volume: np.ndarray, first: int, last: int) -> np.ndarray:
     """Drop the first `first` and last `last` slices along the last axis (values <= 0 keep everything)."""
     stop = volume.shape[-1] - last if last > 0 else volume.shape[-1]
     return volume[..., max(first, 0):stop]
+
+
+def subject_has_lesion(subject: Subject) -> bool:
+    """Whether the subject's mask/seg volume has any voxel > 0.5 (False when it cannot be read)."""
+    try:
+        return bool((load_volume(subject.mask, subject.name, "mask/seg") > 0.5).any())
+    except SubjectError:
+        return False
 
 
 def _count_existing(patient_dir: Path) -> Tuple[int, int]:
@@ -360,6 +396,7 @@ def preprocess(
     image_size: int = 128,
     workers: int = 1,
     progress: bool = True,
+    min_val_lesion: int = 0,
 ) -> dict:
     """Preprocess a whole data set; returns (and writes to ``<root>/preprocess_summary.json``) the summary.
 
@@ -392,8 +429,11 @@ def preprocess(
         for stale in (root / f"npy_{split}").glob(".tmp-*"):  # left behind by a killed run
             shutil.rmtree(stale, ignore_errors=True)
 
-    splits = make_splits([s.name for s in subjects], root / "data_splits", warnings)
     by_name = {s.name: s for s in subjects}
+    if min_val_lesion < 0:
+        raise ValueError(f"--min_val_lesion_subjects must be >= 0, got {min_val_lesion}")
+    splits = make_splits([s.name for s in subjects], root / "data_splits", warnings, min_val_lesion,
+                         lambda n: subject_has_lesion(by_name[n]) if n in by_name else False)
     tasks = []
     for split in SPLITS:
         for n in splits[split]:

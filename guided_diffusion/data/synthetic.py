@@ -13,14 +13,17 @@ nilearn is only needed here (``pip install -e .[demo]``); loading its templates 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -41,6 +44,57 @@ CONTRASTS: Dict[str, Tuple[float, float, float, float, float, float]] = {
 }
 # How the T1 template's fine anatomy (residual after the tissue model) shows up in each modality.
 TEXTURE_SIGN = {"flair": -0.5, "t1": 1.0, "t1ce": 1.0, "t2": -0.8}
+
+
+@dataclasses.dataclass(frozen=True)
+class LesionSettings:
+    """What the tumours of a synthetic data set look like.
+
+    ``radius_mm``: range of the outer (oedema) radius, drawn uniformly per lesion. ``contrast``: scales every
+    lesion's intensity difference from the healthy tissue it replaces (1 = the default contrasts, 0.5 = half as
+    conspicuous, 0 = invisible). ``lesions``: range of the number of lesions per tumour subject (inclusive).
+    """
+
+    radius_mm: Tuple[float, float] = (15.0, 35.0)
+    contrast: float = 1.0
+    lesions: Tuple[int, int] = (1, 1)
+
+    def validate(self) -> "LesionSettings":
+        lo, hi = self.radius_mm
+        if not 2.0 <= lo <= hi:
+            raise ValueError(f"lesion radius range must satisfy 2 <= low <= high (mm), got {self.radius_mm}")
+        if not 0.0 <= self.contrast <= 2.0:
+            raise ValueError(f"lesion contrast must be in [0, 2], got {self.contrast}")
+        if not 1 <= self.lesions[0] <= self.lesions[1] <= 8:
+            raise ValueError(f"lesions per subject must satisfy 1 <= low <= high <= 8, got {self.lesions}")
+        return self
+
+
+# Named data sets. "default" is the original generator (bit-identical); the others are harder or different, so the
+# quickstart can be tuned on some and judged on the rest.
+PRESETS: Dict[str, LesionSettings] = {
+    "default": LesionSettings(),
+    "small": LesionSettings(radius_mm=(8.0, 18.0)),
+    "faint": LesionSettings(contrast=0.6),
+    "multi": LesionSettings(radius_mm=(10.0, 22.0), lesions=(2, 3)),
+    "small_faint": LesionSettings(radius_mm=(10.0, 20.0), contrast=0.75),
+}
+
+
+def lesion_settings(preset: str = "default", radius_mm: Optional[Sequence[float]] = None,
+                    contrast: Optional[float] = None, lesions: Optional[Sequence[int]] = None) -> LesionSettings:
+    """A preset with optional overrides (None keeps the preset's value)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[preset]
+    changes = {}
+    if radius_mm is not None:
+        changes["radius_mm"] = tuple(float(r) for r in radius_mm)
+    if contrast is not None:
+        changes["contrast"] = float(contrast)
+    if lesions is not None:
+        changes["lesions"] = tuple(int(n) for n in lesions)
+    return dataclasses.replace(base, **changes).validate()
 
 
 def subject_name(index: int) -> str:
@@ -116,7 +170,7 @@ def warp_templates(rng: np.random.Generator, shape: Sequence[int]) -> Tuple[torc
 
 
 def _place_tumour(
-    rng: np.random.Generator, tissue: torch.Tensor, spacing: float
+    rng: np.random.Generator, tissue: torch.Tensor, spacing: float, radius_mm: Tuple[float, float] = (15.0, 35.0)
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Soft compartment weights [3, *shape] (necrotic, oedema, enhancing) and the BraTS label volume (uint8)."""
     t1, gm, wm, mask = tissue
@@ -135,7 +189,7 @@ def _place_tumour(
         cand = torch.nonzero(mask > 0.5)
     centre = cand[int(rng.integers(len(cand)))].numpy()
 
-    radius = float(rng.uniform(15, 35))  # outer oedema radius in mm (= voxels at 240 scale)
+    radius = float(rng.uniform(*radius_mm))  # outer oedema radius in mm (= voxels at 240 scale)
     core_frac = float(rng.uniform(0.4, 0.65))
     necrotic_frac = float(rng.uniform(0.35, 0.7)) if rng.random() < 0.85 else 0.0
     half = int(np.ceil(radius * 1.6 / spacing)) + 2
@@ -177,10 +231,29 @@ def _place_tumour(
     return weights, seg
 
 
+def _place_tumours(
+    rng: np.random.Generator, tissue: torch.Tensor, spacing: float, lesions: LesionSettings
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One or several lesions: compartment weights summed (at most 1 per voxel), labels merged innermost-first."""
+    lo, hi = lesions.lesions
+    count = lo if lo == hi else int(rng.integers(lo, hi + 1))  # no draw for a fixed count (keeps "default" exact)
+    weights, seg = _place_tumour(rng, tissue, spacing, lesions.radius_mm)
+    for _ in range(count - 1):
+        w, s = _place_tumour(rng, tissue, spacing, lesions.radius_mm)
+        weights = weights + w
+        # BraTS labels of overlapping lesions: necrotic core (1) over enhancing rim (4) over oedema (2)
+        rank = torch.tensor([0, 3, 1, 0, 2], dtype=torch.uint8)
+        seg = torch.where(rank[s.long()] > rank[seg.long()], s, seg)
+    total = weights.sum(0, keepdim=True)
+    weights = weights / total.clamp(min=1.0)
+    return weights, seg
+
+
 def render_subject(
-    seed: int, index: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE
+    seed: int, index: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE,
+    lesions: LesionSettings = LesionSettings(),
 ) -> Tuple[Dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """One subject: ({modality: int16 volume}, seg uint8 volume, affine). Deterministic in (seed, index)."""
+    """One subject: ({modality: int16 volume}, seg uint8 volume, affine). Deterministic in (seed, index, lesions)."""
     rng = np.random.default_rng([int(seed), int(index)])
     tissue, spacing = warp_templates(rng, shape)
     t1_tpl, gm, wm, mask = tissue
@@ -193,7 +266,7 @@ def render_subject(
         weights = torch.zeros((3, *mask.shape))
         seg = torch.zeros(mask.shape, dtype=torch.uint8)
     else:
-        weights, seg = _place_tumour(rng, tissue, spacing)
+        weights, seg = _place_tumours(rng, tissue, spacing, lesions)
     w_tumour = weights.sum(0).clamp(max=1.0)
     heterogeneity = 1 + 0.08 * _smooth_field(rng, 1, (12, 12, 8), mask.shape)[0, 0]
 
@@ -210,7 +283,9 @@ def render_subject(
         c = np.asarray(CONTRASTS[mod]) * rng.uniform(0.93, 1.07, size=6)
         healthy_img = c[0] * csf_v + c[1] * gm_v + c[2] * wm_v + TEXTURE_SIGN[mod] * tex_v
         lesion = (c[3] * w_v[0] + c[4] * w_v[1] + c[5] * w_v[2]) * het_v
-        img = healthy_img * (1 - wt_v) + lesion
+        # contrast c scales the lesion's difference from the tissue it replaces: healthy + c·(lesion - healthy·w)
+        c_les = lesions.contrast
+        img = healthy_img * (1 - c_les * wt_v) + c_les * lesion
         bias = torch.exp(0.12 * flat(_smooth_field(rng, 1, (3, 3, 3), mask.shape)[0, 0]))
         img = img.clamp(min=0) * bias
         sigma = float(rng.uniform(0.01, 0.03))
@@ -238,11 +313,12 @@ def _write_subject(out_dir: Path, name: str, images: Dict[str, np.ndarray], seg:
         raise
 
 
-def _make_one(out_dir: str, seed: int, index: int, healthy: bool, shape: Tuple[int, int, int], threads: int) -> str:
+def _make_one(out_dir: str, seed: int, index: int, healthy: bool, shape: Tuple[int, int, int], threads: int,
+              lesions: LesionSettings = LesionSettings()) -> str:
     if threads > 0:
         torch.set_num_threads(threads)
     name = subject_name(index)
-    images, seg, affine = render_subject(seed, index, healthy, shape)
+    images, seg, affine = render_subject(seed, index, healthy, shape, lesions)
     _write_subject(Path(out_dir), name, images, seg, affine)
     return name
 
@@ -254,6 +330,32 @@ def healthy_indices(num_subjects: int, healthy_fraction: float, seed: int) -> Li
     return sorted(int(i) for i in order[:n_healthy])
 
 
+SETTINGS_FILE = ".synthetic.json"  # hidden: preprocessing ignores dot files in --source
+GENERATOR_VERSION = 1  # bump when the rendering changes, so old folders are not extended with different subjects
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    """Record what determines the subjects; refuse to add subjects made with other settings to the folder."""
+    path = out_dir / SETTINGS_FILE
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path} is unreadable ({exc}); delete it only if every subject in {out_dir} was made "
+                             "with the settings you are passing now") from None
+        diff = {k: (recorded.get(k), v) for k, v in settings.items() if k != "num_subjects" and recorded.get(k) != v}
+        if diff:
+            listing = ", ".join(f"{k}: folder {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{out_dir} holds synthetic subjects made with other settings ({listing}); "
+                             "use another --output folder or the recorded settings")
+    elif any(out_dir.glob("BraTS2021_*")):
+        print(f"warning: {out_dir} holds subjects but no {SETTINGS_FILE} (an older run): their settings cannot be "
+              "checked; recording the current ones", file=sys.stderr, flush=True)
+    tmp = out_dir / f".{SETTINGS_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(settings, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def make_synthetic_brats(
     output: str | os.PathLike,
     num_subjects: int = 24,
@@ -262,9 +364,12 @@ def make_synthetic_brats(
     workers: int = 1,
     shape: Sequence[int] = BRATS_SHAPE,
     progress: bool = True,
+    lesions: LesionSettings = LesionSettings(),
 ) -> List[str]:
     """Write `num_subjects` BraTS-2021-layout subjects under `output`; subjects already there are kept (resumable).
 
+    The settings that determine the subjects (seed, shape, healthy fraction, lesion settings) are recorded in
+    ``<output>/.synthetic.json``; a rerun with other settings is an error instead of a folder of mixed subjects.
     Returns the subject names (all of them, new and existing).
     """
     if num_subjects < 1:
@@ -280,8 +385,13 @@ def make_synthetic_brats(
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as exc:
         raise OSError(f"cannot write to output folder {out_dir}: {exc}") from exc
+    lesions = lesions.validate()
     for stale in out_dir.glob(".tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
+    _check_settings(out_dir, {"generator_version": GENERATOR_VERSION, "seed": int(seed), "shape": list(shape),
+                              "healthy_fraction": float(healthy_fraction), "num_subjects": int(num_subjects),
+                              "lesions": {k: list(v) if isinstance(v, tuple) else v
+                                          for k, v in dataclasses.asdict(lesions).items()}})
     load_templates()  # fail early (and clearly) if nilearn is missing
 
     healthy = set(healthy_indices(num_subjects, healthy_fraction, seed))
@@ -292,14 +402,56 @@ def make_synthetic_brats(
     bar = tqdm(total=len(todo), desc="synthetic subjects", disable=not progress)
     if workers <= 1 or len(todo) <= 1:
         for i in todo:
-            _make_one(str(out_dir), seed, i, i in healthy, shape, 0)
+            _make_one(str(out_dir), seed, i, i in healthy, shape, 0, lesions)
             bar.update()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_make_one, str(out_dir), seed, i, i in healthy, shape, threads) for i in todo]
+            futures = [pool.submit(_make_one, str(out_dir), seed, i, i in healthy, shape, threads, lesions)
+                       for i in todo]
             for fut in as_completed(futures):
                 fut.result()
                 bar.update()
     bar.close()
     return names
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line (scripts/make_synthetic_brats.py)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python scripts/make_synthetic_brats.py --output DIR [--preset small] ...``; returns the exit code."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="make_synthetic_brats.py",
+        description="Write a BraTS-2021-like synthetic data set (flair/t1/t1ce/t2/seg NIfTI per subject) from "
+                    "nilearn's MNI152 templates. Presets: " + "; ".join(
+                        f"{n}: radius {s.radius_mm[0]:g}-{s.radius_mm[1]:g} mm, contrast {s.contrast:g}, "
+                        f"{s.lesions[0]}-{s.lesions[1]} lesion(s)" for n, s in PRESETS.items()))
+    p.add_argument("--output", required=True, help="folder for the subject folders (BraTS raw layout)")
+    p.add_argument("--num_subjects", type=int, default=24)
+    p.add_argument("--healthy_fraction", type=float, default=0.25, help="share of subjects without a tumour")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--shape", type=int, nargs=3, default=list(BRATS_SHAPE), metavar=("X", "Y", "Z"),
+                   help="volume size (default BraTS 240 240 155; smaller volumes cover the same field of view)")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="lesion preset")
+    p.add_argument("--lesion_radius_mm", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="outer lesion radius range in mm (overrides the preset)")
+    p.add_argument("--lesion_contrast", type=float, default=None,
+                   help="lesion conspicuity, 1 = default contrasts (overrides the preset)")
+    p.add_argument("--lesions_per_subject", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="number of lesions per tumour subject, inclusive range (overrides the preset)")
+    args = p.parse_args(argv)
+    try:
+        lesions = lesion_settings(args.preset, args.lesion_radius_mm, args.lesion_contrast, args.lesions_per_subject)
+        names = make_synthetic_brats(args.output, num_subjects=args.num_subjects,
+                                     healthy_fraction=args.healthy_fraction, seed=args.seed, workers=args.workers,
+                                     shape=tuple(args.shape), lesions=lesions)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(names)} subjects in {args.output}")
+    return 0
