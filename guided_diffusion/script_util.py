@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Iterable, Tuple
+import os
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from guided_diffusion.models import unet
 
@@ -241,3 +243,165 @@ def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict) -
 
 def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict:
     return {k: getattr(args, k) for k in keys}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Flags given on the command line, and models built from a checkpoint folder's config.json (see fileio)
+
+# Flags that choose how a model computes or trains, not what its weights mean: a consumer may set them freely
+# whatever config.json records (e.g. translation runs the forward process on a respaced grid).
+RUNTIME_FLAGS = frozenset({"timestep_respacing", "use_checkpoint", "use_fp16", "memory_optimization", "zero_threshold",
+                           "dropout"})
+# kind of config.json -> the defaults that list its flags (a classifier kind will add its own)
+CONFIG_KINDS = {"diffusion": model_and_diffusion_defaults}
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> Set[str]:
+    """The ``dest`` names of the flags that ``argv`` (default ``sys.argv[1:]``) sets explicitly."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(given))
+
+
+def _comparable(key: str, value: Any, flags: Dict[str, Any]) -> Any:
+    """A value normalised for comparison: numbers as floats, lists without spaces, default channel_mult resolved."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).replace(" ", "")
+    try:
+        if key == "channel_mult":
+            return tuple(float(m) for m in parse_channel_mult(text, int(flags.get("image_size", 0))))
+        if key == "attention_resolutions":
+            return tuple(sorted({int(r) for r in text.split(",") if r}))
+    except ValueError:
+        pass
+    return text
+
+
+def config_conflicts(recorded: Dict[str, Any], flags: Dict[str, Any], keys: Optional[Iterable[str]] = None) -> List[str]:
+    """``--flag`` descriptions where ``flags`` contradicts ``recorded`` (runtime flags and unrecorded keys excluded)."""
+    out = []
+    for key in sorted(keys if keys is not None else flags):
+        if key in RUNTIME_FLAGS or key not in recorded or key not in flags:
+            continue
+        if _comparable(key, flags[key], flags) != _comparable(key, recorded[key], recorded):
+            out.append(f"--{key} {flags[key]!r} (config.json: {recorded[key]!r})")
+    return out
+
+
+def recorded_flags(model_dir: str, kind: str = "diffusion") -> Optional[Dict[str, Any]]:
+    """The flags in ``model_dir/config.json`` completed with today's defaults (keys added since), or None.
+
+    Raises ``fileio.RunConfigError`` when the file holds another kind of model or is malformed.
+    """
+    from guided_diffusion import fileio
+
+    record = fileio.read_run_config(model_dir)
+    if record is None:
+        return None
+    path = fileio.config_path(model_dir)
+    if record["kind"] != kind:
+        raise fileio.RunConfigError(f"{path} describes a {record['kind']!r} model; this command needs a {kind!r} one")
+    defaults = CONFIG_KINDS[kind]()
+    unknown = sorted(set(record["flags"]) - set(defaults))
+    if unknown:
+        warnings.warn(f"{path}: ignoring flags this code does not know: {', '.join(unknown)}")
+    return {**defaults, **{k: v for k, v in record["flags"].items() if k in defaults}}
+
+
+def apply_run_config(args: argparse.Namespace, model_dir: str, explicit: Optional[Set[str]] = None,
+                     kind: str = "diffusion") -> Optional[Dict[str, Any]]:
+    """Take the model flags of ``args`` from ``model_dir/config.json``; returns the config record, or None without one.
+
+    A flag in ``explicit`` (see ``explicit_flags``; None: every flag whose value differs from its default) that
+    contradicts the recorded value raises ``fileio.RunConfigError`` naming the flag and both values; runtime flags
+    (``RUNTIME_FLAGS``) given explicitly are kept. Without config.json (an upstream checkpoint folder) ``args`` is
+    left as the flags made it. The EMA rate recorded by training becomes ``args.ema_rate`` unless given.
+    """
+    from guided_diffusion import fileio
+
+    recorded = recorded_flags(model_dir, kind)
+    if recorded is None:
+        return None
+    defaults = CONFIG_KINDS[kind]()
+    if explicit is None:
+        explicit = {k for k in defaults if hasattr(args, k) and _comparable(k, getattr(args, k), vars(args))
+                    != _comparable(k, defaults[k], defaults)}
+    given = {k: getattr(args, k) for k in defaults if k in explicit and hasattr(args, k)}
+    conflicts = config_conflicts(recorded, given)
+    if conflicts:
+        raise fileio.RunConfigError(
+            f"{fileio.config_path(model_dir)} records how the checkpoints in {model_dir} were built, and the command "
+            f"line contradicts it: {'; '.join(conflicts)}. Drop these flags (the recorded values are used), or point "
+            "--model_dir at the checkpoints you mean")
+    for key, value in recorded.items():
+        if hasattr(args, key) and not (key in RUNTIME_FLAGS and key in explicit):
+            setattr(args, key, value)
+    record = fileio.read_run_config(model_dir)
+    rates = str(record["training"].get("ema_rate", "")).split(",")
+    if hasattr(args, "ema_rate") and "ema_rate" not in explicit and rates[0].strip():
+        args.ema_rate = rates[0].strip()
+    return record
+
+
+def check_run_config(folder: str, flags: Dict[str, Any], kind: str = "diffusion") -> Optional[Dict[str, Any]]:
+    """Training: a ``fileio.RunConfigError`` when ``folder/config.json`` records other model flags than ``flags``
+    (the checkpoints there belong to another model); returns the recorded flags, or None without config.json."""
+    from guided_diffusion import fileio
+
+    recorded = recorded_flags(folder, kind)
+    if recorded is None:
+        return None
+    conflicts = config_conflicts(recorded, flags)
+    if conflicts:
+        raise fileio.RunConfigError(
+            f"{fileio.config_path(folder)} records the model whose checkpoints are in {folder}, and this run's flags "
+            f"contradict it: {'; '.join(conflicts)}. Use another log folder (OPENAI_LOGDIR) for another model, or "
+            "drop these flags")
+    return recorded
+
+
+def load_model_from_dir(
+    model_dir: str,
+    flags: Optional[Dict[str, Any]] = None,
+    *,
+    model_num: Any = None,
+    ema: bool = False,
+    ema_rate: Optional[str] = None,
+    device: Any = "cpu",
+    warn: Any = None,
+):
+    """(model in eval mode on ``device``, diffusion, checkpoint path) from a checkpoint folder.
+
+    ``flags`` are complete model and diffusion flags (e.g. ``args_to_dict(args, model_and_diffusion_defaults())``
+    after ``apply_run_config``); None: those recorded in ``model_dir/config.json`` (an error without one).
+    ``model_num`` picks the step (None/"": the newest readable checkpoint); ``ema`` loads
+    ``ema_{ema_rate}_{step}.pt`` (``ema_rate`` default: the one recorded by training, else 0.9999).
+    """
+    from guided_diffusion import fileio
+
+    if flags is None:
+        flags = recorded_flags(model_dir)
+        if flags is None:
+            raise fileio.RunConfigError(f"{model_dir} has no {fileio.CONFIG_NAME}: pass the model flags (an upstream "
+                                        "checkpoint folder)")
+    if ema and ema_rate is None:
+        record = fileio.read_run_config(model_dir)
+        ema_rate = str((record or {}).get("training", {}).get("ema_rate", "0.9999")).split(",")[0]
+    path = fileio.find_checkpoint(model_dir, model_num, ema_rate=ema_rate if ema else None, warn=warn)
+    model, diffusion = create_model_and_diffusion(**flags)
+    source = "config.json" if os.path.exists(fileio.config_path(model_dir)) else "the flags"
+    hint = (f"{source} (--unet_ver {flags['unet_ver']}, --use_hae {flags['use_hae']}, --num_channels "
+            f"{flags['num_channels']}, --channel_mult {flags['channel_mult']!r}, --attention_resolutions "
+            f"{flags['attention_resolutions']}, --in_channels {flags['in_channels']}, --image_size {flags['image_size']})")
+    fileio.load_state_dict_into(model, path, hint=hint)
+    model.to(device).eval()
+    return model, diffusion, path
