@@ -86,6 +86,8 @@ def _write_error(path: str, exc: BaseException, recorded: Optional[OSError] = No
         return DiskFullError(full.errno, f"cannot write {path}: {what}; the partial file was removed. Free some "
                                          "space and rerun: finished work is kept")
     if isinstance(exc, OSError):
+        if exc.errno is None:
+            return OSError(f"cannot write {path}: {exc}")
         return OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}")  # OSError picks the subclass
     return None
 
@@ -99,7 +101,7 @@ _TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.partial-(?P<pid>\d+)-[0-9a-f]{8}$")
 _LEGACY_TEMP_NAMES = (
     re.compile(r"^.+\.tmp(?P<pid>\d+)(\.png)?$"),  # model000100.pt.tmp1234, metrics.json.tmp1234, panels.png.tmp12.png
     re.compile(r"^progress.*\.csv\.tmp$"),  # the logger's csv rewrite
-    re.compile(r"^\.tmp-.+-[0-9a-f]{8}$"),  # preprocessing / synthetic subject folders
+    re.compile(r"^\.tmp-.+$"),  # preprocessing / synthetic subject folders
     re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$"),  # preprocessing splits and summary
 )
 

@@ -136,7 +136,7 @@ def test_resume_skips_done_subjects(brats):
     (root / "npy_train" / ".tmp-patient_X-deadbeef").mkdir()  # left by a killed run
     again = pp.preprocess(brats, image_size=8, workers=2, progress=False)
     assert some.stat().st_mtime_ns == mtime
-    assert not list(root.glob("npy_*/.tmp-*"))
+    assert not list(root.glob("npy_*/.*"))  # no temp folder, old or new scheme
     for split in pp.SPLITS:
         assert again["splits"][split]["skipped"] == first["splits"][split]["patients"]
         for k in ("patients", "healthy_slices", "unhealthy_slices"):
@@ -159,7 +159,7 @@ def test_failing_subject_leaves_no_partial_folder(brats, monkeypatch):
     assert len(summary["errors"]) == 1 and "disk full" in summary["errors"][0]
     assert sum(s["failed"] for s in summary["splits"].values()) == 1
     assert len(list(root.glob("npy_*/patient_*"))) == 19
-    assert not list(root.glob("npy_*/.tmp-*"))
+    assert not list(root.glob("npy_*/.*"))  # no temp folder, old or new scheme
     for d in root.glob("npy_*/patient_*"):
         assert len(list(d.iterdir())) == 5  # every written subject is complete
     monkeypatch.setattr(pp.np, "savez_compressed", real)
@@ -205,7 +205,7 @@ def test_bad_inputs_are_reported_and_others_survive(tmp_path):
     assert "README.txt" in "\n".join(summary["warnings"]) and "stray" in "\n".join(summary["warnings"])
     done = sorted(p.name for p in out.glob("npy_*/patient_*"))
     assert done == ["patient_S0", "patient_S7"]
-    assert not list(out.glob("npy_*/.tmp-*"))
+    assert not list(out.glob("npy_*/.*"))
     assert sum(s["failed"] for s in summary["splits"].values()) == 6, errors
 
 
