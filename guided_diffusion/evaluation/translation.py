@@ -624,6 +624,8 @@ def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None) -
     try:
         try:
             check_args(args, dist_util.get_world_size(), explicit)
+        except fileio.RunConfigError as e:  # not a usage problem: no usage dump
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
         except ValueError as e:
             parser.error(str(e))
         logger.configure()
