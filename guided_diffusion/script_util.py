@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -289,10 +288,11 @@ def _comparable(key: str, value: Any, flags: Dict[str, Any]) -> Any:
 def config_conflicts(recorded: Dict[str, Any], flags: Dict[str, Any], keys: Optional[Iterable[str]] = None) -> List[str]:
     """``--flag`` descriptions where ``flags`` contradicts ``recorded`` (runtime flags and unrecorded keys excluded)."""
     out = []
+    context = {**recorded, **flags}  # e.g. the image size that resolves a default channel_mult
     for key in sorted(keys if keys is not None else flags):
         if key in RUNTIME_FLAGS or key not in recorded or key not in flags:
             continue
-        if _comparable(key, flags[key], flags) != _comparable(key, recorded[key], recorded):
+        if _comparable(key, flags[key], context) != _comparable(key, recorded[key], recorded):
             out.append(f"--{key} {flags[key]!r} (config.json: {recorded[key]!r})")
     return out
 
@@ -302,6 +302,12 @@ def recorded_flags(model_dir: str, kind: str = "diffusion") -> Optional[Dict[str
 
     Raises ``fileio.RunConfigError`` when the file holds another kind of model or is malformed.
     """
+    record = _read_record(model_dir, kind)
+    return None if record is None else record["flags"]
+
+
+def _read_record(model_dir: str, kind: str) -> Optional[Dict[str, Any]]:
+    """config.json with its flags completed by today's defaults (None without one)."""
     from guided_diffusion import fileio
 
     record = fileio.read_run_config(model_dir)
@@ -314,7 +320,7 @@ def recorded_flags(model_dir: str, kind: str = "diffusion") -> Optional[Dict[str
     unknown = sorted(set(record["flags"]) - set(defaults))
     if unknown:
         warnings.warn(f"{path}: ignoring flags this code does not know: {', '.join(unknown)}")
-    return {**defaults, **{k: v for k, v in record["flags"].items() if k in defaults}}
+    return dict(record, flags={**defaults, **{k: v for k, v in record["flags"].items() if k in defaults}})
 
 
 def apply_run_config(args: argparse.Namespace, model_dir: str, explicit: Optional[Set[str]] = None,
@@ -328,9 +334,10 @@ def apply_run_config(args: argparse.Namespace, model_dir: str, explicit: Optiona
     """
     from guided_diffusion import fileio
 
-    recorded = recorded_flags(model_dir, kind)
-    if recorded is None:
+    record = _read_record(model_dir, kind)
+    if record is None:
         return None
+    recorded = record["flags"]
     defaults = CONFIG_KINDS[kind]()
     if explicit is None:
         explicit = {k for k in defaults if hasattr(args, k) and _comparable(k, getattr(args, k), vars(args))
@@ -345,7 +352,6 @@ def apply_run_config(args: argparse.Namespace, model_dir: str, explicit: Optiona
     for key, value in recorded.items():
         if hasattr(args, key) and not (key in RUNTIME_FLAGS and key in explicit):
             setattr(args, key, value)
-    record = fileio.read_run_config(model_dir)
     rates = str(record["training"].get("ema_rate", "")).split(",")
     if hasattr(args, "ema_rate") and "ema_rate" not in explicit and rates[0].strip():
         args.ema_rate = rates[0].strip()
@@ -388,17 +394,17 @@ def load_model_from_dir(
     """
     from guided_diffusion import fileio
 
+    record = _read_record(model_dir, "diffusion")
     if flags is None:
-        flags = recorded_flags(model_dir)
-        if flags is None:
+        if record is None:
             raise fileio.RunConfigError(f"{model_dir} has no {fileio.CONFIG_NAME}: pass the model flags (an upstream "
                                         "checkpoint folder)")
+        flags = record["flags"]
     if ema and ema_rate is None:
-        record = fileio.read_run_config(model_dir)
-        ema_rate = str((record or {}).get("training", {}).get("ema_rate", "0.9999")).split(",")[0]
+        ema_rate = str((record or {}).get("training", {}).get("ema_rate") or "0.9999").split(",")[0]
     path = fileio.find_checkpoint(model_dir, model_num, ema_rate=ema_rate if ema else None, warn=warn)
     model, diffusion = create_model_and_diffusion(**flags)
-    source = "config.json" if os.path.exists(fileio.config_path(model_dir)) else "the flags"
+    source = fileio.CONFIG_NAME if record is not None else "the flags"
     hint = (f"{source} (--unet_ver {flags['unet_ver']}, --use_hae {flags['use_hae']}, --num_channels "
             f"{flags['num_channels']}, --channel_mult {flags['channel_mult']!r}, --attention_resolutions "
             f"{flags['attention_resolutions']}, --in_channels {flags['in_channels']}, --image_size {flags['image_size']})")

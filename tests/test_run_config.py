@@ -128,6 +128,17 @@ def test_apply_run_config_and_load_model_from_dir(trained):
         script_util.load_model_from_dir(str(trained / "data"))
 
 
+def test_config_conflicts_compare_meaning_not_spelling():
+    recorded = dict(model_and_diffusion_defaults(), image_size=128, channel_mult="", attention_resolutions="32,16,8",
+                    num_channels=128, dropout=0.1, use_hae=False)
+    same = {"channel_mult": "1,1,2,3,4",  # the default for 128 px, spelled out
+            "attention_resolutions": "8,16, 32", "num_channels": 128.0,
+            "dropout": 0.0, "timestep_respacing": "ddim100", "use_checkpoint": True}  # run-time flags may differ
+    assert script_util.config_conflicts(recorded, same) == []
+    assert script_util.config_conflicts(recorded, {"channel_mult": "1,2,2,2", "use_hae": True, "image_size": 128}) == [
+        "--channel_mult '1,2,2,2' (config.json: '')", "--use_hae True (config.json: False)"]
+
+
 def test_resume_checks_config_json(trained, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()

@@ -33,8 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.diffusion.resample import ScheduleSampler, UniformSampler
-from guided_diffusion.fileio import checkpoint_paths  # noqa: F401  (re-exported: the names live in fileio)
-from guided_diffusion.runtime import PRECISIONS, seed_everything
+from guided_diffusion.runtime import PRECISIONS, seed_everything  # noqa: F401  (PRECISIONS: kept importable here)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,7 +474,7 @@ class TrainLoop:
                 f"non-finite training loss at step {self.step + 1} (epoch {self.epoch}, precision {self.precision}, "
                 f"loss on this rank {loss.item()}). Lower --lr, set --grad_clip (e.g. 1.0), try --precision "
                 f"bf16 or fp32, check the data for NaN/inf, and resume from the last checkpoint "
-                f"(--resume_checkpoint {self.log_dir}/model{max(self._last_saved, 0):06d}.pt)"
+                f"(--resume_checkpoint {os.path.join(self.log_dir, fileio.checkpoint_name('model', max(self._last_saved, 0)))})"
             )
 
     @torch.no_grad()
@@ -532,7 +531,7 @@ class TrainLoop:
             sd = dict(out["model"])
             for n, e in zip(self.param_names, ema):
                 sd[n] = e.to(sd[n].dtype)
-            out[f"ema_{rate}"] = sd
+            out[f"ema_{fileio.format_rate(rate)}"] = sd  # the keys of fileio.checkpoint_paths
         return out
 
     def save(self) -> None:
