@@ -12,7 +12,9 @@ key whose logit gains ln D. Both identities are exact.
 
 ``reference_attention`` is upstream's computation (materialised ``c cᵀ`` and L×L weights);
 ``fused_attention`` uses the identities above and ``scaled_dot_product_attention``, so no L×L
-probability matrix is stored for backward.
+probability matrix is stored for backward. ``ReferenceAttentionProcessor`` and
+``FusedAttentionProcessor`` are the two processors (``processors.py``) of every spatial attention
+module (the UNets' ``AttentionBlock``, the classifier's attention pool).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from guided_diffusion.models.processors import AttentionProcessor
 
 
 @dataclass
@@ -140,4 +144,37 @@ def fused_attention(
     return out.transpose(-1, -2).reshape(bs, -1, length)
 
 
-ATTENTION_IMPLS = {"reference": reference_attention, "fused": fused_attention}
+class SpatialAttentionProcessor(AttentionProcessor):
+    """Processor of a spatial attention module: ``processor(module, qkv, cond) -> [B, C, T]``.
+
+    ``qkv`` is the module's [B, 3C, T] projection; the module provides ``num_heads``,
+    ``legacy_order`` and ``encoder_kv`` (None for plain self-attention, in which case ``cond`` is None).
+    """
+
+    def __call__(self, module, qkv: torch.Tensor, cond: Optional[Conditioning]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ReferenceAttentionProcessor(SpatialAttentionProcessor):
+    """Upstream's computation: materialised ``c cᵀ`` through ``encoder_kv``, L×L weights."""
+
+    name = "reference"
+
+    def prepare(self, cond: Optional[Conditioning]) -> None:
+        if cond is not None:
+            cond.cemb_mm  # built once per forward, outside any checkpointed block (replays must not rebuild it)
+
+    def __call__(self, module, qkv: torch.Tensor, cond: Optional[Conditioning]) -> torch.Tensor:
+        return reference_attention(qkv, module.num_heads, module.encoder_kv, cond, legacy_order=module.legacy_order)
+
+
+class FusedAttentionProcessor(SpatialAttentionProcessor):
+    """The same function from ``u = W c`` and ``c`` (no B×D×D), through ``scaled_dot_product_attention``."""
+
+    name = "fused"
+
+    def __call__(self, module, qkv: torch.Tensor, cond: Optional[Conditioning]) -> torch.Tensor:
+        return fused_attention(qkv, module.num_heads, module.encoder_kv, cond, legacy_order=module.legacy_order)
+
+
+SPATIAL_PROCESSORS = {"reference": ReferenceAttentionProcessor, "fused": FusedAttentionProcessor}

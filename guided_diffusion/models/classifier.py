@@ -17,20 +17,27 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from guided_diffusion.models.attention import reference_attention
+from guided_diffusion.models.attention import SPATIAL_PROCESSORS, SpatialAttentionProcessor
 from guided_diffusion.models.nn import conv_nd, normalization, timestep_embedding, zero_module
+from guided_diffusion.models.processors import AttentionProcessorsMixin, HoldsAttentionProcessor
 from guided_diffusion.models.unet import BlockFactory, build_encoder, build_middle, reject_use_fp16
 
 CLASSIFIER_POOLS = ("attention", "adaptive")
 
 
-class AttentionPool2d(nn.Module):
+class AttentionPool2d(HoldsAttentionProcessor, nn.Module):
     """CLIP's attention pool: the mean token attends over itself and the H·W positions.
 
     Tokens are [mean over positions, positions in raster order] plus a learned positional
     embedding [C, H·W + 1]; one ``qkv_proj`` 1×1 conv, multi-head attention with q, k, v split
     before the heads (upstream ``QKVAttention``), ``c_proj``; the output is the mean token's.
+    The attention is computed by a spatial processor, as in ``AttentionBlock``.
     """
+
+    processor_type = SpatialAttentionProcessor
+    builtin_processors = SPATIAL_PROCESSORS
+    legacy_order = False
+    encoder_kv = None
 
     def __init__(self, spatial_dim: int, embed_dim: int, num_head_channels: int, output_dim: Optional[int] = None):
         super().__init__()
@@ -41,6 +48,7 @@ class AttentionPool2d(nn.Module):
         self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
         self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
         self.num_heads = embed_dim // num_head_channels
+        self.set_processor("reference")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
@@ -51,11 +59,11 @@ class AttentionPool2d(nn.Module):
                 "the classifier only accepts images of its image_size"
             )
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding[None].to(x.dtype)
-        h = reference_attention(self.qkv_proj(x), self.num_heads, legacy_order=False)
+        h = self.processor(self, self.qkv_proj(x), None)
         return self.c_proj(h[:, :, :1])[:, :, 0]  # only the mean token is read: project it alone
 
 
-class EncoderUNetModel(nn.Module):
+class EncoderUNetModel(AttentionProcessorsMixin, nn.Module):
     """Upstream ``unet_v1.EncoderUNetModel``: the UNet's encoder and middle block, then a pool.
 
     Constructor arguments follow upstream (``attention_resolutions`` holds downsample factors;

@@ -9,8 +9,10 @@ A variant is a choice, not a copy:
 * its attention: conditional (the v2 family's ``encoder_kv`` class tokens) or plain self-attention
   (``v1``, the classifier in ``classifier.py``, built from the same blocks);
 * its HAE block design (``hae.py``), placed before each decoder upsampling;
-* how attention is computed: ``"reference"`` (upstream's materialised computation) or
-  ``"fused"`` (the same function with no L×L or B×D×D tensors; ``attention.py``, ``hae.py``).
+* how attention is computed: each attention module holds a processor (``processors.py``),
+  ``"reference"`` (upstream's materialised computation) or ``"fused"`` (the same function with no
+  L×L or B×D×D tensors; ``attention.py``, ``hae.py``), set model-wide by ``set_attention_impl`` /
+  ``set_attn_processor``.
 
 ``HAEUNetModelV2Conservative`` is ``HAEUNetModelV2`` with the fused computation: same module tree,
 same weights, same outputs, a fraction of the memory.
@@ -25,8 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from guided_diffusion.models.attention import ATTENTION_IMPLS, Conditioning
-from guided_diffusion.models.hae import HybridCNNTransformerBlock, MultiScaleSparseTransformer, MASK_SEED
+from guided_diffusion.models.attention import SPATIAL_PROCESSORS, Conditioning, SpatialAttentionProcessor
+from guided_diffusion.models.hae import HAE_DESIGNS, HAEDesign, HybridCNNTransformerBlock, MultiScaleSparseTransformer, MASK_SEED
+from guided_diffusion.models.processors import AttentionProcessorsMixin, HoldsAttentionProcessor
 from guided_diffusion.models.nn import (
     TimestepBlock,
     avg_pool_nd,
@@ -141,8 +144,14 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-class AttentionBlock(nn.Module):
-    """Spatial self-attention whose keys also include the D class-conditional encoder tokens."""
+class AttentionBlock(HoldsAttentionProcessor, nn.Module):
+    """Spatial self-attention; with ``encoder_channels`` its keys also include the D class tokens.
+
+    Holds the weights; its processor (``attention.py``) computes the attention.
+    """
+
+    processor_type = SpatialAttentionProcessor
+    builtin_processors = SPATIAL_PROCESSORS
 
     def __init__(
         self,
@@ -167,12 +176,14 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"channels {channels} not divisible by num_heads {self.num_heads}")
         self.use_checkpoint = use_checkpoint
         self.legacy_order = not use_new_attention_order
-        self.attention_impl = "reference"
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         if encoder_channels is not None:
             self.encoder_kv = conv_nd(1, encoder_channels, channels * 2, 1)
+        else:
+            self.encoder_kv = None
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+        self.set_processor("reference")
 
     def forward(self, x: torch.Tensor, cond: Optional[Conditioning] = None) -> torch.Tensor:
         return checkpoint(self._forward, (x, cond), self.use_checkpoint)
@@ -181,10 +192,7 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(x))
-        encoder_kv = getattr(self, "encoder_kv", None)
-        h = ATTENTION_IMPLS[self.attention_impl](
-            qkv, self.num_heads, encoder_kv, cond if encoder_kv is not None else None, legacy_order=self.legacy_order
-        )
+        h = self.processor(self, qkv, cond if self.encoder_kv is not None else None)
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 
 
@@ -265,7 +273,7 @@ def build_middle(blocks: BlockFactory, ch: int, num_heads: int) -> TimestepEmbed
     return TimestepEmbedSequential(blocks.res(ch, ch), blocks.attention(ch, num_heads), blocks.res(ch, ch))
 
 
-class UNetModel(nn.Module):
+class UNetModel(AttentionProcessorsMixin, nn.Module):
     """The AnoFPDM UNet (upstream ``unet_v2.UNetModel``) and the skeleton of every HAE variant.
 
     Constructor arguments follow upstream. ``attention_resolutions`` holds downsample factors.
@@ -279,7 +287,7 @@ class UNetModel(nn.Module):
     """
 
     silu_everywhere = False  # flavour A
-    hae_design: Optional[str] = None
+    hae_design: Optional[HAEDesign] = None
     default_attention_impl = "reference"
     conditional_attention = True  # attention also sees the D class tokens encoder_kv(c cᵀ) (v2 family)
     honours_attention_order = False  # upstream's v2-family files accept use_new_attention_order and ignore it
@@ -390,15 +398,6 @@ class UNetModel(nn.Module):
         """The HAE blocks' transformer branches, in the order the forward pass runs them."""
         return [m for m in self.output_blocks.modules() if isinstance(m, MultiScaleSparseTransformer)]
 
-    def set_attention_impl(self, impl: str) -> None:
-        """Choose how attention is computed: ``"reference"`` (materialised) or ``"fused"``."""
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {sorted(ATTENTION_IMPLS)}, got {impl!r}")
-        for m in self.modules():
-            if isinstance(m, (AttentionBlock, MultiScaleSparseTransformer)):
-                m.attention_impl = impl
-        self.attention_impl = impl
-
     def set_recompute_norm_act(self, enabled: bool) -> None:
         """Recompute GroupNorm(+scale-shift)+SiLU in backward instead of storing their outputs."""
         for m in self.modules():
@@ -462,8 +461,7 @@ class UNetModel(nn.Module):
         if self.num_classes is not None:
             cond = self.conditioning(y, threshold, null, clf_free, x.shape[0], emb)
             emb = emb + cond.cemb
-            if self.attention_impl == "reference":
-                cond.cemb_mm  # build it once here, outside any checkpointed block
+            self.prepare_attention(cond)
         elif y is not None:
             raise ValueError("labels y were given to an unconditional model (built without class_cond)")
         return self.run_unet(x, emb, cond)
@@ -558,21 +556,21 @@ class UNetModelV1(UNetModel):
 class HAEUNetModel(UNetModel):
     """Upstream ``unet_hae.HAEUNetModel``: flavour A, per-patch linear projections."""
 
-    hae_design = "hae"
+    hae_design = HAE_DESIGNS["hae"]
 
 
 class HAEUNetModelLite(UNetModel):
     """Upstream ``unet_hae_lite.HAEUNetModelLite``: flavour B, shared 1×1 patch embedding."""
 
     silu_everywhere = True
-    hae_design = "hae_lite"
+    hae_design = HAE_DESIGNS["hae_lite"]
 
 
 class HAEUNetModelV2(UNetModel):
     """Upstream ``unet_hae_v2.HAEUNetModelV2`` (flavour B, bottleneck MLP), computed as upstream does."""
 
     silu_everywhere = True
-    hae_design = "hae_v2"
+    hae_design = HAE_DESIGNS["hae_v2"]
 
 
 class HAEUNetModelV2Conservative(HAEUNetModelV2):
