@@ -6,6 +6,7 @@ import argparse
 from typing import Dict, Iterable, Tuple
 
 from guided_diffusion.models import unet
+from guided_diffusion.models.classifier import EncoderUNetModel
 
 UNET_VERSIONS = {
     "v2": unet.UNetModel,
@@ -13,6 +14,7 @@ UNET_VERSIONS = {
     "hae_lite": unet.HAEUNetModelLite,
     "hae_v2": unet.HAEUNetModelV2,
     "hae_v2_conservative": unet.HAEUNetModelV2Conservative,
+    "v1": unet.UNetModelV1,  # the original AnoFPDM's baselines (AnoDDPM, classifier-guided DM)
 }
 
 DEFAULT_CHANNEL_MULT = {
@@ -63,8 +65,31 @@ def model_and_diffusion_defaults() -> Dict:
         bottleneck_ratio=0.25,
         memory_optimization=True,
         zero_threshold=1e-6,
+        label_only_with_uncond=False,
         **diffusion_defaults(),
     )
+
+
+def classifier_defaults() -> Dict:
+    """Upstream's classifier flags. ``unet_ver`` v1 is the only classifier (upstream's configs pass
+    it); ``out_channels`` (the number of classes) defaults to 2, healthy / unhealthy (upstream: 1000)."""
+    return dict(
+        image_size=64,
+        classifier_use_fp16=False,
+        classifier_width=128,
+        classifier_depth=2,
+        classifier_attention_resolutions="32,16,8",
+        classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True,
+        classifier_pool="attention",
+        in_channels=3,
+        out_channels=2,
+        unet_ver="v1",
+    )
+
+
+def classifier_and_diffusion_defaults() -> Dict:
+    return {**classifier_defaults(), **diffusion_defaults()}
 
 
 def parse_channel_mult(channel_mult: str, image_size: int) -> Tuple[float, ...]:
@@ -121,13 +146,18 @@ def create_model(
     bottleneck_ratio: float = 0.25,
     memory_optimization: bool = True,
     zero_threshold: float = 1e-6,
+    label_only_with_uncond: bool = False,
 ):
     if unet_ver not in UNET_VERSIONS:
         raise ValueError(f"unknown unet_ver {unet_ver!r}; valid: {', '.join(UNET_VERSIONS)}")
     if class_cond and num_classes < 1:
         raise ValueError(f"class_cond needs num_classes >= 1, got {num_classes}")
     kwargs = {}
-    if unet_ver != "v2":
+    if unet_ver == "v1":
+        kwargs["label_only_with_uncond"] = label_only_with_uncond
+    elif label_only_with_uncond:
+        raise ValueError(f"label_only_with_uncond is upstream v1's label rule; unet_ver {unet_ver!r} always uses the label")
+    if unet_ver not in ("v1", "v2"):
         kwargs["use_hae"] = use_hae
     if unet_ver in ("hae_v2", "hae_v2_conservative"):
         kwargs["bottleneck_ratio"] = bottleneck_ratio
@@ -197,16 +227,15 @@ def create_gaussian_diffusion(
     )
 
 
-def create_model_and_diffusion(**kwargs):
-    """``create_model_and_diffusion(**model_and_diffusion_defaults())`` -> (model, diffusion)."""
-    known = model_and_diffusion_defaults()
-    unknown = set(kwargs) - set(known)
+def _checked_flags(kwargs: Dict, defaults: Dict, what: str) -> Dict:
+    unknown = set(kwargs) - set(defaults)
     if unknown:
-        raise TypeError(f"unknown model/diffusion flags: {sorted(unknown)}")
-    args = {**known, **kwargs}
-    diffusion_keys = diffusion_defaults()
-    model = create_model(**{k: v for k, v in args.items() if k not in diffusion_keys or k == "learn_sigma"})
-    diffusion = create_gaussian_diffusion(
+        raise TypeError(f"unknown {what} flags: {sorted(unknown)}")
+    return {**defaults, **kwargs}
+
+
+def _diffusion_from_flags(args: Dict):
+    return create_gaussian_diffusion(
         steps=args["diffusion_steps"],
         learn_sigma=args["learn_sigma"],
         noise_schedule=args["noise_schedule"],
@@ -216,7 +245,63 @@ def create_model_and_diffusion(**kwargs):
         rescale_learned_sigmas=args["rescale_learned_sigmas"],
         timestep_respacing=args["timestep_respacing"],
     )
-    return model, diffusion
+
+
+def create_model_and_diffusion(**kwargs):
+    """``create_model_and_diffusion(**model_and_diffusion_defaults())`` -> (model, diffusion)."""
+    args = _checked_flags(kwargs, model_and_diffusion_defaults(), "model/diffusion")
+    diffusion_keys = diffusion_defaults()
+    model = create_model(**{k: v for k, v in args.items() if k not in diffusion_keys or k == "learn_sigma"})
+    return model, _diffusion_from_flags(args)
+
+
+def create_classifier(
+    image_size: int,
+    classifier_use_fp16: bool = False,
+    classifier_width: int = 128,
+    classifier_depth: int = 2,
+    classifier_attention_resolutions: str = "32,16,8",
+    classifier_use_scale_shift_norm: bool = True,
+    classifier_resblock_updown: bool = True,
+    classifier_pool: str = "attention",
+    in_channels: int = 3,
+    out_channels: int = 2,
+    unet_ver: str = "v1",
+) -> EncoderUNetModel:
+    """Upstream ``create_classifier``: channel_mult follows image_size, 64 channels per head, no dropout."""
+    if unet_ver != "v1":
+        raise ValueError(
+            f"unet_ver {unet_ver!r}: the classifier is upstream's unet_v1.EncoderUNetModel (its configs pass "
+            "--unet_ver v1); no other classifier is offered"
+        )
+    if image_size not in DEFAULT_CHANNEL_MULT:
+        raise ValueError(
+            f"the classifier's channel_mult follows image_size (upstream create_classifier); image_size "
+            f"{image_size} is not one of {sorted(DEFAULT_CHANNEL_MULT)}"
+        )
+    if out_channels < 2:
+        raise ValueError(f"the classifier needs out_channels (number of classes) >= 2, got {out_channels}")
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=classifier_width,
+        out_channels=out_channels,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=parse_attention_resolutions(classifier_attention_resolutions, image_size),
+        channel_mult=DEFAULT_CHANNEL_MULT[image_size],
+        use_fp16=classifier_use_fp16,
+        num_head_channels=64,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def create_classifier_and_diffusion(**kwargs):
+    """``create_classifier_and_diffusion(**classifier_and_diffusion_defaults())`` -> (classifier, diffusion)."""
+    args = _checked_flags(kwargs, classifier_and_diffusion_defaults(), "classifier/diffusion")
+    classifier = create_classifier(**{k: v for k, v in args.items() if k in classifier_defaults()})
+    return classifier, _diffusion_from_flags(args)
 
 
 def str2bool(v) -> bool:

@@ -49,17 +49,26 @@ class Conditioning:
         return self._cemb_mm
 
 
-def split_heads_legacy(qkv: torch.Tensor, num_heads: int):
-    """[B, 3·H·c, T] (channels grouped per head as q_h, k_h, v_h) -> three [B·H, c, T]."""
+def split_heads(qkv: torch.Tensor, num_heads: int, legacy_order: bool = True):
+    """[B, 3·H·c, T] -> three [B·H, c, T].
+
+    Legacy order (upstream ``QKVAttentionLegacy``, every UNet's default): the 3·H·c channels are
+    grouped per head as (q_h, k_h, v_h). New order (``QKVAttention``: v1 with
+    ``use_new_attention_order``, the classifier's attention pool): q, k, v first, then heads.
+    """
     bs, width, length = qkv.shape
     ch = width // (3 * num_heads)
-    return qkv.reshape(bs * num_heads, ch * 3, length).split(ch, dim=1)
+    if legacy_order:
+        return qkv.reshape(bs * num_heads, ch * 3, length).split(ch, dim=1)
+    return tuple(t.reshape(bs * num_heads, ch, length) for t in qkv.chunk(3, dim=1))
 
 
-def reference_attention(qkv: torch.Tensor, num_heads: int, encoder_kv=None, cond: Optional[Conditioning] = None):
-    """Upstream QKVAttention ("legacy" head-major order) with the encoder tokens prepended."""
+def reference_attention(
+    qkv: torch.Tensor, num_heads: int, encoder_kv=None, cond: Optional[Conditioning] = None, legacy_order: bool = True
+):
+    """Upstream QKVAttention with the encoder tokens (if any) prepended to the keys and values."""
     bs, width, length = qkv.shape
-    q, k, v = split_heads_legacy(qkv, num_heads)
+    q, k, v = split_heads(qkv, num_heads, legacy_order)
     ch = q.shape[1]
     if cond is not None:
         ekv = encoder_kv(cond.cemb_mm)  # [B, 2C, D]
@@ -87,12 +96,17 @@ def _conditional_keys(encoder_kv, cond: Conditioning, num_heads: int, ch: int):
     return ek, ev
 
 
-def fused_attention(qkv: torch.Tensor, num_heads: int, encoder_kv=None, cond: Optional[Conditioning] = None):
+def fused_attention(
+    qkv: torch.Tensor, num_heads: int, encoder_kv=None, cond: Optional[Conditioning] = None, legacy_order: bool = True
+):
     """Same function as ``reference_attention``, through ``scaled_dot_product_attention``."""
     bs, width, length = qkv.shape
     ch = width // (3 * num_heads)
     # [B, H, T, c], contiguous: the fused kernels need a unit stride on the channel axis
-    q, k, v = qkv.reshape(bs, num_heads, 3, ch, length).transpose(-1, -2).contiguous().unbind(2)
+    if legacy_order:
+        q, k, v = qkv.reshape(bs, num_heads, 3, ch, length).transpose(-1, -2).contiguous().unbind(2)
+    else:
+        q, k, v = qkv.reshape(bs, 3, num_heads, ch, length).transpose(-1, -2).contiguous().unbind(1)
     mask = None
     if cond is not None:
         d = cond.cemb.shape[1]
