@@ -228,3 +228,58 @@ def test_objective_and_diffusion_together_is_an_error():
                   data=[], batch_size=1, lr=1e-3, progress=False)
     with pytest.raises(ValueError, match="needs a diffusion"):
         TrainLoop(model=TinyClassifier(), data=[], batch_size=1, lr=1e-3, progress=False)
+
+
+def _classifier_ddp_worker(rank: int, port: int, folder: str) -> None:
+    import json
+    import os
+
+    from guided_diffusion import dist_util
+    from guided_diffusion.script_util import classifier_and_diffusion_defaults, create_classifier_and_diffusion
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist_util.setup_dist()
+    try:
+        logger.configure(os.path.join(folder, "log"), format_strs=["csv"] if rank == 0 else [], sync_ranks=True)
+        torch.manual_seed(rank)  # different initial weights: the loop must sync them
+        model, diff = create_classifier_and_diffusion(**dict(
+            classifier_and_diffusion_defaults(), image_size=32, in_channels=2, classifier_width=32,
+            classifier_depth=1, classifier_attention_resolutions="8"))
+        x, y = labelled_slices(8)
+        dataset = TensorDataset(torch.nn.functional.interpolate(x, size=32), y)
+        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        loader = DataLoader(dataset, batch_size=2, sampler=sampler, drop_last=True,
+                            collate_fn=lambda rows: (torch.stack([r[0] for r in rows]),
+                                                     {"y": torch.stack([r[1] for r in rows])}))
+        val = [(torch.nn.functional.interpolate(x[rank::2], size=32), torch.zeros(4), y[rank::2])]
+        loop = TrainLoop(model=model, objective=ClassifierObjective(diff), data=loader, data_sampler=sampler,
+                         batch_size=4, lr=1e-3, ema_rate="", max_steps=2, total_epochs=5, save_interval=2,
+                         log_interval=1, val_data=val, eval_interval=2, progress=False)
+        loop.run_loop()
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        val_here = loop.validate()
+        gathered = dist_util.gather_objects((flat, val_here, loop.ddp_model.find_unused_parameters))
+        if rank == 0:
+            with open(os.path.join(folder, "result.json"), "w") as f:
+                json.dump({"same_weights": all(torch.equal(g[0], gathered[0][0]) for g in gathered),
+                           "val": [g[1] for g in gathered], "find_unused": gathered[0][2]}, f)
+    finally:
+        dist_util.cleanup_dist()
+
+
+def test_classifier_on_two_gloo_processes(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    from test_train import _free_port
+
+    mp.spawn(_classifier_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["same_weights"]
+    assert result["find_unused"] is False  # every classifier parameter gets a gradient
+    val0, val1 = result["val"]
+    assert val0 == val1 and set(val0) == {"val_loss", "val_acc"}  # averaged over both ranks' shards
+    assert (tmp_path / "log" / "model000002.pt").exists()
