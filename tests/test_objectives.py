@@ -283,3 +283,33 @@ def test_classifier_on_two_gloo_processes(tmp_path):
     val0, val1 = result["val"]
     assert val0 == val1 and set(val0) == {"val_loss", "val_acc"}  # averaged over both ranks' shards
     assert (tmp_path / "log" / "model000002.pt").exists()
+
+
+def test_simplex_diffusion_training_resumes_exactly(tmp_path):
+    class TinyEps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, x, t, **labels):  # labels (y, threshold) ignored
+            return self.drop(self.conv(x)) * (1 + t[:, None, None, None].float() / 1000)
+
+    def run(folder, max_steps, resume=""):
+        logger.configure(str(folder), format_strs=["csv"])
+        torch.manual_seed(0)
+        loader, sampler = id_loader(6, 2)
+        loop = TrainLoop(model=TinyEps(), objective=DiffusionObjective(diffusion(), noise_fn=SimplexNoise()),
+                         data=loader, data_sampler=sampler, batch_size=2, lr=1e-3, ema_rate="0.9", total_epochs=10,
+                         max_steps=max_steps, save_interval=2, resume_checkpoint=resume, seed=4, progress=False)
+        loop.run_loop()
+        return loop, get_rng_state(torch.device("cpu"))
+
+    full, full_rng = run(tmp_path / "a", 5)
+    run(tmp_path / "b", 2)
+    resumed, resumed_rng = run(tmp_path / "b", 5, resume=str(tmp_path / "b" / "model000002.pt"))
+    logger.reset()
+    a, b = full.state_dicts(), resumed.state_dicts()
+    for key in a:
+        assert_identical(a[key], b[key], key)
+    assert_identical(full_rng, resumed_rng, "rng")
