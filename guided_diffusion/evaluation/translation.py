@@ -49,7 +49,7 @@ from guided_diffusion.script_util import (
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH_DIR = "batches"
-FILE_VERSION = 2
+FILE_VERSION = 3  # 3: classification on the guided MSE in every map mode, pixel-count component filter
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ class StepStats:
     mse_guided: torch.Tensor  # mean_hw (x̂0_w - x0)²
     mse_unguided: torch.Tensor  # mean_hw (x̂0_∅ - x0)²
     divergence: torch.Tensor  # M_t = mean_hw (x̂0_w - x̂0_∅)²
-    sam_mean: torch.Tensor  # mean_hw S_t (equals mse_guided for the default sub-anomaly map)
+    sam_mean: torch.Tensor  # mean_hw S_t (equals mse_guided for the default map; stored, not used to classify)
 
     def to_numpy(self) -> dict:
         return {k: v.detach().cpu().float().numpy() for k, v in asdict(self).items()}
@@ -87,14 +87,13 @@ def cosine_similarity_over_steps(a: torch.Tensor, b: torch.Tensor, eps: float = 
     return F.cosine_similarity(a.double(), b.double(), dim=-1, eps=eps).float()
 
 
-def validation_similarity(stats: StepStats) -> torch.Tensor:
-    """cos_t(mean_m MSE_w, mean_m MSE_∅) per slice, as upstream's validation pass computes it."""
-    return cosine_similarity_over_steps(stats.mse_guided.mean(-1), stats.mse_unguided.mean(-1))
-
-
 def classification_similarity(stats: StepStats) -> torch.Tensor:
-    """cos_t(mean_{m,hw} S_t, mean_m MSE_∅) per slice, as upstream's test pass computes it."""
-    return cosine_similarity_over_steps(stats.sam_mean.mean(-1), stats.mse_unguided.mean(-1))
+    """cos_t(mean_m MSE_w, mean_m MSE_∅) per slice (paper Eq. 18), in validation and test alike.
+
+    Upstream classifies on the guided MSE in every map mode (its test pass recomputes it even when the
+    gradient sub-anomaly maps feed the masks), so ``thr_01`` fitted in validation applies to the same quantity.
+    """
+    return cosine_similarity_over_steps(stats.mse_guided.mean(-1), stats.mse_unguided.mean(-1))
 
 
 def classify(similarity: torch.Tensor, thr_01: float) -> torch.Tensor:
@@ -171,7 +170,7 @@ class Hyperparams:
 def fit_hyperparams(stats: StepStats, labels: torch.Tensor) -> Hyperparams:
     """The validation pass: classification threshold and divergence range from slice labels only."""
     labels = labels.flatten().long()
-    sim = validation_similarity(stats)
+    sim = classification_similarity(stats)
     thr, n_err = select_classification_threshold(sim, labels)
     diff_max, diff_min = select_divergence_range(stats.divergence, labels)
     # accuracy of the selection criterion itself (ties at thr count as correct, as in upstream's error count)
