@@ -113,3 +113,43 @@ def test_validation_error_count_treats_a_tie_as_correct_for_both_labels():
     labels = torch.tensor([0, 0, 0, 1, 1])
     thr, n_err = af.select_classification_threshold(sim, labels)
     assert thr == 0.9 and n_err == 0
+
+
+# ------------------------------------------------------------------ the component filter counts pixels
+
+
+def test_component_filter_counts_pixels_like_upstream_ring():
+    """An 11x11 square outline is 40 px around an 81-px hole: upstream (skimage ``filled_area`` on a [1, H, W]
+    volume, where no hole can be enclosed) removes it at 40; a 44-px 12x12 outline is kept."""
+    m = np.zeros((2, 1, 32, 32), bool)
+    m[0, 0, 2:13, 2:13] = True
+    m[0, 0, 3:12, 3:12] = False
+    assert m[0].sum() == 40 and (~m[0, 0, 2:13, 2:13]).sum() == 81
+    m[1, 0, 10:22, 10:22] = True
+    m[1, 0, 11:21, 11:21] = False
+    assert m[1].sum() == 44
+    out = af.remove_small_components(m, 40)
+    assert out[0].sum() == 0
+    assert np.array_equal(out[1], m[1])
+    # one pixel more makes the first ring survive
+    m[0, 0, 7, 7] = True  # inside the hole, a separate 1-px component: removed
+    m[0, 0, 1, 2] = True  # touching the ring: 41 px
+    out = af.remove_small_components(m, 40)
+    assert out[0].sum() == 41 and not out[0, 0, 7, 7]
+
+
+def test_component_filter_in_segment_batch_uses_the_pixel_count():
+    """segment_batch applies the same rule: a 40-px ring that is over the threshold is removed from the mask."""
+    h = 32
+    maps = torch.zeros(1, 1, h, h)
+    maps[0, 0, 2:13, 2:13] = 1.0
+    maps[0, 0, 3:12, 3:12] = 0.0
+    # M_t = 0 gives the quantile b = 0.98: position 0.98 * 1023 lies among the 40 ones at the top
+    stats = _stats([[[1.0], [2.0]]], [[[1.0], [2.0]]], [[[1.0], [2.0]]], divergence=[[[0.0], [0.0]]])
+    res = af.ForwardResult(stats=stats, maps=maps, end_step=torch.ones(1, 1, dtype=torch.long))
+    cfg = af.ForwardConfig(w=2.0, forward_steps=2, modality=[0])
+    hyper = af.Hyperparams(thr_01=0.5, diff_max=[1.0])
+    kept = af.segment_batch(res, hyper, cfg, median_kernel=1, cc_max_size=0)["mask"]
+    assert kept.sum() == 40
+    removed = af.segment_batch(res, hyper, cfg, median_kernel=1, cc_max_size=40)["mask"]
+    assert removed.sum() == 0
