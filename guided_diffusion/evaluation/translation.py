@@ -38,7 +38,12 @@ import torch
 
 from guided_diffusion.methods import anofpdm as af
 from guided_diffusion import dist_util, logger
-from guided_diffusion.evaluation.metrics import dice_iou_per_slice, evaluate_segmentation, foreground_mask
+from guided_diffusion.evaluation.metrics import (
+    AUPRC_POOLINGS,
+    dice_iou_per_slice,
+    evaluate_segmentation,
+    foreground_mask,
+)
 from guided_diffusion.script_util import (
     UNET_VERSIONS,
     add_dict_to_argparser,
@@ -90,7 +95,7 @@ def translation_defaults() -> dict:
         cc_filter_size=-1,  # -1: upstream's 40 px at 128², scaled with the image area
         quantile_a=af.A_QUANTILE,
         quantile_b=af.B_QUANTILE,
-        auprc_pooling="batch",
+        auprc_pooling="global",  # exact over the whole test set; "batch": upstream's per-batch pooling
         hyperparams_file="",
         num_panels=8,
         panel_modality=-1,
@@ -157,8 +162,8 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
     args.use_fp16 = False
     if args.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
-    if args.auprc_pooling not in ("batch", "global"):
-        raise ValueError(f"--auprc_pooling must be batch or global, got {args.auprc_pooling!r}")
+    if args.auprc_pooling not in AUPRC_POOLINGS:
+        raise ValueError(f"--auprc_pooling must be one of {', '.join(AUPRC_POOLINGS)}, got {args.auprc_pooling!r}")
     if not 0 <= args.quantile_a <= args.quantile_b <= 1:
         raise ValueError(f"need 0 <= --quantile_a ({args.quantile_a}) <= --quantile_b ({args.quantile_b}) <= 1")
     if args.hyperparams_file and not os.path.isfile(args.hyperparams_file):
@@ -486,17 +491,9 @@ class Translation:
             raise FileNotFoundError(f"{len(missing)} test result files are missing or stale, e.g. {missing[0]}; "
                                     "the log folder must be shared by all ranks")
 
-        def batches(i: int) -> Iterator[dict]:
-            # the ranks' batch k together are exactly the global batch k of a single-process run
-            for _, group in itertools.groupby(paths, key=_batch_index):
-                ds = [load_batch(p) for p in group]
-                yield {name: np.concatenate([d[src] for d in ds]) for name, src in (
-                    ("label", "label"), ("pred_label", "pred_label"), ("gt", "gt"), ("pred_mask", f"mask_{i}"),
-                    ("anomaly_map", f"anomaly_map_{i}"), ("foreground", "foreground"))}
-
         results = []
         for i, ratio in enumerate(a.t_e_ratio):
-            res = evaluate_segmentation(batches(i), auprc_pooling=a.auprc_pooling)
+            res = evaluate_segmentation(_ResultBatches(paths, i), auprc_pooling=a.auprc_pooling)
             res["t_e_ratio"] = ratio
             results.append(res)
         metrics = dict(results[0])
@@ -623,6 +620,24 @@ class Translation:
         logger.log(f"evaluation complete ({self.summary['computed']} computed, {self.summary['reused']} reused, "
                    f"{self.summary['seconds']:.1f} s)")
         return self.summary
+
+
+class _ResultBatches:
+    """The test results of ``t_e_ratio`` number ``i`` as global batches, read from the batch files on each pass.
+
+    The ranks' batch k together are exactly the global batch k of a single-process run. Re-iterable, so the
+    global AUPRC can make its two passes without holding every pixel in memory.
+    """
+
+    def __init__(self, paths: List[str], i: int):
+        self.paths, self.i = paths, i
+
+    def __iter__(self) -> Iterator[dict]:
+        for _, group in itertools.groupby(self.paths, key=_batch_index):
+            ds = [load_batch(p) for p in group]
+            yield {name: np.concatenate([d[src] for d in ds]) for name, src in (
+                ("label", "label"), ("pred_label", "pred_label"), ("gt", "gt"), ("pred_mask", f"mask_{self.i}"),
+                ("anomaly_map", f"anomaly_map_{self.i}"), ("foreground", "foreground"))}
 
 
 def _shorten(text: str, limit: int = 1200) -> str:
