@@ -153,3 +153,29 @@ def test_component_filter_in_segment_batch_uses_the_pixel_count():
     assert kept.sum() == 40
     removed = af.segment_batch(res, hyper, cfg, median_kernel=1, cc_max_size=40)["mask"]
     assert removed.sum() == 0
+
+
+# ------------------------------------------------------------------ upstream's recorded fallback values
+
+
+def test_recorded_fallback_refused_for_another_function():
+    default = af.ForwardConfig(w=2.0, forward_steps=600)  # the project's default function: null UGP
+    with pytest.raises(ValueError) as err:
+        af.upstream_fallback_hyperparams("brats", 600, 2, default)
+    msg = str(err.value)
+    assert "--ugp_mode upstream" in msg and "--legacy_ddim_encoding True" in msg and "--hyperparams_file" in msg
+    assert "--w 2" not in msg and "--null True" not in msg  # those already match
+    upstream = af.ForwardConfig(w=2.0, forward_steps=600, ugp_mode="upstream", legacy_ddim_encoding=True)
+    hp = af.upstream_fallback_hyperparams("brats", 600, 2, upstream)
+    assert (hp.thr_01, hp.diff_max) == (0.99487984, [0.0509, 0.0397])
+    for wrong, flag in ((dict(w=3.0), "--w 2"), (dict(encode_null=False), "--null True"),
+                        (dict(ddim=False), "--d_reverse True")):
+        cfg = af.ForwardConfig(**{**vars(upstream), **wrong})
+        with pytest.raises(ValueError, match=flag.replace("-", "\\-")):
+            af.upstream_fallback_hyperparams("brats", 600, 2, cfg)
+    # ATLAS was recorded at w = 20 (the paper selects 30)
+    atlas = af.ForwardConfig(w=30.0, forward_steps=600, modality=[0], ugp_mode="upstream", legacy_ddim_encoding=True)
+    with pytest.raises(ValueError, match="\\-\\-w 20"):
+        af.upstream_fallback_hyperparams("atlas", 600, 1, atlas)
+    atlas.w = 20.0
+    assert af.upstream_fallback_hyperparams("atlas", 600, 1, atlas).thr_01 == 0.72853965

@@ -398,7 +398,7 @@ class Translation:
                     hyper = af.Hyperparams.from_dict(json.load(f))
                 hyper.source = f"file {a.hyperparams_file}"
             else:
-                hyper = af.upstream_fallback_hyperparams(a.name, a.forward_steps, len(a.modality))
+                hyper = af.upstream_fallback_hyperparams(a.name, a.forward_steps, len(a.modality), self.cfg)
             if len(hyper.diff_max) != len(a.modality):
                 raise ValueError(f"hyper-parameters from {hyper.source} have {len(hyper.diff_max)} modalities; "
                                  f"--modality gives {len(a.modality)}")

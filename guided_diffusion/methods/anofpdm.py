@@ -46,13 +46,15 @@ COSINE_EPS = 1e-6
 UGP_MODES = ("null", "upstream")
 SUB_ANOMALY_MODES = ("input", "gradient", "gradient_para")
 
-# Fallback hyper-parameters recorded by upstream (``num_batches_val 0``), keyed by (dataset, forward_steps).
-# They belong to upstream's checkpoints (BraTS w=2 model 210000; ATLAS computed for w=20 with model 290000).
+# Fallback hyper-parameters recorded by upstream (``num_batches_val 0``), keyed by (dataset, forward_steps):
+# (thr_01, diff_max, diff_min, w). They were measured with upstream's forward function (healthy-conditional UGP,
+# the off-by-one DDIM encoding with the null embedding) on its checkpoints at guidance weight w (BraTS: model
+# 210000; ATLAS: model 290000, w = 20 although the paper selects 30), so they only fit that function.
 UPSTREAM_FALLBACK_HYPERPARAMS = {
-    ("brats", 600): (0.99487984, [0.0509, 0.0397], [5.5484e-5, 3.4732e-5]),
-    ("brats", 300): (0.99487984, [0.0509, 0.0397], [5.5484e-5, 3.4732e-5]),
-    ("brats", 999): (0.99931473, [0.0551, 0.0388], [0.0, 0.0]),
-    ("atlas", 600): (0.72853965, [0.8555], [0.0]),
+    ("brats", 600): (0.99487984, [0.0509, 0.0397], [5.5484e-5, 3.4732e-5], 2.0),
+    ("brats", 300): (0.99487984, [0.0509, 0.0397], [5.5484e-5, 3.4732e-5], 2.0),  # the HAE scripts copy fs 600
+    ("brats", 999): (0.99931473, [0.0551, 0.0388], [0.0022, 0.0010], 2.0),
+    ("atlas", 600): (0.72853965, [0.8555], [0.0392], 20.0),
 }
 
 
@@ -186,8 +188,16 @@ def fit_hyperparams(stats: StepStats, labels: torch.Tensor) -> Hyperparams:
     )
 
 
-def upstream_fallback_hyperparams(name: str, forward_steps: int, num_modalities: int) -> Hyperparams:
-    """Upstream's hard-coded values for ``--num_batches_val 0``; a clear error where upstream had none."""
+def upstream_fallback_hyperparams(
+    name: str, forward_steps: int, num_modalities: int, cfg: Optional["ForwardConfig"] = None
+) -> Hyperparams:
+    """Upstream's hard-coded values for ``--num_batches_val 0``; a clear error where upstream had none.
+
+    With ``cfg`` (the run's forward process), the values are refused unless it is the function they were
+    measured with: ``--ugp_mode upstream --legacy_ddim_encoding True --d_reverse True --null True`` at the
+    recorded ``--w``. This project's default function (null UGP) gives M_t about (1+w)²/w² = 2.25x larger at
+    w = 2, so upstream's M_max and thr_01 would silently mean something else.
+    """
     key = (name, forward_steps)
     if key not in UPSTREAM_FALLBACK_HYPERPARAMS:
         known = ", ".join(f"--name {n} --forward_steps {f}" for n, f in UPSTREAM_FALLBACK_HYPERPARAMS)
@@ -195,7 +205,23 @@ def upstream_fallback_hyperparams(name: str, forward_steps: int, num_modalities:
             f"--num_batches_val 0 needs recorded hyper-parameters, which exist only for: {known}; "
             f"got --name {name!r} --forward_steps {forward_steps}. Run a validation pass or pass --hyperparams_file."
         )
-    thr, dmax, dmin = UPSTREAM_FALLBACK_HYPERPARAMS[key]
+    thr, dmax, dmin, w = UPSTREAM_FALLBACK_HYPERPARAMS[key]
+    if cfg is not None:
+        needed = [flag for flag, ok in (
+            ("--ugp_mode upstream", cfg.ugp_mode == "upstream"),
+            ("--legacy_ddim_encoding True", cfg.legacy_ddim_encoding),
+            ("--d_reverse True", cfg.ddim),
+            ("--null True", cfg.encode_null),
+            (f"--w {w:g}", cfg.w == w),
+        ) if not ok]
+        if needed:
+            raise ValueError(
+                f"--num_batches_val 0 would apply upstream's recorded thr_01 {thr} and diff_max {dmax} "
+                f"(--name {name} --forward_steps {forward_steps}), measured with upstream's forward function at "
+                f"w = {w:g}, to a different function. Set {' '.join(needed)} to reproduce upstream, or run a "
+                "validation pass (--num_batches_val N), or pass --hyperparams_file (e.g. the hyperparams.json of an "
+                "earlier run with these settings)."
+            )
     if len(dmax) != num_modalities:
         raise ValueError(
             f"recorded hyper-parameters for {name} have {len(dmax)} modalities, --modality gives {num_modalities}"
