@@ -73,7 +73,7 @@ def translation_defaults() -> dict:
         forward_steps=600,
         model_num="",  # "" = the latest checkpoint in --model_dir
         ema=False,
-        null=False,
+        null=True,  # paper: encode with the null embedding (upstream's default False crashed); False: healthy label
         save_data=False,
         num_batches_val=2,
         batch_size_val=100,
