@@ -12,6 +12,8 @@ import torch
 
 from guided_diffusion.models.sparse_attention import band_random_mask, build_mask_plan, masked_attention
 
+from conftest import requires_cuda
+
 B, H, L, C = 2, 4, 64, 8
 
 
@@ -23,30 +25,33 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _setup(seed=0):
+def _setup(seed=0, device="cpu"):
     mask = band_random_mask(L, torch.Generator().manual_seed(seed))  # True = blocked
     mask[3, :] = True
     mask[3, 3] = False  # a row that may only attend to itself
+    mask = mask.to(device)
     plan = build_mask_plan(mask, block_size=16)
     gen = torch.Generator().manual_seed(seed + 1)
-    q, k = (torch.randn(B, H, L, C, generator=gen, dtype=torch.float64) for _ in range(2))
+    q, k = (torch.randn(B, H, L, C, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
     logits = q @ k.transpose(-1, -2) / math.sqrt(C)
     probs = torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1)  # the attention weights, no dropout
     return mask, plan, q, k, probs
 
 
-def _identity_values():
-    return torch.eye(L, dtype=torch.float64).expand(B, H, L, L).contiguous()
+def _identity_values(device="cpu"):
+    return torch.eye(L, dtype=torch.float64, device=device).expand(B, H, L, L).contiguous()
 
 
-def test_dropout_zeroes_weights_with_probability_p_and_scales_the_rest_by_1_over_1_minus_p():
-    mask, plan, q, k, probs = _setup()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])])
+def test_dropout_zeroes_weights_with_probability_p_and_scales_the_rest_by_1_over_1_minus_p(device):
+    """On CUDA the keep bits come from CUDA generators (other bits, the same law)."""
+    mask, plan, q, k, probs = _setup(device=device)
     allowed = ~mask
     p, seeds = 0.3, 25
-    eye = _identity_values()
+    eye = _identity_values(device)
     dropped = 0
     total = 0
-    mean_out = torch.zeros(B, H, L, L, dtype=torch.float64)
+    mean_out = torch.zeros(B, H, L, L, dtype=torch.float64, device=device)
     for seed in range(seeds):
         out = masked_attention(q, k, eye, plan, dropout_p=p, training=True, seed=1000 + seed)
         assert torch.all(out[:, :, mask] == 0)  # blocked keys get no weight
