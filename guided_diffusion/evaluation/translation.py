@@ -5,12 +5,13 @@ Flow (every step resumable; ``scripts/translation_FPDM.py`` is the command-line 
 1. Load ``model{step:06d}.pt`` (or ``ema_{rate}_{step:06d}.pt`` with ``--ema True``) from ``--model_dir``.
 2. Validation (``--num_batches_val`` batches of ``--batch_size_val`` slices, labels only): the forward
    process per slice, then the cosine threshold ``thr_01`` and ``M_max`` (``hyperparams.json``). With
-   ``--num_batches_val 0`` the values come from ``--hyperparams_file`` or upstream's recorded fallbacks.
+   ``--num_batches_val 0`` the values come from ``--hyperparams_file`` or upstream's recorded fallbacks (only
+   for upstream's forward function and guidance weight; refused otherwise).
 3. Test (``--num_batches`` batches of ``--batch_size`` slices; -1 = the whole split): per slice the
    classification, t_e, the aggregated map, Algorithm 1's threshold, median filter and small-component
    removal.
 4. Rank 0 evaluates every test batch: ``metrics.json`` (keys ``mixed`` and ``unhealthy`` with ``dice``,
-   ``iou``, ``auprc``, plus ``accuracy``), ``metrics.csv``, ``per_slice.csv``, PNG panels and, with
+   ``iou``, ``auprc`` pooled over the whole test set, plus ``accuracy``), ``metrics.csv``, ``per_slice.csv``, PNG panels and, with
    ``--save_data True``, ``per_slice_arrays.npz``.
 
 Batch sizes are global: with N processes each takes ``batch_size // N`` slices per batch from its own
