@@ -135,7 +135,9 @@ def _run(planted, tmp_path, monkeypatch, extra=""):
             "--image_size 32 --in_channels 1 --num_channels 32 --num_classes 2 --unet_ver v2 "
             "--num_panels 0 --progress False").split() + extra.split()
     summary = translation.main(argv)
-    assert model.max_snap < 0.1, "the planted model could not recover x0 from the latent"
+    # x0 is recovered exactly while the latent's noise stays under half the lattice spacing (0.3 / 2); at t <= 2
+    # its scale is sqrt(1 - abar_2) ~ 0.019 (about 0.09 at the largest of these draws)
+    assert model.max_snap < 0.15, "the planted model could not recover x0 from the latent"
     return summary, json.loads((log_dir / "metrics.json").read_text())
 
 
