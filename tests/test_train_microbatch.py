@@ -45,7 +45,7 @@ class PlantedNoiseDiffusion:
     def __init__(self, base):
         self.base, self.num_timesteps = base, base.num_timesteps
 
-    def training_losses(self, model, x_start, t, model_kwargs=None):
+    def training_losses(self, model, x_start, t, model_kwargs=None, **_noise_fn):
         return self.base.training_losses(model, x_start, t, model_kwargs=model_kwargs, noise=planted_noise(x_start))
 
 
