@@ -229,3 +229,29 @@ def test_wait_policy_is_passive_before_torch_loads_and_the_user_wins():
     assert policy == "PASSIVE" and threads == free
     policy, threads, _ = _python(code, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1").split()
     assert (policy, threads) == ("ACTIVE", "1")
+
+
+def test_classifier_training_records_its_kind_and_loads_from_it(trained, tmp_path, monkeypatch, capsys):
+    from guided_diffusion.script_util import classifier_and_diffusion_defaults
+    from guided_diffusion.training import classifier_cli
+
+    run = tmp_path / "clf"
+    monkeypatch.setenv("OPENAI_LOGDIR", str(run))
+    argv = ["--data_dir", str(trained / "data"), "--image_size", "32", "--in_channels", "4", "--classifier_width",
+            "32", "--classifier_depth", "1", "--classifier_attention_resolutions", "8", "--num_workers", "0",
+            "--batch_size", "2", "--save_interval", "1", "--eval_interval", "0"]
+    try:
+        assert classifier_cli.main(argv + ["--iterations", "1"]) == 1
+        record = json.loads((run / "config.json").read_text())
+        assert record["kind"] == "classifier" and set(record["flags"]) == set(classifier_and_diffusion_defaults())
+        assert record["flags"]["classifier_width"] == 32
+        model, _, path = script_util.load_model_from_dir(str(run), kind="classifier")
+        assert path.endswith("model000001.pt") and model.out_channels == 2
+        # the diffusion consumers refuse it clearly, and so does a resume with another width
+        with pytest.raises(fileio.RunConfigError, match="describes a 'classifier' model"):
+            script_util.load_model_from_dir(str(run))
+        with pytest.raises(SystemExit):
+            classifier_cli.main(argv + ["--iterations", "2", "--classifier_width", "64", "--resume_checkpoint", "auto"])
+        assert "--classifier_width 64 (config.json: 32)" in capsys.readouterr().err
+    finally:
+        logger.reset()
