@@ -16,10 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import tempfile
-import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from guided_diffusion import fileio
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 BRATS_SHAPE = (240, 240, 155)
@@ -301,16 +301,10 @@ def render_subject(
 
 def _write_subject(out_dir: Path, name: str, images: Dict[str, np.ndarray], seg: np.ndarray, affine: np.ndarray) -> None:
     """Write one subject atomically: everything goes to a hidden temp folder that is renamed into place."""
-    tmp = out_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with fileio.atomic_dir(out_dir / name) as tmp:
         for mod, vol in images.items():
             nib.save(nib.Nifti1Image(vol, affine), str(tmp / f"{name}_{mod}.nii.gz"))
         nib.save(nib.Nifti1Image(seg, affine), str(tmp / f"{name}_seg.nii.gz"))
-        os.replace(tmp, out_dir / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _make_one(out_dir: str, seed: int, index: int, healthy: bool, shape: Tuple[int, int, int], threads: int,
@@ -351,9 +345,7 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
     elif any(out_dir.glob("BraTS2021_*")):
         print(f"warning: {out_dir} holds subjects but no {SETTINGS_FILE} (an older run): their settings cannot be "
               "checked; recording the current ones", file=sys.stderr, flush=True)
-    tmp = out_dir / f".{SETTINGS_FILE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(settings, indent=1) + "\n")
-    os.replace(tmp, path)
+    fileio.write_json(path, settings)
 
 
 def make_synthetic_brats(
@@ -386,8 +378,7 @@ def make_synthetic_brats(
     except OSError as exc:
         raise OSError(f"cannot write to output folder {out_dir}: {exc}") from exc
     lesions = lesions.validate()
-    for stale in out_dir.glob(".tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    fileio.sweep_temp_files(out_dir)  # left by a killed run
     _check_settings(out_dir, {"generator_version": GENERATOR_VERSION, "seed": int(seed), "shape": list(shape),
                               "healthy_fraction": float(healthy_fraction), "num_subjects": int(num_subjects),
                               "lesions": {k: list(v) if isinstance(v, tuple) else v
@@ -445,6 +436,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lesions_per_subject", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="number of lesions per tumour subject, inclusive range (overrides the preset)")
     args = p.parse_args(argv)
+    from guided_diffusion import runtime
+
+    runtime.configure_threads(args.workers)
     try:
         lesions = lesion_settings(args.preset, args.lesion_radius_mm, args.lesion_contrast, args.lesions_per_subject)
         names = make_synthetic_brats(args.output, num_subjects=args.num_subjects,

@@ -12,7 +12,9 @@ key whose logit gains ln D. Both identities are exact.
 
 ``reference_attention`` is upstream's computation (materialised ``c cᵀ`` and L×L weights);
 ``fused_attention`` uses the identities above and ``scaled_dot_product_attention``, so no L×L
-probability matrix is stored for backward.
+probability matrix is stored for backward. ``ReferenceAttentionProcessor`` and
+``FusedAttentionProcessor`` are the two processors (``processors.py``) of every spatial attention
+module (the UNets' ``AttentionBlock``, the classifier's attention pool).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from guided_diffusion.models.processors import AttentionProcessor
 
 
 @dataclass
@@ -49,17 +53,26 @@ class Conditioning:
         return self._cemb_mm
 
 
-def split_heads_legacy(qkv: torch.Tensor, num_heads: int):
-    """[B, 3·H·c, T] (channels grouped per head as q_h, k_h, v_h) -> three [B·H, c, T]."""
+def split_heads(qkv: torch.Tensor, num_heads: int, legacy_order: bool = True):
+    """[B, 3·H·c, T] -> three [B·H, c, T].
+
+    Legacy order (upstream ``QKVAttentionLegacy``, every UNet's default): the 3·H·c channels are
+    grouped per head as (q_h, k_h, v_h). New order (``QKVAttention``: v1 with
+    ``use_new_attention_order``, the classifier's attention pool): q, k, v first, then heads.
+    """
     bs, width, length = qkv.shape
     ch = width // (3 * num_heads)
-    return qkv.reshape(bs * num_heads, ch * 3, length).split(ch, dim=1)
+    if legacy_order:
+        return qkv.reshape(bs * num_heads, ch * 3, length).split(ch, dim=1)
+    return tuple(t.reshape(bs * num_heads, ch, length) for t in qkv.chunk(3, dim=1))
 
 
-def reference_attention(qkv: torch.Tensor, num_heads: int, encoder_kv=None, cond: Optional[Conditioning] = None):
-    """Upstream QKVAttention ("legacy" head-major order) with the encoder tokens prepended."""
+def reference_attention(
+    qkv: torch.Tensor, num_heads: int, encoder_kv=None, cond: Optional[Conditioning] = None, legacy_order: bool = True
+):
+    """Upstream QKVAttention with the encoder tokens (if any) prepended to the keys and values."""
     bs, width, length = qkv.shape
-    q, k, v = split_heads_legacy(qkv, num_heads)
+    q, k, v = split_heads(qkv, num_heads, legacy_order)
     ch = q.shape[1]
     if cond is not None:
         ekv = encoder_kv(cond.cemb_mm)  # [B, 2C, D]
@@ -87,12 +100,17 @@ def _conditional_keys(encoder_kv, cond: Conditioning, num_heads: int, ch: int):
     return ek, ev
 
 
-def fused_attention(qkv: torch.Tensor, num_heads: int, encoder_kv=None, cond: Optional[Conditioning] = None):
+def fused_attention(
+    qkv: torch.Tensor, num_heads: int, encoder_kv=None, cond: Optional[Conditioning] = None, legacy_order: bool = True
+):
     """Same function as ``reference_attention``, through ``scaled_dot_product_attention``."""
     bs, width, length = qkv.shape
     ch = width // (3 * num_heads)
     # [B, H, T, c], contiguous: the fused kernels need a unit stride on the channel axis
-    q, k, v = qkv.reshape(bs, num_heads, 3, ch, length).transpose(-1, -2).contiguous().unbind(2)
+    if legacy_order:
+        q, k, v = qkv.reshape(bs, num_heads, 3, ch, length).transpose(-1, -2).contiguous().unbind(2)
+    else:
+        q, k, v = qkv.reshape(bs, 3, num_heads, ch, length).transpose(-1, -2).contiguous().unbind(1)
     mask = None
     if cond is not None:
         d = cond.cemb.shape[1]
@@ -126,4 +144,37 @@ def fused_attention(qkv: torch.Tensor, num_heads: int, encoder_kv=None, cond: Op
     return out.transpose(-1, -2).reshape(bs, -1, length)
 
 
-ATTENTION_IMPLS = {"reference": reference_attention, "fused": fused_attention}
+class SpatialAttentionProcessor(AttentionProcessor):
+    """Processor of a spatial attention module: ``processor(module, qkv, cond) -> [B, C, T]``.
+
+    ``qkv`` is the module's [B, 3C, T] projection; the module provides ``num_heads``,
+    ``legacy_order`` and ``encoder_kv`` (None for plain self-attention, in which case ``cond`` is None).
+    """
+
+    def __call__(self, module, qkv: torch.Tensor, cond: Optional[Conditioning]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ReferenceAttentionProcessor(SpatialAttentionProcessor):
+    """Upstream's computation: materialised ``c cᵀ`` through ``encoder_kv``, L×L weights."""
+
+    name = "reference"
+
+    def prepare(self, cond: Optional[Conditioning]) -> None:
+        if cond is not None:
+            cond.cemb_mm  # built once per forward, outside any checkpointed block (replays must not rebuild it)
+
+    def __call__(self, module, qkv: torch.Tensor, cond: Optional[Conditioning]) -> torch.Tensor:
+        return reference_attention(qkv, module.num_heads, module.encoder_kv, cond, legacy_order=module.legacy_order)
+
+
+class FusedAttentionProcessor(SpatialAttentionProcessor):
+    """The same function from ``u = W c`` and ``c`` (no B×D×D), through ``scaled_dot_product_attention``."""
+
+    name = "fused"
+
+    def __call__(self, module, qkv: torch.Tensor, cond: Optional[Conditioning]) -> torch.Tensor:
+        return fused_attention(qkv, module.num_heads, module.encoder_kv, cond, legacy_order=module.legacy_order)
+
+
+SPATIAL_PROCESSORS = {"reference": ReferenceAttentionProcessor, "fused": FusedAttentionProcessor}

@@ -18,25 +18,55 @@ the pixel outputs are kept.
 
 Masks (decisions §3): upstream's structure and density, but drawn once per block and length from
 a fixed seed (on the CPU, so every device sees the same mask), cached on the model's device, and
-shared by the conditional and null passes. ``attention_impl`` chooses how the masked attention is
-computed: ``"reference"`` calls ``nn.MultiheadAttention`` as upstream does (dense L×L weights);
-``"fused"`` uses a block-sparse kernel that stores no L×L tensor.
+shared by the conditional and null passes. The block's processor (``processors.py``) computes the
+masked attention: ``"reference"`` calls ``nn.MultiheadAttention`` as upstream does (dense L×L
+weights); ``"fused"`` uses a block-sparse kernel that stores no L×L tensor.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from guided_diffusion.models.nn import TimestepBlock, checkpoint, norm_act, normalization
+from guided_diffusion.models.processors import AttentionProcessor, HoldsAttentionProcessor
 from guided_diffusion.models.sparse_attention import band_random_mask, build_mask_plan, multihead_self_attention
 
 PATCH_SIZES = (4, 8)
 HAE_NUM_HEADS = 8
 MASK_SEED = 20240607
+
+
+@dataclass(frozen=True)
+class HAEDesign:
+    """One upstream HAE block design: three independent choices (the table above)."""
+
+    name: str
+    per_patch_projection: bool  # regional tokens: Linear(C·p² → C) per patch, else mean of a shared 1×1 conv
+    bottleneck_mlp: bool  # transformer MLP C → C·r → C, else C → 4C → C
+    concat_fusion: bool  # fusion conv over cat(conv, transformer), else over their mean
+
+
+HAE_DESIGNS: Dict[str, HAEDesign] = {
+    d.name: d
+    for d in (
+        HAEDesign("hae", per_patch_projection=True, bottleneck_mlp=False, concat_fusion=True),
+        HAEDesign("hae_lite", per_patch_projection=False, bottleneck_mlp=False, concat_fusion=False),
+        HAEDesign("hae_v2", per_patch_projection=False, bottleneck_mlp=True, concat_fusion=False),
+    )
+}
+
+
+def hae_design(design: Union[str, HAEDesign]) -> HAEDesign:
+    if isinstance(design, HAEDesign):
+        return design
+    if design not in HAE_DESIGNS:
+        raise ValueError(f"unknown HAE design {design!r}; designs: {', '.join(HAE_DESIGNS)}")
+    return HAE_DESIGNS[design]
 
 
 def hae_mask(length: int, seed: int) -> torch.Tensor:
@@ -65,28 +95,59 @@ def wide_mlp(channels: int, dropout: float) -> nn.Sequential:
     )
 
 
-class MultiScaleSparseTransformer(nn.Module):
-    """Masked multi-head attention over pixel and patch tokens, then an MLP; returns ``a + x``.
+class MaskedAttentionProcessor(AttentionProcessor):
+    """Processor of an HAE block's masked attention: ``processor(module, seq [B, L, C]) -> [B, L, C]``.
 
-    ``design`` is ``"hae"`` (per-patch linear projection of the raw features), ``"hae_lite"`` or
-    ``"hae_v2"`` (mean over each patch of a shared 1×1-conv embedding).
+    The module provides ``multihead_attn`` (the weights), ``mask(L, device)`` (bool, True = may not
+    attend) and ``plan(L, device)`` (the mask's block-sparse form).
     """
 
-    def __init__(self, channels: int, design: str, dropout: float, bottleneck_ratio: float = 0.25):
+    def __call__(self, module: "MultiScaleSparseTransformer", seq: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DenseMaskedAttentionProcessor(MaskedAttentionProcessor):
+    """Upstream's call: ``nn.MultiheadAttention`` with the dense L×L mask."""
+
+    name = "reference"
+
+    def __call__(self, module: "MultiScaleSparseTransformer", seq: torch.Tensor) -> torch.Tensor:
+        return module.multihead_attn(seq, seq, seq, attn_mask=module.mask(seq.shape[1], seq.device))[0]
+
+
+class SparseMaskedAttentionProcessor(MaskedAttentionProcessor):
+    """The exact block-sparse kernel: only allowed (query, key) pairs, no L×L tensor stored."""
+
+    name = "fused"
+
+    def __call__(self, module: "MultiScaleSparseTransformer", seq: torch.Tensor) -> torch.Tensor:
+        return multihead_self_attention(module.multihead_attn, seq, module.plan(seq.shape[1], seq.device))
+
+
+class MultiScaleSparseTransformer(HoldsAttentionProcessor, nn.Module):
+    """Masked multi-head attention over pixel and patch tokens, then an MLP; returns ``a + x``.
+
+    ``design`` (an ``HAEDesign`` or its name) chooses the regional tokens and the MLP.
+    """
+
+    processor_type = MaskedAttentionProcessor
+    builtin_processors = {"reference": DenseMaskedAttentionProcessor, "fused": SparseMaskedAttentionProcessor}
+
+    def __init__(self, channels: int, design: Union[str, HAEDesign], dropout: float, bottleneck_ratio: float = 0.25):
         super().__init__()
         if channels % HAE_NUM_HEADS:
             raise ValueError(f"HAE attention uses {HAE_NUM_HEADS} heads: channels must be divisible by it, got {channels}")
-        self.design = design
+        self.design = design = hae_design(design)
         self.local_norm = nn.LayerNorm(channels)
         self.regional_norms = nn.ModuleList(nn.LayerNorm(channels) for _ in PATCH_SIZES)
-        if design == "hae":
+        if design.per_patch_projection:
             self.patch_projections = nn.ModuleList(nn.Linear(channels * p * p, channels) for p in PATCH_SIZES)
         else:
             self.shared_patch_embed = nn.Conv2d(channels, channels, 1)
         self.multihead_attn = nn.MultiheadAttention(channels, HAE_NUM_HEADS, dropout=dropout, batch_first=True)
         self.norm_out = nn.LayerNorm(channels)
-        self.mlp = BottleneckMLP(channels, bottleneck_ratio, dropout) if design == "hae_v2" else wide_mlp(channels, dropout)
-        self.attention_impl = "reference"
+        self.mlp = BottleneckMLP(channels, bottleneck_ratio, dropout) if design.bottleneck_mlp else wide_mlp(channels, dropout)
+        self.set_processor("reference")
         self.mask_seed = MASK_SEED
         self.installed_mask: Optional[torch.Tensor] = None
         self._masks: Dict[Tuple[int, torch.device], torch.Tensor] = {}
@@ -95,12 +156,12 @@ class MultiScaleSparseTransformer(nn.Module):
     # -- tokens -------------------------------------------------------------------------------
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        feats = x if self.design == "hae" else self.shared_patch_embed(x)
+        feats = x if self.design.per_patch_projection else self.shared_patch_embed(x)
         seq = [self.local_norm(feats.flatten(2).transpose(1, 2))]
         for i, p in enumerate(PATCH_SIZES):
             if h % p or w % p:
                 continue
-            if self.design == "hae":
+            if self.design.per_patch_projection:
                 patches = feats.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
                 regional = self.patch_projections[i](patches.reshape(b, (h // p) * (w // p), c * p * p))
             else:
@@ -132,16 +193,9 @@ class MultiScaleSparseTransformer(nn.Module):
         self._masks.clear()
         self._plans.clear()
 
-    # -- attention ----------------------------------------------------------------------------
-    def attend(self, seq: torch.Tensor) -> torch.Tensor:
-        length = seq.shape[1]
-        if self.attention_impl == "reference":
-            return self.multihead_attn(seq, seq, seq, attn_mask=self.mask(length, seq.device))[0]
-        return multihead_self_attention(self.multihead_attn, seq, self.plan(length, seq.device))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        a = self.attend(self.tokens(x))[:, : h * w]
+        a = self.processor(self, self.tokens(x))[:, : h * w]
         a = a + self.mlp(self.norm_out(a))
         # contiguous NCHW: a channels-last view here sends later convolutions down slow kernels
         return a.transpose(1, 2).reshape(b, c, h, w).contiguous() + x
@@ -154,13 +208,13 @@ class HybridCNNTransformerBlock(TimestepBlock):
         self,
         channels: int,
         emb_channels: int,
-        design: str,
+        design: Union[str, HAEDesign],
         dropout: float = 0.0,
         use_checkpoint: bool = False,
         bottleneck_ratio: float = 0.25,
     ):
         super().__init__()
-        self.design = design
+        self.design = design = hae_design(design)
         self.use_checkpoint = use_checkpoint
         self.recompute_norm_act = False
         self.conv_branch = nn.Sequential(
@@ -169,7 +223,7 @@ class HybridCNNTransformerBlock(TimestepBlock):
         )
         self.transformer_branch = MultiScaleSparseTransformer(channels, design, dropout, bottleneck_ratio)
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, channels))
-        fusion_in = 2 * channels if design == "hae" else channels
+        fusion_in = 2 * channels if design.concat_fusion else channels
         self.fusion_conv = nn.Conv2d(fusion_in, channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -181,5 +235,5 @@ class HybridCNNTransformerBlock(TimestepBlock):
         conv = branch[2](norm_act(branch[0], branch[1], xe, recompute=self.recompute_norm_act))
         conv = branch[5](norm_act(branch[3], branch[4], conv, recompute=self.recompute_norm_act))
         trans = self.transformer_branch(xe)
-        fused = torch.cat([conv, trans], dim=1) if self.design == "hae" else (conv + trans) / 2
+        fused = torch.cat([conv, trans], dim=1) if self.design.concat_fusion else (conv + trans) / 2
         return self.fusion_conv(fused) + x

@@ -1,14 +1,18 @@
-"""One UNet skeleton for every variant (v2, hae, hae_lite, hae_v2, hae_v2_conservative).
+"""One UNet skeleton for every variant (v1, v2, hae, hae_lite, hae_v2, hae_v2_conservative).
 
 A variant is a choice, not a copy:
 
 * its *flavour*: upstream's files differ in where SiLU sits (flavour A: ``v2``, ``hae`` have no
-  SiLU after a ResBlock's first norm, nor before the output conv; flavour B: ``hae_lite``,
+  SiLU after a ResBlock's first norm, nor before the output conv; flavour B: ``v1``, ``hae_lite``,
   ``hae_v2`` have SiLU everywhere). State-dict keys are the same, the function is not, so a
   checkpoint is only meaningful with its own flavour;
+* its attention: conditional (the v2 family's ``encoder_kv`` class tokens) or plain self-attention
+  (``v1``, the classifier in ``classifier.py``, built from the same blocks);
 * its HAE block design (``hae.py``), placed before each decoder upsampling;
-* how attention is computed: ``"reference"`` (upstream's materialised computation) or
-  ``"fused"`` (the same function with no L×L or B×D×D tensors; ``attention.py``, ``hae.py``).
+* how attention is computed: each attention module holds a processor (``processors.py``),
+  ``"reference"`` (upstream's materialised computation) or ``"fused"`` (the same function with no
+  L×L or B×D×D tensors; ``attention.py``, ``hae.py``), set model-wide by ``set_attention_impl`` /
+  ``set_attn_processor``.
 
 ``HAEUNetModelV2Conservative`` is ``HAEUNetModelV2`` with the fused computation: same module tree,
 same weights, same outputs, a fraction of the memory.
@@ -16,14 +20,16 @@ same weights, same outputs, a fraction of the memory.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from guided_diffusion.models.attention import ATTENTION_IMPLS, Conditioning
-from guided_diffusion.models.hae import HybridCNNTransformerBlock, MultiScaleSparseTransformer, MASK_SEED
+from guided_diffusion.models.attention import SPATIAL_PROCESSORS, Conditioning, SpatialAttentionProcessor
+from guided_diffusion.models.hae import HAE_DESIGNS, HAEDesign, HybridCNNTransformerBlock, MultiScaleSparseTransformer, MASK_SEED
+from guided_diffusion.models.processors import AttentionProcessorsMixin, HoldsAttentionProcessor
 from guided_diffusion.models.nn import (
     TimestepBlock,
     avg_pool_nd,
@@ -138,8 +144,14 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-class AttentionBlock(nn.Module):
-    """Spatial self-attention whose keys also include the D class-conditional encoder tokens."""
+class AttentionBlock(HoldsAttentionProcessor, nn.Module):
+    """Spatial self-attention; with ``encoder_channels`` its keys also include the D class tokens.
+
+    Holds the weights; its processor (``attention.py``) computes the attention.
+    """
+
+    processor_type = SpatialAttentionProcessor
+    builtin_processors = SPATIAL_PROCESSORS
 
     def __init__(
         self,
@@ -148,8 +160,12 @@ class AttentionBlock(nn.Module):
         num_head_channels: int = -1,
         use_checkpoint: bool = False,
         encoder_channels: Optional[int] = None,
+        use_new_attention_order: bool = False,
     ):
         super().__init__()
+        if encoder_channels is not None and use_new_attention_order:
+            # the encoder tokens' channels are grouped per head as (k_h, v_h): legacy layout only
+            raise ValueError("conditional attention (encoder_kv) supports only the legacy head order")
         if num_head_channels == -1:
             self.num_heads = num_heads
         else:
@@ -159,12 +175,15 @@ class AttentionBlock(nn.Module):
         if channels % self.num_heads:
             raise ValueError(f"channels {channels} not divisible by num_heads {self.num_heads}")
         self.use_checkpoint = use_checkpoint
-        self.attention_impl = "reference"
+        self.legacy_order = not use_new_attention_order
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         if encoder_channels is not None:
             self.encoder_kv = conv_nd(1, encoder_channels, channels * 2, 1)
+        else:
+            self.encoder_kv = None
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+        self.set_processor("reference")
 
     def forward(self, x: torch.Tensor, cond: Optional[Conditioning] = None) -> torch.Tensor:
         return checkpoint(self._forward, (x, cond), self.use_checkpoint)
@@ -173,14 +192,88 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(x))
-        h = ATTENTION_IMPLS[self.attention_impl](qkv, self.num_heads, getattr(self, "encoder_kv", None), cond)
+        h = self.processor(self, qkv, cond if self.encoder_kv is not None else None)
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 
 
 NullArg = Union[bool, torch.Tensor]
 
 
-class UNetModel(nn.Module):
+def reject_use_fp16(use_fp16: bool) -> None:
+    """Upstream's ``convert_to_fp16`` path is not offered; mixed precision goes through autocast."""
+    if use_fp16:
+        raise ValueError(
+            "use_fp16 (upstream's convert_to_fp16) is not supported: it crashes for these models. "
+            "Use mixed precision through torch.autocast instead (train.py --precision bf16|fp16)."
+        )
+
+
+@dataclass(frozen=True)
+class BlockFactory:
+    """The choices one model makes for its ResBlocks and attention blocks (shared by every network)."""
+
+    emb_dim: int
+    dropout: float
+    dims: int
+    use_checkpoint: bool
+    use_scale_shift_norm: bool
+    silu_everywhere: bool
+    num_head_channels: int
+    encoder_channels: Optional[int]  # conditional attention (v2 family) or plain self-attention (v1)
+    use_new_attention_order: bool = False
+
+    def res(self, ch_in: int, ch_out: int, **kw) -> ResBlock:
+        return ResBlock(
+            ch_in, self.emb_dim, self.dropout, out_channels=ch_out, dims=self.dims, use_checkpoint=self.use_checkpoint,
+            use_scale_shift_norm=self.use_scale_shift_norm, silu_everywhere=self.silu_everywhere, **kw,
+        )
+
+    def attention(self, ch: int, num_heads: int) -> AttentionBlock:
+        return AttentionBlock(
+            ch, num_heads, self.num_head_channels, self.use_checkpoint, encoder_channels=self.encoder_channels,
+            use_new_attention_order=self.use_new_attention_order,
+        )
+
+
+def build_encoder(
+    blocks: BlockFactory,
+    in_channels: int,
+    model_channels: int,
+    channel_mult: Sequence[float],
+    num_res_blocks: int,
+    attention_ds: Sequence[int],
+    num_heads: int,
+    resblock_updown: bool,
+    conv_resample: bool,
+) -> Tuple[nn.ModuleList, List[int], int, int]:
+    """The encoder half (``input_blocks``): returns the blocks, their output channels, the last
+    channel count and the final downsample factor."""
+    ch = int(channel_mult[0] * model_channels)
+    input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(blocks.dims, in_channels, ch, 3, padding=1))])
+    skip_chans = [ch]
+    ds = 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers: List[nn.Module] = [blocks.res(ch, int(mult * model_channels))]
+            ch = int(mult * model_channels)
+            if ds in attention_ds:
+                layers.append(blocks.attention(ch, num_heads))
+            input_blocks.append(TimestepEmbedSequential(*layers))
+            skip_chans.append(ch)
+        if level != len(channel_mult) - 1:
+            down = blocks.res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, blocks.dims)
+            input_blocks.append(TimestepEmbedSequential(down))
+            skip_chans.append(ch)
+            ds *= 2
+    return input_blocks, skip_chans, ch, ds
+
+
+def build_middle(blocks: BlockFactory, ch: int, num_heads: int) -> TimestepEmbedSequential:
+    """ResBlock, attention (whatever ``attention_resolutions`` says), ResBlock."""
+    return TimestepEmbedSequential(blocks.res(ch, ch), blocks.attention(ch, num_heads), blocks.res(ch, ch))
+
+
+class UNetModel(AttentionProcessorsMixin, nn.Module):
     """The AnoFPDM UNet (upstream ``unet_v2.UNetModel``) and the skeleton of every HAE variant.
 
     Constructor arguments follow upstream. ``attention_resolutions`` holds downsample factors.
@@ -194,8 +287,10 @@ class UNetModel(nn.Module):
     """
 
     silu_everywhere = False  # flavour A
-    hae_design: Optional[str] = None
+    hae_design: Optional[HAEDesign] = None
     default_attention_impl = "reference"
+    conditional_attention = True  # attention also sees the D class tokens encoder_kv(c cᵀ) (v2 family)
+    honours_attention_order = False  # upstream's v2-family files accept use_new_attention_order and ignore it
 
     def __init__(
         self,
@@ -226,13 +321,7 @@ class UNetModel(nn.Module):
         attention_impl: Optional[str] = None,
     ):
         super().__init__()
-        if use_fp16:
-            raise ValueError(
-                "use_fp16 (upstream's convert_to_fp16) is not supported: it crashes for these models. "
-                "Use mixed precision through torch.autocast instead (train.py --precision bf16|fp16)."
-            )
-        if num_classes is not None and not clf_free:
-            raise ValueError("class-conditional models need clf_free=True (upstream's other branch is unusable)")
+        reject_use_fp16(use_fp16)
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         if model_channels * min(channel_mult) % 32:
@@ -246,6 +335,7 @@ class UNetModel(nn.Module):
         self.dropout = dropout
         self.channel_mult = tuple(channel_mult)
         self.num_classes = num_classes
+        self.clf_free = clf_free
         self.use_checkpoint = use_checkpoint
         self.use_hae = use_hae and self.hae_design is not None
         self.memory_optimization = memory_optimization
@@ -254,45 +344,27 @@ class UNetModel(nn.Module):
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, model_channels)
-            self.class_emb = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            self.build_label_embedding(num_classes, clf_free)
 
-        def res_block(ch_in: int, ch_out: int, **kw) -> ResBlock:
-            return ResBlock(
-                ch_in, emb_dim, dropout, out_channels=ch_out, dims=dims, use_checkpoint=use_checkpoint,
-                use_scale_shift_norm=use_scale_shift_norm, silu_everywhere=self.silu_everywhere, **kw,
-            )
-
-        def attention(ch: int, heads: int) -> AttentionBlock:
-            return AttentionBlock(ch, heads, num_head_channels, use_checkpoint, encoder_channels=emb_dim)
-
-        ch = input_ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
-        skip_chans = [ch]
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers: List[nn.Module] = [res_block(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in self.attention_resolutions:
-                    layers.append(attention(ch, num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                skip_chans.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(res_block(ch, ch), attention(ch, num_heads), res_block(ch, ch))
+        blocks = BlockFactory(
+            emb_dim, dropout, dims, use_checkpoint, use_scale_shift_norm, self.silu_everywhere, num_head_channels,
+            encoder_channels=emb_dim if self.conditional_attention else None,
+            use_new_attention_order=use_new_attention_order and self.honours_attention_order,
+        )
+        self.input_blocks, skip_chans, ch, ds = build_encoder(
+            blocks, in_channels, model_channels, channel_mult, num_res_blocks, self.attention_resolutions, num_heads,
+            resblock_updown, conv_resample,
+        )
+        input_ch = skip_chans[0]
+        self.middle_block = build_middle(blocks, ch, num_heads)
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
-                layers = [res_block(ch + skip_chans.pop(), int(model_channels * mult))]
+                layers = [blocks.res(ch + skip_chans.pop(), int(model_channels * mult))]
                 ch = int(model_channels * mult)
                 if ds in self.attention_resolutions:
-                    layers.append(attention(ch, num_heads_upsample))
+                    layers.append(blocks.attention(ch, num_heads_upsample))
                 if level and i == num_res_blocks:
                     if self.use_hae:
                         layers.append(
@@ -301,7 +373,7 @@ class UNetModel(nn.Module):
                                 use_checkpoint=use_checkpoint, bottleneck_ratio=bottleneck_ratio,
                             )
                         )
-                    layers.append(res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims))
+                    layers.append(blocks.res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
@@ -313,19 +385,18 @@ class UNetModel(nn.Module):
         self.set_attention_impl(attention_impl or self.default_attention_impl)
         self.set_recompute_norm_act(False)
 
+    def build_label_embedding(self, num_classes: int, clf_free: bool) -> None:
+        """``label_emb`` (Embedding(num_classes, mc)) and ``class_emb`` (MLP mc -> 4·mc -> 4·mc)."""
+        if not clf_free:
+            raise ValueError("class-conditional models need clf_free=True (upstream's other branch is unusable)")
+        emb_dim = 4 * self.model_channels
+        self.label_emb = nn.Embedding(num_classes, self.model_channels)
+        self.class_emb = nn.Sequential(nn.Linear(self.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
     # -- configuration ------------------------------------------------------------------------
     def hae_transformers(self) -> List[MultiScaleSparseTransformer]:
         """The HAE blocks' transformer branches, in the order the forward pass runs them."""
         return [m for m in self.output_blocks.modules() if isinstance(m, MultiScaleSparseTransformer)]
-
-    def set_attention_impl(self, impl: str) -> None:
-        """Choose how attention is computed: ``"reference"`` (materialised) or ``"fused"``."""
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {sorted(ATTENTION_IMPLS)}, got {impl!r}")
-        for m in self.modules():
-            if isinstance(m, (AttentionBlock, MultiScaleSparseTransformer)):
-                m.attention_impl = impl
-        self.attention_impl = impl
 
     def set_recompute_norm_act(self, enabled: bool) -> None:
         """Recompute GroupNorm(+scale-shift)+SiLU in backward instead of storing their outputs."""
@@ -390,10 +461,13 @@ class UNetModel(nn.Module):
         if self.num_classes is not None:
             cond = self.conditioning(y, threshold, null, clf_free, x.shape[0], emb)
             emb = emb + cond.cemb
-            if self.attention_impl == "reference":
-                cond.cemb_mm  # build it once here, outside any checkpointed block
+            self.prepare_attention(cond)
         elif y is not None:
             raise ValueError("labels y were given to an unconditional model (built without class_cond)")
+        return self.run_unet(x, emb, cond)
+
+    def run_unet(self, x: torch.Tensor, emb: torch.Tensor, cond: Optional[Conditioning]) -> torch.Tensor:
+        """Encoder, middle, decoder and output head, given the embedding and the attention condition."""
         hs = []
         h = x
         for module in self.input_blocks:
@@ -405,24 +479,98 @@ class UNetModel(nn.Module):
         return self.out(h)
 
 
+class UNetModelV1(UNetModel):
+    """Upstream ``unet_v1.UNetModel`` (openai guided-diffusion's UNet): flavour B, plain self-attention.
+
+    No ``encoder_kv`` tokens; ``use_new_attention_order`` is honoured. With classes and
+    ``clf_free=False`` (the classifier-guided DM) ``label_emb`` = Embedding(num_classes, 4·mc) is
+    added to the time embedding; with ``clf_free=True`` the label goes through ``class_emb`` as in
+    v2, with label dropout and null predictions.
+
+    Upstream adds the label only when the call passes ``uncond=True``, which no upstream script
+    does, so its class-conditional v1 models were trained and sampled with the label ignored.
+    Here the label is used whenever the model has classes; ``label_only_with_uncond=True`` restores
+    upstream's rule for checkpoints trained that way (its ``label_emb`` is then frozen: the default
+    call never reads it, so it gets no gradient, exactly as upstream, and DDP sees no unused
+    parameter).
+    """
+
+    silu_everywhere = True
+    conditional_attention = False
+    honours_attention_order = True
+
+    def __init__(self, *args, label_only_with_uncond: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_only_with_uncond = label_only_with_uncond
+        if label_only_with_uncond:
+            if self.num_classes is None:
+                raise ValueError("label_only_with_uncond needs a class-conditional v1 model (class_cond True)")
+            for module in (self.label_emb, getattr(self, "class_emb", None)):
+                if module is not None:
+                    module.requires_grad_(False)
+
+    def build_label_embedding(self, num_classes: int, clf_free: bool) -> None:
+        if clf_free:
+            super().build_label_embedding(num_classes, clf_free)
+        else:
+            self.label_emb = nn.Embedding(num_classes, 4 * self.model_channels)
+
+    def label_embedding(self, y, threshold: float, null: NullArg, clf_free: bool, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """What the label adds to the time embedding in this call."""
+        if self.clf_free:
+            return self.conditioning(y, threshold, null, clf_free, batch, like).cemb
+        if threshold != -1 or clf_free or isinstance(null, torch.Tensor) or null:
+            raise ValueError(
+                "this v1 model was built with clf_free=False (classifier-guided: Embedding(y) is added to the "
+                "time embedding and there is no null embedding): call it as model(x, t, y=y); label dropout "
+                "(threshold > 0), clf_free=True and null need a model built with clf_free=True"
+            )
+        if y is None:
+            raise ValueError("this class-conditional model needs labels y for a conditional forward")
+        return self.label_emb(y)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: Optional[torch.Tensor] = None,
+        threshold: float = -1,
+        null: NullArg = False,
+        clf_free: bool = False,
+        uncond: Optional[bool] = None,
+    ) -> torch.Tensor:
+        """Upstream's signature. ``uncond`` (upstream's name): True uses the label, False ignores it
+        (and ``y``, ``threshold``, ``null``, ``clf_free``) for this call; None follows the model
+        (``label_only_with_uncond``)."""
+        if self.num_classes is None:
+            if uncond:
+                raise ValueError("uncond=True asks for the label, but this v1 model has no classes (class_cond False)")
+            return super().forward(x, timesteps, y=y, threshold=threshold, null=null, clf_free=clf_free)
+        use_label = not self.label_only_with_uncond if uncond is None else bool(uncond)
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if use_label:
+            emb = emb + self.label_embedding(y, threshold, null, clf_free, x.shape[0], emb)
+        return self.run_unet(x, emb, None)
+
+
 class HAEUNetModel(UNetModel):
     """Upstream ``unet_hae.HAEUNetModel``: flavour A, per-patch linear projections."""
 
-    hae_design = "hae"
+    hae_design = HAE_DESIGNS["hae"]
 
 
 class HAEUNetModelLite(UNetModel):
     """Upstream ``unet_hae_lite.HAEUNetModelLite``: flavour B, shared 1×1 patch embedding."""
 
     silu_everywhere = True
-    hae_design = "hae_lite"
+    hae_design = HAE_DESIGNS["hae_lite"]
 
 
 class HAEUNetModelV2(UNetModel):
     """Upstream ``unet_hae_v2.HAEUNetModelV2`` (flavour B, bottleneck MLP), computed as upstream does."""
 
     silu_everywhere = True
-    hae_design = "hae_v2"
+    hae_design = HAE_DESIGNS["hae_v2"]
 
 
 class HAEUNetModelV2Conservative(HAEUNetModelV2):

@@ -1,0 +1,206 @@
+"""The attention-processor mechanism: modules hold weights, processors compute, one model-wide setter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from guided_diffusion import script_util as su
+from guided_diffusion.models.attention import (
+    Conditioning,
+    FusedAttentionProcessor,
+    ReferenceAttentionProcessor,
+    SpatialAttentionProcessor,
+    fused_attention,
+)
+from guided_diffusion.models.classifier import AttentionPool2d
+from guided_diffusion.models.hae import HAE_DESIGNS, MaskedAttentionProcessor, MultiScaleSparseTransformer, hae_design
+from guided_diffusion.models.unet import AttentionBlock
+
+from conftest import load_vector, model_flags, tolerance
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hae_v2_model():
+    vec = load_vector("hae_v2")
+    model = su.create_model(**model_flags(vec["flags"]))
+    model.load_state_dict(vec["state_dict"])
+    return model, vec
+
+
+def saved_bytes(model, vec, **kwargs) -> int:
+    """Bytes autograd saves for backward in one forward (the activation memory of a training step)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(vec["x"], vec["t"], y=vec["y"], **kwargs)
+    return total, out
+
+
+class CountingProcessor(SpatialAttentionProcessor):
+    """A custom processor: the fused computation, counting calls and prepares."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.calls = 0
+        self.prepared = []
+
+    def prepare(self, cond):
+        self.prepared.append(cond)
+
+    def __call__(self, module, qkv, cond):
+        self.calls += 1
+        return fused_attention(qkv, module.num_heads, module.encoder_kv, cond, legacy_order=module.legacy_order)
+
+
+class ZeroProcessor(SpatialAttentionProcessor):
+    def __call__(self, module, qkv, cond):
+        return torch.zeros_like(qkv[:, : qkv.shape[1] // 3])
+
+
+def test_every_attention_module_is_listed_with_its_processor():
+    model, _ = hae_v2_model()
+    names = model.attn_processors
+    spatial = [n for n, m in model.named_modules() if isinstance(m, AttentionBlock)]
+    hae = [n for n, m in model.named_modules() if isinstance(m, MultiScaleSparseTransformer)]
+    assert len(spatial) == 7 and len(hae) == 3
+    assert sorted(names) == sorted(spatial + hae)
+    assert all(isinstance(p, ReferenceAttentionProcessor) for n, p in names.items() if n in spatial)
+    assert model.attention_impl == "reference"
+    model.set_attention_impl("fused")
+    assert model.attention_impl == "fused"
+    assert all(isinstance(model.attn_processors[n], FusedAttentionProcessor) for n in spatial)
+
+
+@pytest.mark.parametrize("mode", [dict(threshold=0.5), dict(clf_free=True, null=torch.tensor([True, False, True]))],
+                         ids=["label_dropout", "mixed_null"])
+def test_switching_processors_changes_memory_not_outputs(mode):
+    """One model instance: the fused processors save a fraction of the reference's tensors, same outputs."""
+    model, vec = hae_v2_model()
+    model.train()
+    ref_bytes, ref = saved_bytes(model, vec, **mode)
+    model.set_attention_impl("fused")
+    fused_bytes, out = saved_bytes(model, vec, **mode)
+    model.set_attention_impl("reference")
+    again_bytes, again = saved_bytes(model, vec, **mode)
+    assert (out - ref).abs().max().item() <= tolerance(ref)
+    assert torch.equal(again, ref) and again_bytes == ref_bytes
+    assert fused_bytes < 0.6 * ref_bytes, (fused_bytes, ref_bytes)
+
+
+def test_a_custom_processor_is_installed_where_it_fits_and_used():
+    model, vec = hae_v2_model()
+    model.eval()
+    with torch.no_grad():
+        ref = model(vec["x"], vec["t"], y=vec["y"], clf_free=True)
+    counting = CountingProcessor()
+    model.set_attn_processor(counting)
+    # a spatial processor goes to the 7 spatial blocks; the HAE blocks keep theirs
+    assert sum(p is counting for p in model.attn_processors.values()) == 7
+    assert model.attention_impl == "mixed"
+    with torch.no_grad():
+        out = model(vec["x"], vec["t"], y=vec["y"], clf_free=True)
+    assert counting.calls == 7
+    assert len(counting.prepared) == 1 and isinstance(counting.prepared[0], Conditioning)  # once per forward
+    assert (out - ref).abs().max().item() <= tolerance(ref)
+    model.set_attn_processor(ZeroProcessor())
+    with torch.no_grad():
+        zeroed = model(vec["x"], vec["t"], y=vec["y"], clf_free=True)
+    assert (zeroed - ref).abs().max() > 0.1
+
+
+def test_per_module_processors_by_name():
+    model, vec = hae_v2_model()
+    model.eval()
+    with torch.no_grad():
+        ref = model(vec["x"], vec["t"], y=vec["y"], clf_free=True, null=True)
+    hae_names = [n for n, m in model.attention_modules().items() if isinstance(m, MultiScaleSparseTransformer)]
+    model.set_attn_processor({n: "fused" for n in hae_names})
+    assert {model.attn_processors[n].name for n in hae_names} == {"fused"}
+    assert model.attention_impl == "mixed"
+    with torch.no_grad():
+        out = model(vec["x"], vec["t"], y=vec["y"], clf_free=True, null=True)
+    assert (out - ref).abs().max().item() <= tolerance(ref)
+
+
+def test_cemb_mm_is_the_reference_processors_business():
+    """Only the reference spatial processor materialises c cᵀ (in prepare, once per forward)."""
+    cond = Conditioning(cemb=torch.randn(2, 8), all_cond=True)
+    FusedAttentionProcessor().prepare(cond)
+    assert cond._cemb_mm is None
+    ReferenceAttentionProcessor().prepare(cond)
+    assert torch.allclose(cond._cemb_mm, cond.cemb[:, :, None] * cond.cemb[:, None, :])
+    model, vec = hae_v2_model()
+    d = model.model_channels * 4
+    for impl, expect_bdd in (("reference", True), ("fused", False)):
+        model.set_attention_impl(impl)
+        shapes = []
+        hook = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: shapes.extend(tuple(a.shape) for a in i if isinstance(a, torch.Tensor)))
+        try:
+            with torch.no_grad():
+                model(vec["x"], vec["t"], y=vec["y"], clf_free=True)
+        finally:
+            hook.remove()
+        assert ((3, d, d) in shapes) == expect_bdd, impl  # encoder_kv's input is c cᵀ only in the reference
+
+
+def test_clear_errors():
+    model, _ = hae_v2_model()
+    with pytest.raises(ValueError, match=r"attention_impl must be one of \['fused', 'reference'\], got 'flash'"):
+        model.set_attention_impl("flash")
+    with pytest.raises(ValueError, match="no attention module named \\['nope'\\]"):
+        model.set_attn_processor({"nope": "fused"})
+    with pytest.raises(TypeError, match="AttentionBlock needs a SpatialAttentionProcessor, got CountingMasked"):
+        model.set_attn_processor({"middle_block.1": CountingMasked()})
+    hae_name = next(n for n, m in model.attention_modules().items() if isinstance(m, MultiScaleSparseTransformer))
+    with pytest.raises(ValueError, match="unknown attention processor 'flash' for MultiScaleSparseTransformer"):
+        model.set_attn_processor({hae_name: "flash"})
+    v2 = su.create_model(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,1,1,2", in_channels=4)
+    with pytest.raises(TypeError, match="no attention module of this model accepts a CountingMasked"):
+        v2.set_attn_processor(CountingMasked())
+    assert model.attention_impl == "reference"  # nothing was changed by the failed calls
+
+
+class CountingMasked(MaskedAttentionProcessor):
+    def __call__(self, module, seq):
+        return seq
+
+
+def test_classifier_and_pool_take_processors():
+    vec = load_vector("classifier")
+    classifier = su.create_classifier(**vec["flags"])
+    classifier.load_state_dict(vec["state_dict"])
+    classifier.eval()
+    assert any(isinstance(m, AttentionPool2d) for m in classifier.attention_modules().values())
+    assert len(classifier.attn_processors) == 8  # 7 AttentionBlocks + the pool
+    classifier.set_attention_impl("fused")
+    assert classifier.attention_impl == "fused"
+    with torch.no_grad():
+        logits = classifier(vec["x"], vec["t"])
+    assert (logits - vec["logits"]).abs().max().item() <= tolerance(vec["logits"])
+
+
+def test_hae_designs_are_a_table_of_choices():
+    assert {n: (d.per_patch_projection, d.bottleneck_mlp, d.concat_fusion) for n, d in HAE_DESIGNS.items()} == {
+        "hae": (True, False, True), "hae_lite": (False, False, False), "hae_v2": (False, True, False)}
+    assert hae_design("hae_v2") is HAE_DESIGNS["hae_v2"]
+    with pytest.raises(ValueError, match="unknown HAE design 'hae_v3'"):
+        hae_design("hae_v3")
+    block = MultiScaleSparseTransformer(32, "hae", dropout=0.0)
+    assert hasattr(block, "patch_projections") and not hasattr(block, "shared_patch_embed")
+    assert MultiScaleSparseTransformer(32, "hae_v2", dropout=0.0).mlp.mlp[0].out_features == 8
