@@ -41,6 +41,8 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
+from guided_diffusion.errors import CheckpointMismatchError, SettingsMismatchError, UserError
+
 PathLike = Union[str, "os.PathLike[str]"]
 Warn = Callable[[str], None]
 
@@ -48,15 +50,15 @@ Warn = Callable[[str], None]
 # Errors
 
 
-class DiskFullError(OSError):
+class DiskFullError(OSError, UserError):
     """A write failed because the disk (or the user's quota) is full; the partial file was removed."""
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(UserError, ValueError):
     """A checkpoint file that was asked for by name is truncated, empty or not a torch file."""
 
 
-class RunConfigError(ValueError):
+class RunConfigError(UserError, ValueError):
     """config.json is malformed, of another kind, or contradicts the flags of this run."""
 
 
@@ -488,17 +490,88 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
 def load_state_dict_into(module: Any, path: PathLike, map_location: Any = "cpu", hint: str = "") -> None:
     """Load the state_dict file ``path`` into ``module`` strictly (a DDP ``module.`` prefix is removed).
 
-    A mismatch is a ``RuntimeError`` naming the file, ``hint`` (e.g. the flags the model was built from) and a
-    shortened list of the differing keys, instead of torch's full dump.
+    A mismatch is a ``CheckpointMismatchError`` naming the file, ``hint`` (e.g. the flags the model was built from),
+    the counts of missing / unexpected / differently shaped keys with a few examples, and the flags that likely
+    differ (``state_dict_mismatch``), instead of torch's full dump.
     """
     state = load_checkpoint(path, map_location=map_location)
-    if isinstance(state, dict) and state and all(str(k).startswith("module.") for k in state):
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise CheckpointMismatchError(f"checkpoint {os.fspath(path)} is not a plain state_dict (a dict of tensors, "
+                                      f"as training writes); got a {type(state).__name__}")
+    if state and all(str(k).startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise RuntimeError(f"checkpoint {os.fspath(path)} does not fit the model built from "
-                           f"{hint or 'the flags'}: {_shorten(str(exc))}") from None
+    problem = state_dict_mismatch({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                                  {k: tuple(v.shape) for k, v in state.items()})
+    if problem is not None:
+        raise CheckpointMismatchError(
+            f"checkpoint {os.fspath(path)} does not fit the model built from {hint or 'the flags'}: {problem}. "
+            "Build the model with the flags the checkpoint was trained with (its folder's config.json, or the "
+            "training command), or point at the checkpoint you mean")
+    module.load_state_dict(state, strict=True)
+
+
+def _examples(items: Sequence[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def state_dict_mismatch(model: Dict[str, tuple], checkpoint: Dict[str, tuple]) -> Optional[str]:
+    """None when the key -> shape maps agree, else a short summary and the flags that likely differ.
+
+    E.g. "3 keys of another shape (input_blocks.0.0.weight: checkpoint (32, 4, 3, 3), model (64, 4, 3, 3), ...);
+    likely flags: --num_channels (checkpoint: 32, model: 64)".
+    """
+    missing = [k for k in model if k not in checkpoint]
+    unexpected = [k for k in checkpoint if k not in model]
+    reshaped = [k for k in model if k in checkpoint and tuple(model[k]) != tuple(checkpoint[k])]
+    if not (missing or unexpected or reshaped):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) of the model missing from the checkpoint ({_examples(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} key(s) in the checkpoint that the model lacks ({_examples(unexpected)})")
+    if reshaped:
+        shown = [f"{k}: checkpoint {tuple(checkpoint[k])}, model {tuple(model[k])}" for k in reshaped]
+        parts.append(f"{len(reshaped)} key(s) of another shape ({_examples(shown, 2)})")
+    flags = _likely_flags(model, checkpoint)
+    return "; ".join(parts) + (f"; likely flags: {'; '.join(flags)}" if flags else "")
+
+
+def _likely_flags(model: Dict[str, tuple], ckpt: Dict[str, tuple]) -> List[str]:
+    """Which flags probably differ, read off the UNet / classifier key names (guided-diffusion's module tree)."""
+    out = []
+    first = "input_blocks.0.0.weight"  # the input conv: [num_channels, in_channels, 3, 3]
+    same_input = True
+    if first in model and first in ckpt:
+        if model[first][0] != ckpt[first][0]:
+            out.append(f"--num_channels / --classifier_width (checkpoint: {ckpt[first][0]}, model: {model[first][0]})")
+        if model[first][1:2] != ckpt[first][1:2]:
+            same_input = False
+            out.append(f"--in_channels (checkpoint: {ckpt[first][1]}, model: {model[first][1]})")
+    last = "out.2.weight"  # the UNet's output conv: [out_channels, ...]
+    if last in model and last in ckpt and model[last][0] != ckpt[last][0] and same_input:
+        out.append(f"--learn_sigma (the checkpoint predicts {ckpt[last][0]} channels, the model {model[last][0]})")
+    if ("label_emb.weight" in model) != ("label_emb.weight" in ckpt):
+        cond = "label_emb.weight" in ckpt
+        out.append(f"--num_classes / --class_cond (the checkpoint is {'class-conditional' if cond else 'unconditional'})")
+    elif "label_emb.weight" in model and model["label_emb.weight"][0] != ckpt["label_emb.weight"][0]:
+        out.append(f"--num_classes (checkpoint: {ckpt['label_emb.weight'][0]}, model: {model['label_emb.weight'][0]})")
+
+    def has(keys: Dict[str, tuple], word: str) -> bool:
+        return any(word in k for k in keys)
+
+    if has(model, "transformer_branch") != has(ckpt, "transformer_branch"):
+        out.append(f"--use_hae / --unet_ver (the checkpoint has {'' if has(ckpt, 'transformer_branch') else 'no '}"
+                   "HAE blocks)")
+    elif has(model, "encoder_kv") != has(ckpt, "encoder_kv"):
+        out.append(f"--unet_ver (the checkpoint is {'not ' if has(ckpt, 'encoder_kv') else ''}a v1 UNet)")
+    blocks = [len({k.split(".")[1] for k in keys if k.startswith("input_blocks.")}) for keys in (ckpt, model)]
+    if blocks[0] != blocks[1]:
+        out.append(f"--channel_mult / --num_res_blocks / --image_size (the checkpoint has {blocks[0]} input blocks, "
+                   f"the model {blocks[1]})")
+    elif {k for k in model if ".qkv." in k} != {k for k in ckpt if ".qkv." in k} and not out:
+        out.append("--attention_resolutions (attention layers sit at other resolutions)")
+    return out
 
 
 def _shorten(text: str, limit: int = 1200) -> str:
@@ -561,3 +634,48 @@ def read_run_config(folder: PathLike) -> Optional[Dict[str, Any]]:
         raise RunConfigError(f"{path} has no \"kind\" (e.g. \"diffusion\")")
     record.setdefault("training", {})
     return record
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Settings records: what determined an output folder (preprocessed data, synthetic subjects)
+
+
+def _shown(value: Any) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else repr(value)
+
+
+def check_settings_record(path: PathLike, settings: Dict[str, Any], *, what: str, remedy: str,
+                          labels: Optional[Dict[str, str]] = None,
+                          on_missing: Optional[Callable[[], None]] = None) -> None:
+    """Refuse to add to an output folder made with other settings than ``settings`` (what determines the output).
+
+    ``path`` holds a JSON object (``write_settings_record``); every key of ``settings`` must equal the recorded
+    value, else ``SettingsMismatchError`` lists each difference as ``<label> <recorded> (now <value>)`` (``labels``
+    maps keys to flags, default ``--<key>``), then ``remedy``. Without a record, ``on_missing()`` may check the
+    folder's existing content (and raise). Nothing is written: record the settings once the run has checked the
+    rest (``write_settings_record``).
+    """
+    labels = labels or {}
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        if on_missing is not None:
+            on_missing()
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        if not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise SettingsMismatchError(f"{path}, the record of the settings {what} was made with, is unreadable "
+                                    f"({exc}); {remedy}") from None
+    diffs = [f"{labels.get(k, '--' + k)} {_shown(recorded.get(k))} (now {_shown(v)})"
+             for k, v in settings.items() if recorded.get(k) != v]
+    if diffs:
+        raise SettingsMismatchError(f"{what} was made with other settings ({path}): {'; '.join(diffs)}. Adding "
+                                    f"to it would mix both. {remedy}")
+
+
+def write_settings_record(path: PathLike, settings: Dict[str, Any], extra: Optional[Dict[str, Any]] = None) -> None:
+    """Record ``settings`` (compared on reruns) and ``extra`` (information, e.g. the source folder) atomically."""
+    write_json(path, {**settings, **(extra or {})})

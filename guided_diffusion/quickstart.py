@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from guided_diffusion.errors import UserError, entry_point
+
 SETUPS = ("mixed", "unhealthy")
 
 
@@ -71,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "trained":
@@ -80,8 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(path) as f:
             metrics = json.load(f)
     except (OSError, ValueError) as exc:
-        print(f"error: cannot read {path}: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(f"cannot read {path}: {exc}; run the translation step first") from None
     print(format_report(metrics, args.results, args.seconds))
     return 0
 

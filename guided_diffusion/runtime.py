@@ -9,14 +9,22 @@
   as every script does, is enough) and the shell launchers export it. The thread count is set here, after
   torch is loaded: ``configure_threads()`` uses the free cores (cores this process may use minus the 1-minute
   load average, at least 1) unless ``OMP_NUM_THREADS`` is set (by the user, or by torchrun for several processes).
+* ``worker_pool``: a process pool whose workers end with this process (killed, interrupted or failing), so no
+  worker keeps running after its parent (preprocessing, synthetic data).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
-from typing import ContextManager, Optional
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -80,3 +88,90 @@ def thread_summary() -> str:
     source = "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "free cores"
     return (f"CPU threads {torch.get_num_threads()} ({source}; {usable_cores()} usable cores), "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Worker processes that end with their parent
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_POLL_S = 1.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _watch_parent(parent_pid: int, ppid: int) -> None:
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != ppid or not _pid_alive(parent_pid):
+            os._exit(1)  # the parent is gone (killed): nobody collects this worker's result
+
+
+def _worker_start(parent_pid: int, initializer: Optional[Callable[..., Any]], initargs: Sequence[Any]) -> None:
+    """Runs first in every worker: end with the parent, leave Ctrl-C to the parent, then the user's initializer."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles it and ends the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (inherited by fork)
+    if sys.platform.startswith("linux"):  # the kernel sends SIGTERM when the parent dies, even by SIGKILL
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    ppid = os.getppid()
+    if ppid != parent_pid and not _pid_alive(parent_pid):
+        os._exit(1)  # the parent died before this worker started watching it
+    # elsewhere (and as a second line of defence) poll the parent
+    threading.Thread(target=_watch_parent, args=(parent_pid, ppid), daemon=True, name="watch-parent").start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and terminate the running workers (shutdown alone waits for running tasks)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public way to end running tasks
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    for proc in processes:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=5)
+
+
+class Terminated(SystemExit):
+    """SIGTERM received while a worker pool ran (the workers were stopped)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, initializer: Optional[Callable[..., Any]] = None,
+                initargs: Sequence[Any] = ()) -> Iterator[ProcessPoolExecutor]:
+    """``with worker_pool(n) as pool: pool.submit(...)``: a ``ProcessPoolExecutor`` whose workers end with this process.
+
+    A worker exits when its parent dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``, and a thread polling the
+    parent everywhere); it ignores Ctrl-C, which the parent handles. In the parent, an exception (Ctrl-C included)
+    or SIGTERM inside the block cancels the queued tasks and terminates the running workers before it propagates
+    (SIGTERM as ``SystemExit(143)``); a normal exit waits for the workers as usual.
+    """
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_start,
+                               initargs=(os.getpid(), initializer, tuple(initargs)))
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield pool
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -232,7 +232,73 @@ def _checked_flags(kwargs: Dict, defaults: Dict, what: str) -> Dict:
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"unknown {what} flags: {sorted(unknown)}")
-    return {**defaults, **kwargs}
+    flags = {**defaults, **kwargs}
+    check_model_flags(flags)
+    return flags
+
+
+NOISE_SCHEDULES = ("linear", "cosine")
+CLASSIFIER_POOLS = ("attention", "adaptive")
+
+
+def check_model_flags(flags: Dict[str, Any]) -> None:
+    """Out-of-range or malformed model / diffusion / classifier flags: a ValueError naming the flag and the value.
+
+    The one check of these flags; every factory here calls it, and the command lines call it before any work.
+    Only the keys present are checked (a diffusion model's or a classifier's flags).
+    """
+    def at_least(key: str, low: int) -> None:
+        if key in flags and not (isinstance(flags[key], (int, float)) and flags[key] >= low):
+            raise ValueError(f"--{key} must be >= {low}, got {flags[key]!r}")
+
+    for key in ("image_size", "num_channels", "in_channels", "diffusion_steps", "classifier_width", "out_channels"):
+        at_least(key, 1)
+    for key in ("num_res_blocks", "num_classes", "classifier_depth"):
+        at_least(key, 0)
+    if flags.get("num_head_channels", -1) == -1:
+        at_least("num_heads", 1)
+    elif flags["num_head_channels"] < 1:
+        raise ValueError(f"--num_head_channels must be -1 (use --num_heads) or >= 1, got {flags['num_head_channels']}")
+    if flags.get("num_heads_upsample", -1) not in (-1,) and flags["num_heads_upsample"] < 1:
+        raise ValueError(f"--num_heads_upsample must be -1 (as --num_heads) or >= 1, got {flags['num_heads_upsample']}")
+    if "dropout" in flags and not 0 <= flags["dropout"] < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {flags['dropout']}")
+    if "bottleneck_ratio" in flags and not 0 < flags["bottleneck_ratio"] <= 1:
+        raise ValueError(f"--bottleneck_ratio must be in (0, 1], got {flags['bottleneck_ratio']}")
+    if "noise_schedule" in flags and flags["noise_schedule"] not in NOISE_SCHEDULES:
+        raise ValueError(f"--noise_schedule must be one of {', '.join(NOISE_SCHEDULES)}, got {flags['noise_schedule']!r}")
+    if "classifier_pool" in flags and flags["classifier_pool"] not in CLASSIFIER_POOLS:
+        raise ValueError(f"--classifier_pool must be one of {', '.join(CLASSIFIER_POOLS)}, got "
+                         f"{flags['classifier_pool']!r}")
+    if "unet_ver" in flags and flags["unet_ver"] not in UNET_VERSIONS:
+        raise ValueError(f"unknown --unet_ver {flags['unet_ver']!r}; valid: {', '.join(UNET_VERSIONS)}")
+    for key in ("attention_resolutions", "classifier_attention_resolutions"):
+        if key in flags:
+            try:
+                sizes = [int(r) for r in str(flags[key]).split(",") if r.strip()]
+            except ValueError:
+                raise ValueError(f"--{key} must be comma-separated feature-map sizes in pixels (e.g. 32,16,8), "
+                                 f"got {flags[key]!r}") from None
+            if any(r < 1 for r in sizes):
+                raise ValueError(f"--{key} sizes must be >= 1, got {flags[key]!r}")
+    if flags.get("channel_mult"):
+        try:
+            mult = [int(m) for m in str(flags["channel_mult"]).split(",")]
+        except ValueError:
+            raise ValueError(f"--channel_mult must be comma-separated integers (e.g. 1,2,2,2), got "
+                             f"{flags['channel_mult']!r}") from None
+        if any(m <= 0 for m in mult):
+            raise ValueError(f"--channel_mult entries must be >= 1, got {flags['channel_mult']!r}")
+    if flags.get("timestep_respacing") and "diffusion_steps" in flags:
+        from guided_diffusion.diffusion.respace import space_timesteps
+
+        try:
+            space_timesteps(int(flags["diffusion_steps"]), str(flags["timestep_respacing"]))
+        except ValueError as exc:
+            raise ValueError(f"--timestep_respacing {flags['timestep_respacing']!r} with --diffusion_steps "
+                             f"{flags['diffusion_steps']}: {exc if 'literal' not in str(exc) else 'malformed'} (use "
+                             "'' for every step, 'ddimN', or comma-separated section counts such as '250' or "
+                             "'10,15,20')") from None
 
 
 def _diffusion_from_flags(args: Dict):

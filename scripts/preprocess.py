@@ -7,8 +7,10 @@ import argparse
 import sys
 
 from guided_diffusion.data.preprocess import MODALITIES, preprocess
+from guided_diffusion.errors import entry_point
 
 
+@entry_point
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-s", "--source", required=True, help="folder with one sub-folder per subject (or ATLAS BIDS tree)")
@@ -25,13 +27,9 @@ def main() -> int:
                    help="put at least this many subjects with a lesion into validation when the split is made "
                         "(0: upstream's split; small data sets may otherwise get none, and AnoFPDM needs one)")
     args = p.parse_args()
-    try:
-        summary = preprocess(args.source, name=args.name, mod=args.mod, first=args.first, last=args.last,
-                             output=args.output or None, image_size=args.image_size, workers=args.workers,
-                             min_val_lesion=args.min_val_lesion_subjects)
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = preprocess(args.source, name=args.name, mod=args.mod, first=args.first, last=args.last,
+                         output=args.output or None, image_size=args.image_size, workers=args.workers,
+                         min_val_lesion=args.min_val_lesion_subjects)
     return 1 if summary["errors"] else 0
 
 

@@ -309,7 +309,11 @@ def test_validation_lesion_option(tmp_path):
     assert summary["splits"]["val"]["unhealthy_slices"] > 0
     assert [summary["splits"][s]["patients"] for s in pp.SPLITS] == [15, 1, 4]
 
-    # an existing upstream split that does not satisfy the option is an error, not a silent reuse
+    # rerun into an output made without the option: its recorded settings differ
+    with pytest.raises(ValueError, match=r"--min_val_lesion_subjects 0 \(now 1\)"):
+        pp.preprocess(src, image_size=8, output=tmp_path / "plain", progress=False, min_val_lesion=1)
+    # an existing upstream split (no settings record) that does not satisfy the option is an error, not a silent reuse
+    (tmp_path / "plain" / pp.SETTINGS_FILE).unlink()
     with pytest.raises(ValueError, match="fewer than 1 validation subject"):
         pp.preprocess(src, image_size=8, output=tmp_path / "plain", progress=False, min_val_lesion=1)
 

@@ -98,8 +98,9 @@ def test_report_formatting_and_cli(tmp_path, capsys):
     (tmp_path / "panels.png").write_bytes(b"png")
     assert main(["report", "--results", str(tmp_path)]) == 0
     assert "pictures:" in capsys.readouterr().out
-    assert main(["report", "--results", str(tmp_path / "missing")]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "--results", str(tmp_path / "missing")])
+    assert exc.value.code == 2 and "cannot read" in capsys.readouterr().err
 
     torch.save({"w": torch.zeros(2)}, tmp_path / "model000010.pt")
     assert main(["trained", "--model_dir", str(tmp_path), "--step", "10", "--ema_rate", "0.995"]) == 1

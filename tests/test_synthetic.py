@@ -185,7 +185,7 @@ def test_settings_are_recorded_and_checked(tmp_path):
                              lesions=syn.lesion_settings("small"))
     with pytest.raises(ValueError, match="other settings.*lesions"):
         syn.make_synthetic_brats(out, num_subjects=2, healthy_fraction=1.0, seed=2, shape=SMALL, progress=False)
-    with pytest.raises(ValueError, match="seed: folder 2, now 3"):
+    with pytest.raises(ValueError, match=r"--seed 2 \(now 3\)"):
         syn.make_synthetic_brats(out, num_subjects=1, healthy_fraction=1.0, seed=3, shape=SMALL, progress=False,
                                  lesions=syn.lesion_settings("small"))
     # more subjects with the same settings is a resume, not a conflict
@@ -196,5 +196,5 @@ def test_settings_are_recorded_and_checked(tmp_path):
         syn.lesion_settings("huge")
     with pytest.raises(ValueError, match="radius"):
         syn.lesion_settings("default", radius_mm=[20, 10])
-    with pytest.raises(ValueError, match="lesions per subject"):
+    with pytest.raises(ValueError, match="--lesions_per_subject"):
         syn.lesion_settings("default", lesions=[0, 2])

@@ -7,18 +7,25 @@ Every slice gives ``x`` scaled per slice and per channel to [-1, 1] by min-max, 
 Sampling: train uses a ``DistributedSampler`` (also for a single process, so ``set_epoch`` always exists); val/test
 use one seeded order of the whole split that ranks share out without replacement, so every slice is seen exactly once
 across ranks (upstream drew a fresh random permutation per batch, which repeats slices).
+
+Faults: a truncated or corrupt slice file is a ``DataError`` naming it (``read_slice``), when it is met; with
+``image_size`` / ``in_channels`` the slices are checked against the model at start (the first slice of every patient,
+by its header) and each slice when it is loaded, so data of another size or channel count is an error naming both.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import zipfile
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from guided_diffusion.errors import DataError
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of BraTS data preprocessed with --mod all
 FLAIR, T1, T1CE, T2 = range(4)
@@ -57,9 +64,51 @@ def slice_paths(patient_dir: Path) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _redo(path: Path) -> str:
+    return (f"Preprocess that subject again: delete {Path(path).parent} and rerun scripts/preprocess.py with the same "
+            "flags (finished subjects are kept)")
+
+
+def read_slice(path: Path, keys: Sequence[str] = ("x", "y")) -> Dict[str, np.ndarray]:
+    """The arrays ``keys`` of one slice file; a ``DataError`` naming the file if it is truncated, corrupt or lacks one."""
+    try:
+        with np.load(path) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise DataError(f"slice file {path} has no {'/'.join(missing)} array (it holds {data.files}); "
+                                f"{_redo(path)}")
+            return {k: data[k] for k in keys}
+    except DataError:
+        raise
+    except Exception as exc:  # BadZipFile, EOFError, zlib.error, ValueError (pickled or garbage), OSError
+        raise DataError(f"cannot read slice file {path}: it is truncated or corrupt ({type(exc).__name__}: {exc}). "
+                        f"{_redo(path)}") from None
+
+
+def read_slice_shape(path: Path) -> Tuple[int, ...]:
+    """(channels, height, width) of a slice file's ``x`` [1, C, H, W], from its header alone (nothing decompressed
+    beyond it); a ``DataError`` naming the file when that cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape = read_header(f)[0]
+    except Exception as exc:
+        raise DataError(f"cannot read slice file {path}: it is truncated or corrupt ({type(exc).__name__}: {exc}). "
+                        f"{_redo(path)}") from None
+    if len(shape) != 4 or shape[0] != 1:
+        raise DataError(f"slice file {path} holds x of shape {tuple(shape)}, not [1, channels, height, width]; "
+                        f"{_redo(path)}")
+    return tuple(int(n) for n in shape[1:])
+
+
 def slice_label(path: Path) -> int:
-    with np.load(path) as data:
-        return int((data["y"] > 0.5).any())
+    return int((read_slice(path, ("y",))["y"] > 0.5).any())
+
+
+def _shape_mismatch(shape: Tuple[int, ...], image_size: Optional[int], in_channels: Optional[int]) -> bool:
+    return ((in_channels is not None and shape[0] != in_channels)
+            or (image_size is not None and tuple(shape[1:]) != (image_size, image_size)))
 
 
 class BrainDataset(Dataset):
@@ -81,6 +130,9 @@ class BrainDataset(Dataset):
         ret_lab: bool = True,
         num_mix: Optional[int] = None,
         patient_seed: int = 0,
+        image_size: Optional[int] = None,
+        in_channels: Optional[int] = None,
+        flags_source: str = "the flags",
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -118,13 +170,35 @@ class BrainDataset(Dataset):
         if not self.items:
             raise ValueError(f"no slices selected from {root} (mixed={mixed}, n_unhealthy_patients="
                              f"{n_unhealthy_patients}, n_healthy_patients={n_healthy_patients})")
+        self.image_size, self.in_channels, self.flags_source = image_size, in_channels, flags_source
+        if image_size is not None or in_channels is not None:
+            firsts = {}
+            for path in self.items:
+                firsts.setdefault(path.parent, path)
+            for path in firsts.values():
+                self._check_shape(read_slice_shape(path), path)
+
+    def _check_shape(self, shape: Tuple[int, ...], path: Path) -> None:
+        if _shape_mismatch(shape, self.image_size, self.in_channels):
+            model = " ".join(f"--{k} {v}" for k, v in (("in_channels", self.in_channels),
+                                                      ("image_size", self.image_size)) if v is not None)
+            raise DataError(
+                f"the data does not fit the model: slice file {path} holds {shape[0]} channel(s) at {shape[1]}x"
+                f"{shape[2]} px, but the model ({self.flags_source}) takes {model}. Use the data the model is for, "
+                f"or build the model for this data (--in_channels {shape[0]} --image_size {shape[1]}), or preprocess "
+                f"again with the model's --image_size / --mod")
 
     def __len__(self) -> int:
         return len(self.items)
 
     def load(self, idx: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        with np.load(self.items[idx]) as data:
-            x, y = data["x"][0], data["y"][0]
+        path = self.items[idx]
+        data = read_slice(path)
+        if data["x"].ndim != 4 or data["y"].ndim != 4 or data["x"].shape[2:] != data["y"].shape[2:]:
+            raise DataError(f"slice file {path} holds x {data['x'].shape} and y {data['y'].shape}, not [1, C, H, W] "
+                            f"and [1, 1, H, W]; {_redo(path)}")
+        x, y = data["x"][0], data["y"][0]
+        self._check_shape(x.shape, path)
         gt = torch.from_numpy(y > 0.5).float()  # [1, H, W]
         return normalise_slice(x), gt, int(gt.any())
 
@@ -196,8 +270,14 @@ def get_data_iter(
     num_workers: int = 0,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    image_size: Optional[int] = None,
+    in_channels: Optional[int] = None,
+    flags_source: str = "the flags",
 ):
     """Loader for one split of a preprocessed data set (`name` is a label: brats, atlas, ...).
+
+    `image_size` / `in_channels`: the model's; slices of another size or channel count are a ``DataError`` naming the
+    file and both (`flags_source` says where the model's values came from, e.g. a config.json).
 
     train -> (loader, sampler); per-rank batch = batch_size // world_size; call sampler.set_epoch(epoch).
     val/test -> loader of (x, gt_mask, label) over this rank's shard; batch_size per rank.
@@ -206,7 +286,8 @@ def get_data_iter(
     """
     rank, world_size = _dist_info(distributed, rank, world_size)
     dataset = BrainDataset(data_dir, split, n_unhealthy_patients=n_unhealthy_patients,
-                           n_healthy_patients=n_healthy_patients, mixed=mixed, ret_lab=ret_lab, num_mix=num_mix)
+                           n_healthy_patients=n_healthy_patients, mixed=mixed, ret_lab=ret_lab, num_mix=num_mix,
+                           image_size=image_size, in_channels=in_channels, flags_source=flags_source)
     common = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=num_workers > 0)
     if split == "train":

@@ -25,7 +25,7 @@ import random
 import sys
 import tempfile
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from guided_diffusion import fileio
+from guided_diffusion import fileio, runtime
+from guided_diffusion.errors import SettingsMismatchError, UserError
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of --mod all
 SPLITS = ("train", "val", "test")
@@ -44,6 +45,9 @@ SPLIT_SEED = 10
 SPLIT_FRACTIONS = (0.75, 0.05)  # train, val; test gets the rest
 DATASETS = ("brats", "atlas")
 SUMMARY_FILE = "preprocess_summary.json"
+SETTINGS_FILE = "preprocess_settings.json"  # what determined the output (checked on every rerun into it)
+SPLIT_RECORD = "split.json"  # in data_splits/: the subjects the split was made from (absent: an older split)
+FORMAT_VERSION = 1  # of the slice files; bump when what they hold changes
 
 
 class SubjectError(Exception):
@@ -165,9 +169,23 @@ def discover_subjects(source: str | os.PathLike, name: str, mod: str,
         subjects = _atlas_subjects(source, warnings)
     else:
         raise ValueError(f"--name must be one of {DATASETS}, got {name!r}")
+    subjects = [s for s in subjects if _is_subject(s, warnings)]
     if not subjects:
         raise ValueError(f"no subject folders found in --source {source} for --name {name}")
     return sorted(subjects, key=lambda s: s.name)
+
+
+def _is_subject(subject: Subject, warnings: List[str]) -> bool:
+    """A folder is a subject when it holds at least one of the subject's files; others are reported and left out,
+    so they take no part in the split (a subject missing some files is one, and fails with a message)."""
+    files = [p for p in (*subject.images.values(), subject.mask) if p is not None]
+    if any(Path(p).exists() for p in files):
+        return True
+    folder = Path(files[0]).parent if files else subject.name
+    _warn(f"ignoring folder {folder} in --source: it holds none of a subject's files "
+          f"({', '.join(Path(p).name for p in files)}), so it is not a subject and takes no part in the split",
+          warnings)
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,11 +210,28 @@ def _give_validation_lesions(parts: Dict[str, List[int]], names: Sequence[str], 
         _warn(f"only {have} subject(s) with a lesion could be put into validation (wanted {wanted})", warnings)
 
 
+def seeded_split(names: Sequence[str], min_val_lesion: int = 0, has_lesion: Optional[Callable[[str], bool]] = None,
+                 warnings: Optional[List[str]] = None) -> Dict[str, List[str]]:
+    """Upstream's split of the sorted ``names``: random.seed(10) shuffle, int(75 %) / int(5 %) / rest (see make_splits)."""
+    names = sorted(names)
+    indices = list(range(len(names)))
+    random.Random(SPLIT_SEED).shuffle(indices)  # same permutation as upstream's random.seed(10); random.shuffle
+    n_train = int(len(indices) * SPLIT_FRACTIONS[0])
+    n_val = int(len(indices) * SPLIT_FRACTIONS[1])
+    parts = {"train": indices[:n_train], "val": indices[n_train:n_train + n_val], "test": indices[n_train + n_val:]}
+    if min_val_lesion > 0:
+        _give_validation_lesions(parts, names, min_val_lesion, has_lesion, [] if warnings is None else warnings)
+    return {split: [names[i] for i in parts[split]] for split in SPLITS}
+
+
 def make_splits(names: Sequence[str], splits_dir: Path, warnings: Optional[List[str]] = None,
                 min_val_lesion: int = 0, has_lesion: Optional[Callable[[str], bool]] = None) -> Dict[str, List[str]]:
     """Per-subject split as upstream (random.seed(10) shuffle of the sorted listing, 75% / 5% / rest).
 
-    An existing ``data_splits`` folder is reused as is, so reruns and added subjects never reshuffle.
+    ``names`` are the subjects (folders that are not subjects take no part, see ``discover_subjects``). An existing
+    ``data_splits`` folder is reused as is, so reruns and added subjects never reshuffle; one made by an older
+    version (no ``split.json``) whose seeded split included folders that were not subjects is refused when that
+    changed the real subjects' assignment (``_check_older_split``).
     ``min_val_lesion > 0`` (off by default, so upstream's split stays the default) makes sure validation holds at
     least that many subjects with a lesion (``has_lesion(name)``): M_max, one of AnoFPDM's hyper-parameters, can
     only be estimated from unhealthy validation slices, and small data sets often get none. Lesion subjects move
@@ -210,6 +245,8 @@ def make_splits(names: Sequence[str], splits_dir: Path, warnings: Optional[List[
             if not csv.exists():
                 raise FileNotFoundError(f"{csv} is missing; delete {splits_dir} to re-create the splits")
             splits[split] = [line.strip() for line in csv.read_text().splitlines() if line.strip()]
+        if not (splits_dir / SPLIT_RECORD).exists():
+            splits = _check_older_split(splits, names, splits_dir, min_val_lesion, has_lesion, warnings)
         listed = {n for names_ in splits.values() for n in names_}
         for n in names:
             if n not in listed:
@@ -218,19 +255,52 @@ def make_splits(names: Sequence[str], splits_dir: Path, warnings: Optional[List[
             raise ValueError(f"the existing split in {splits_dir} has fewer than {min_val_lesion} validation "
                              f"subject(s) with a lesion; delete {splits_dir} (and the npy_* folders) to re-split")
         return splits
-    indices = list(range(len(names)))
-    random.Random(SPLIT_SEED).shuffle(indices)  # same permutation as upstream's random.seed(10); random.shuffle
-    n_train = int(len(indices) * SPLIT_FRACTIONS[0])
-    n_val = int(len(indices) * SPLIT_FRACTIONS[1])
-    parts = {"train": indices[:n_train], "val": indices[n_train:n_train + n_val], "test": indices[n_train + n_val:]}
-    if min_val_lesion > 0:
-        _give_validation_lesions(parts, names, min_val_lesion, has_lesion, warnings)
-    splits = {split: [names[i] for i in parts[split]] for split in SPLITS}
+    splits = seeded_split(names, min_val_lesion, has_lesion, warnings)
+    record = {"seed": SPLIT_SEED, "fractions": list(SPLIT_FRACTIONS), "min_val_lesion_subjects": min_val_lesion,
+              "subjects": sorted(names)}
     with fileio.atomic_dir(splits_dir) as tmp:
         for split in SPLITS:
             (tmp / split).mkdir(parents=True)
             (tmp / split / "scans.csv").write_text("\n".join(splits[split]))
+        (tmp / SPLIT_RECORD).write_text(json.dumps(record, indent=1))
     return splits
+
+
+def _check_older_split(splits: Dict[str, List[str]], names: Sequence[str], splits_dir: Path, min_val_lesion: int,
+                       has_lesion: Optional[Callable[[str], bool]], warnings: List[str]) -> Dict[str, List[str]]:
+    """A split made before non-subject folders were left out may hold such a folder, which shifted the seeded split.
+
+    Names in the split that are neither subjects now nor preprocessed (no ``npy_*/patient_<name>``) are taken for
+    such folders. When the split is the seeded split of its own listing and leaving them out assigns the real
+    subjects differently, this is an error saying how to re-split or keep it; otherwise they are dropped (warning).
+    A hand-made split (not the seeded one of its listing) is kept as it is.
+    """
+    root = splits_dir.parent
+    subjects = set(names)
+    listed = [n for split in SPLITS for n in splits[split]]
+    strays = sorted(n for n in listed if n not in subjects
+                    and not any((root / f"npy_{split}" / f"patient_{n}").is_dir() for split in SPLITS))
+    if not strays:
+        return splits
+    seeded = [seeded_split(listed)] + ([seeded_split(listed, min_val_lesion, has_lesion)] if min_val_lesion > 0 else [])
+    if splits not in seeded:
+        return splits  # not the seeded split of its listing: made by hand, kept as it is
+    kept = {split: [n for n in splits[split] if n not in strays] for split in SPLITS}
+    made_with = min_val_lesion if splits == seeded[-1] and splits != seeded[0] else 0
+    without = seeded_split([n for n in listed if n not in strays], made_with, has_lesion)
+    if without == kept:
+        _warn(f"{splits_dir} lists {', '.join(strays)}, which is not a subject in --source (left out; the split of "
+              "the subjects is the same without it)", warnings)
+        return kept
+    where = {n: s for s in SPLITS for n in kept[s]}
+    moved = sum(where[n] != s for s in SPLITS for n in without[s])
+    raise SettingsMismatchError(
+        f"{splits_dir} was made by an older version from a listing that included {', '.join(strays[:5])}: "
+        f"{'folders that are' if len(strays) > 1 else 'a folder that is'} not a subject (no subject files, never "
+        f"preprocessed). Without {'them' if len(strays) > 1 else 'it'} the seeded split assigns {moved} of the "
+        f"{len(where)} subjects differently. To re-split: delete {splits_dir} and {root}/npy_train, npy_val, npy_test "
+        f"and rerun (the subjects are preprocessed again). To keep this assignment (e.g. models were trained on it): "
+        f"delete {'those names' if len(strays) > 1 else 'that name'} from {splits_dir}/*/scans.csv")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,13 +359,18 @@ def subject_has_lesion(subject: Subject) -> bool:
 
 
 def _count_existing(patient_dir: Path) -> Tuple[int, int]:
+    from guided_diffusion.data.loaders import read_slice
+
     healthy = unhealthy = 0
     for f in patient_dir.glob("slice_*.npz"):
-        with np.load(f) as data:
-            if (data["y"] > 0.5).any():
-                unhealthy += 1
-            else:
-                healthy += 1
+        try:
+            y = read_slice(f, ("y",))["y"]
+        except ValueError as exc:  # names the file
+            raise SubjectError(f"{exc} (a finished subject: delete {patient_dir} and rerun to preprocess it again)") from None
+        if (y > 0.5).any():
+            unhealthy += 1
+        else:
+            healthy += 1
     return healthy, unhealthy
 
 
@@ -376,6 +451,38 @@ def _check_writable(folder: Path) -> None:
         raise PermissionError(f"output folder {folder} is not writable: {exc}") from None
 
 
+def check_output_settings(root: Path, settings: Dict[str, object], warnings: List[str]) -> Dict[str, object]:
+    """Refuse to preprocess into ``root`` with other settings than it was made with (``preprocess_settings.json``);
+    returns the settings to record (``fileio.write_settings_record``) once the split is checked too.
+
+    An output made before settings were recorded is checked by what its slices show (image size, channels).
+    """
+    settings = dict(settings, format_version=FORMAT_VERSION)
+    channels = len(MODALITIES) if settings["mod"] == "all" else 1
+    remedy = (f"Rerun with the recorded settings, preprocess into another --output (the default folder name carries "
+              f"--mod, --first/--last and --image_size), or delete {root} to start over")
+
+    def older_output() -> None:
+        from guided_diffusion.data.loaders import read_slice_shape
+
+        existing = next(iter(sorted(root.glob("npy_*/patient_*/slice_*.npz"))), None)
+        if existing is None:
+            return
+        shape = read_slice_shape(existing)
+        wanted = (channels, settings["image_size"], settings["image_size"])
+        if shape != wanted:
+            raise SettingsMismatchError(
+                f"{root} holds slices of {shape[0]} channel(s) at {shape[1]}x{shape[2]} px (e.g. {existing}); this "
+                f"run makes {channels} channel(s) at {wanted[1]}x{wanted[2]} px (--mod {settings['mod']}, --image_size "
+                f"{settings['image_size']}). Adding to it would mix both. {remedy}")
+        _warn(f"{root} has no {SETTINGS_FILE} (made by an older version): its slices fit --mod {settings['mod']} "
+              f"--image_size {settings['image_size']}; the other settings cannot be checked; recording these", warnings)
+
+    fileio.check_settings_record(root / SETTINGS_FILE, settings, what=f"the preprocessed data in {root}",
+                                 remedy=remedy, labels={"format_version": "format version"}, on_missing=older_output)
+    return settings
+
+
 def preprocess(
     source: str | os.PathLike,
     name: str = "brats",
@@ -407,6 +514,10 @@ def preprocess(
         raise ValueError(f"--image_size must be positive, got {image_size}")
     if first < 0 or last < 0:
         raise ValueError(f"--first/--last must be >= 0, got {first}/{last}")
+    if min_val_lesion < 0:
+        raise ValueError(f"--min_val_lesion_subjects must be >= 0, got {min_val_lesion}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
 
     warnings: List[str] = []
     subjects = discover_subjects(source, name, mod, warnings)
@@ -415,15 +526,16 @@ def preprocess(
         subjects = [s for s in subjects if s.name != root.name]
     _check_writable(root)
     fileio.sweep_temp_files(root)  # partial files and folders left behind by a killed run
+    settings = check_output_settings(root, dict(name=name, mod=mod, first=first, last=last, image_size=image_size,
+                                                min_val_lesion_subjects=min_val_lesion), warnings)
     for split in SPLITS:
         _check_writable(root / f"npy_{split}")
         fileio.sweep_temp_files(root / f"npy_{split}")
 
     by_name = {s.name: s for s in subjects}
-    if min_val_lesion < 0:
-        raise ValueError(f"--min_val_lesion_subjects must be >= 0, got {min_val_lesion}")
     splits = make_splits([s.name for s in subjects], root / "data_splits", warnings, min_val_lesion,
                          lambda n: subject_has_lesion(by_name[n]) if n in by_name else False)
+    fileio.write_settings_record(root / SETTINGS_FILE, settings, {"source": str(Path(source).absolute())})
     tasks = []
     for split in SPLITS:
         for n in splits[split]:
@@ -441,19 +553,15 @@ def preprocess(
             results.append(_run_one(subject, split_dir, image_size, first, last))
             bar.update()
     else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+        with runtime.worker_pool(workers, initializer=_init_worker) as pool:  # workers end with this process
             futures = [pool.submit(_run_one, s, d, image_size, first, last) for s, d in tasks]
             try:
                 for fut in as_completed(futures):
                     results.append(fut.result())
                     bar.update()
             except BrokenProcessPool:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise RuntimeError(f"a worker process died (out of memory?); the {len(results)} subjects finished "
+                raise UserError(f"a worker process died (out of memory?); the {len(results)} subjects finished "
                                    f"so far are kept: rerun to resume, with fewer --workers") from None
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
     bar.close()
 
     errors = [r.message for r in results if r.status == "failed"]

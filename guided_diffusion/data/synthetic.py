@@ -14,11 +14,10 @@ nilearn is only needed here (``pip install -e .[demo]``); loading its templates 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from guided_diffusion import fileio
+from guided_diffusion import fileio, runtime
+from guided_diffusion.errors import UserError, entry_point
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 BRATS_SHAPE = (240, 240, 155)
@@ -62,11 +62,11 @@ class LesionSettings:
     def validate(self) -> "LesionSettings":
         lo, hi = self.radius_mm
         if not 2.0 <= lo <= hi:
-            raise ValueError(f"lesion radius range must satisfy 2 <= low <= high (mm), got {self.radius_mm}")
+            raise ValueError(f"--lesion_radius_mm must satisfy 2 <= LOW <= HIGH (mm), got {self.radius_mm}")
         if not 0.0 <= self.contrast <= 2.0:
-            raise ValueError(f"lesion contrast must be in [0, 2], got {self.contrast}")
+            raise ValueError(f"--lesion_contrast must be in [0, 2], got {self.contrast}")
         if not 1 <= self.lesions[0] <= self.lesions[1] <= 8:
-            raise ValueError(f"lesions per subject must satisfy 1 <= low <= high <= 8, got {self.lesions}")
+            raise ValueError(f"--lesions_per_subject must satisfy 1 <= LOW <= HIGH <= 8, got {self.lesions}")
         return self
 
 
@@ -101,13 +101,17 @@ def subject_name(index: int) -> str:
     return f"BraTS2021_{index:05d}"
 
 
+class MissingDependencyError(UserError, ImportError):
+    """nilearn (the MNI152 templates) is not installed."""
+
+
 @lru_cache(maxsize=1)
 def load_templates() -> Tuple[torch.Tensor, np.ndarray]:
     """MNI152 templates as a [1, 4, X, Y, Z] float32 tensor of (t1, gm, wm, brain mask) and the brain centre (voxels)."""
     try:
         from nilearn import datasets
     except ImportError as exc:  # optional dependency
-        raise ImportError(
+        raise MissingDependencyError(
             "The synthetic data set needs nilearn's MNI152 templates: pip install nilearn  (or pip install -e .[demo])"
         ) from exc
 
@@ -330,22 +334,19 @@ GENERATOR_VERSION = 1  # bump when the rendering changes, so old folders are not
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
     """Record what determines the subjects; refuse to add subjects made with other settings to the folder."""
-    path = out_dir / SETTINGS_FILE
-    if path.exists():
-        try:
-            recorded = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path} is unreadable ({exc}); delete it only if every subject in {out_dir} was made "
-                             "with the settings you are passing now") from None
-        diff = {k: (recorded.get(k), v) for k, v in settings.items() if k != "num_subjects" and recorded.get(k) != v}
-        if diff:
-            listing = ", ".join(f"{k}: folder {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"{out_dir} holds synthetic subjects made with other settings ({listing}); "
-                             "use another --output folder or the recorded settings")
-    elif any(out_dir.glob("BraTS2021_*")):
-        print(f"warning: {out_dir} holds subjects but no {SETTINGS_FILE} (an older run): their settings cannot be "
-              "checked; recording the current ones", file=sys.stderr, flush=True)
-    fileio.write_json(path, settings)
+
+    def older_run() -> None:
+        if any(out_dir.glob("BraTS2021_*")):
+            print(f"warning: {out_dir} holds subjects but no {SETTINGS_FILE} (an older run): their settings cannot be "
+                  "checked; recording the current ones", file=sys.stderr, flush=True)
+
+    compared = {k: v for k, v in settings.items() if k != "num_subjects"}  # more subjects is a resume
+    fileio.check_settings_record(
+        out_dir / SETTINGS_FILE, compared, what=f"the synthetic data set in {out_dir}",
+        labels={"generator_version": "generator version", "lesions": "lesions (--preset, --lesion_*)"},
+        remedy="Use another --output folder, or the recorded settings (delete the folder to start over)",
+        on_missing=older_run)
+    fileio.write_settings_record(out_dir / SETTINGS_FILE, compared, {"num_subjects": settings.get("num_subjects")})
 
 
 def make_synthetic_brats(
@@ -368,9 +369,11 @@ def make_synthetic_brats(
         raise ValueError(f"--num_subjects must be >= 1, got {num_subjects}")
     if not 0.0 <= healthy_fraction <= 1.0:
         raise ValueError(f"--healthy_fraction must be in [0, 1], got {healthy_fraction}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape must be three sizes >= 8, got {shape}")
+        raise ValueError(f"--shape must be three sizes >= 8, got {shape}")
     out_dir = Path(output)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -397,7 +400,7 @@ def make_synthetic_brats(
             bar.update()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with runtime.worker_pool(workers) as pool:  # workers end with this process
             futures = [pool.submit(_make_one, str(out_dir), seed, i, i in healthy, shape, threads, lesions)
                        for i in todo]
             for fut in as_completed(futures):
@@ -411,6 +414,7 @@ def make_synthetic_brats(
 # Command line (scripts/make_synthetic_brats.py)
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python scripts/make_synthetic_brats.py --output DIR [--preset small] ...``; returns the exit code."""
     import argparse
@@ -439,13 +443,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from guided_diffusion import runtime
 
     runtime.configure_threads(args.workers)
-    try:
-        lesions = lesion_settings(args.preset, args.lesion_radius_mm, args.lesion_contrast, args.lesions_per_subject)
-        names = make_synthetic_brats(args.output, num_subjects=args.num_subjects,
-                                     healthy_fraction=args.healthy_fraction, seed=args.seed, workers=args.workers,
-                                     shape=tuple(args.shape), lesions=lesions)
-    except (OSError, ValueError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    lesions = lesion_settings(args.preset, args.lesion_radius_mm, args.lesion_contrast, args.lesions_per_subject)
+    names = make_synthetic_brats(args.output, num_subjects=args.num_subjects, healthy_fraction=args.healthy_fraction,
+                                 seed=args.seed, workers=args.workers, shape=tuple(args.shape), lesions=lesions)
     print(f"{len(names)} subjects in {args.output}")
     return 0

@@ -10,6 +10,9 @@ import torch as th
 import torch.distributed as dist
 
 
+SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
+
+
 def create_named_schedule_sampler(name: str, diffusion) -> "ScheduleSampler":
     """"uniform" (what AnoFPDM uses) or "loss-second-moment" (Improved DDPM importance sampling)."""
     if name == "uniform":

@@ -19,10 +19,12 @@ from typing import Optional, Sequence
 
 from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.errors import entry_point
 from guided_diffusion.runtime import seed_everything
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
+    check_model_flags,
     check_run_config,
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
@@ -85,8 +87,10 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
                          "on clean inputs at t = 0")
     if args.val_data_dir and not os.path.isdir(args.val_data_dir):
         raise ValueError(f"--val_data_dir {args.val_data_dir} does not exist or is not a folder")
+    check_model_flags(args_to_dict(args, classifier_and_diffusion_defaults().keys()))
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = create_argparser()
     args = parser.parse_args(argv)
@@ -100,10 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dist_util.cleanup_dist()
         parser.error(str(e))
     try:
-        return train(args, classifier, diffusion)
-    except (fileio.RunConfigError, fileio.UnreadableCheckpointError, fileio.DiskFullError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
+        return train(args, classifier, diffusion)  # user errors: one message and exit code 2 (errors.entry_point)
     finally:
         dist_util.cleanup_dist()
 
@@ -129,14 +130,15 @@ def train(args: argparse.Namespace, classifier, diffusion) -> int:
     from guided_diffusion.data.loaders import get_data_iter
 
     world = dist_util.get_world_size()
+    data_shape = dict(image_size=args.image_size, in_channels=args.in_channels, flags_source="the command-line flags")
     loader, sampler = get_data_iter(args.name, args.data_dir, args.batch_size, split="train", ret_lab=True,
-                                    mixed=True, seed=args.seed, num_workers=args.num_workers)
+                                    mixed=True, seed=args.seed, num_workers=args.num_workers, **data_shape)
     val_loader = None
     val_dir = args.val_data_dir or args.data_dir
     if args.eval_interval > 0:
         if os.path.isdir(os.path.join(val_dir, "npy_val")):
             val_loader = get_data_iter(args.name, val_dir, max(1, args.batch_size // world), split="val",
-                                       mixed=True, seed=args.seed, num_workers=0)
+                                       mixed=True, seed=args.seed, num_workers=0, **data_shape)
         else:
             logger.warn(f"no {os.path.join(val_dir, 'npy_val')}: training without validation")
     objective = ClassifierObjective(diffusion, create_named_schedule_sampler(args.schedule_sampler, diffusion),

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import List, Optional, Sequence
 
 from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.diffusion.noise import check_noise_type, make_noise_fn
-from guided_diffusion.diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.diffusion.resample import SCHEDULE_SAMPLERS, create_named_schedule_sampler
+from guided_diffusion.errors import entry_point
 from guided_diffusion.runtime import seed_everything
 from guided_diffusion.script_util import (
     UNET_VERSIONS,
     add_dict_to_argparser,
     args_to_dict,
+    check_model_flags,
     check_run_config,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -129,6 +130,14 @@ def check_common_args(args: argparse.Namespace, world_size: int) -> None:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.find_unused_parameters not in ("auto", "true", "false", "True", "False"):
         raise ValueError(f"--find_unused_parameters must be auto, true or false, got {args.find_unused_parameters!r}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    for flag in ("weight_decay", "grad_clip", "num_workers"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0 (0: off), got {getattr(args, flag)}")
+    if args.schedule_sampler not in SCHEDULE_SAMPLERS:
+        raise ValueError(f"--schedule_sampler must be one of {', '.join(SCHEDULE_SAMPLERS)}, got "
+                         f"{args.schedule_sampler!r}")
 
 
 def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
@@ -173,8 +182,13 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
                          f"--image_size {args.image_size} (N {args.in_channels} {args.image_size} {args.image_size})")
     if args.total_epochs < 1:
         raise ValueError(f"--total_epochs must be >= 1, got {args.total_epochs}")
+    for flag in ("max_steps", "lr_anneal_steps", "preview_steps"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0 (0: off), got {getattr(args, flag)}")
+    check_model_flags(args_to_dict(args, model_and_diffusion_defaults().keys()))
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None) -> int:
     parser = create_argparser()
     args = parser.parse_args(argv)
@@ -188,10 +202,7 @@ def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None) -
         dist_util.cleanup_dist()
         parser.error(str(e))
     try:
-        return train(args)
-    except (fileio.RunConfigError, fileio.UnreadableCheckpointError, fileio.DiskFullError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
+        return train(args)  # user errors: one message and exit code 2 (errors.entry_point)
     finally:
         dist_util.cleanup_dist()
 
@@ -234,6 +245,9 @@ def train(args: argparse.Namespace) -> int:
         mixed=args.mixed,
         seed=args.seed,
         num_workers=args.num_workers,
+        image_size=args.image_size,  # the data must fit the model
+        in_channels=args.in_channels,
+        flags_source="the command-line flags",
     )
     noise_fn = None if args.noise_type == "gaussian" else make_noise_fn(args.noise_type)
     objective = DiffusionObjective(diffusion, create_named_schedule_sampler(args.schedule_sampler, diffusion),
