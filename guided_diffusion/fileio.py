@@ -482,9 +482,10 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
     except Exception as exc:
         problem = checkpoint_problem(path) if os.path.exists(path) else None
-        raise UnreadableCheckpointError(
-            f"cannot load checkpoint {path}: {problem or 'unreadable'} ({type(exc).__name__}: {_shorten(str(exc), 300)})"
-        ) from None
+        detail = problem or f"is unreadable ({type(exc).__name__}: {_shorten(str(exc).splitlines()[0] if str(exc) else '', 300)})"
+        raise UnreadableCheckpointError(f"cannot load checkpoint {path}: it {detail}; pick another checkpoint, or "
+                                        "delete it (--resume_checkpoint auto and --model_num '' skip unreadable ones)"
+                                        ) from None
 
 
 def load_state_dict_into(module: Any, path: PathLike, map_location: Any = "cpu", hint: str = "") -> None:

@@ -296,7 +296,7 @@ class TrainLoop:
         paths = fileio.checkpoint_paths(os.path.dirname(path), step, self.ema_rates)
         logger.log(f"resuming from {path} (step {step})")
         fileio.load_state_dict_into(self.model, path, map_location=self.device,
-                                    hint="this run's flags (resume with the flags the checkpoint was trained with)")
+                                    hint="this run's flags")
         for rate, ema in zip(self.ema_rates, self.ema_params):
             ema_path = paths[f"ema_{fileio.format_rate(rate)}"]
             if os.path.exists(ema_path):

@@ -1,0 +1,555 @@
+"""The fault suite: each class of fault a user meets, injected, and the behaviour asserted (message, what is kept,
+what is recomputed). Kills at random moments (training, preprocessing, synthetic data), truncated and garbage
+files, a full disk, stray folders, reruns with other settings, data that does not fit the model, bad flag values,
+and the one user-error mechanism (``errors.entry_point``). Tiny volumes and models; a few seconds each.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion import errors, fileio, logger
+from guided_diffusion.data import preprocess as pp
+from guided_diffusion.data.loaders import get_data_iter
+from guided_diffusion.training import classifier_cli, train_cli
+from test_preprocess import _brats_subject
+from test_train import TINY_FLAGS, write_npz_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = int(os.environ.get("FAULT_SEED", "0")) or random.SystemRandom().randrange(1, 10**6)  # printed on failure
+RNG = random.Random(SEED)
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", errors.DEBUG_ENV):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    logger.reset()
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", errors.DEBUG_ENV):
+        env.pop(var, None)
+    return env
+
+
+def _children(pid: int) -> list:
+    """The pids of a process's children (Linux /proc)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended
+
+
+def _wait_until(condition, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what} (FAULT_SEED={SEED})")
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Kills at random moments: the rerun ends where an uninterrupted run ends, and workers die with their parent
+
+
+def _train_cmd(data: Path, steps: int, *extra: str) -> list:
+    return [sys.executable, str(REPO / "scripts" / "train.py"), "--data_dir", str(data), "--in_channels", "4",
+            "--batch_size", "2", "--ema_rate", "0.99", "--max_steps", str(steps), *TINY_FLAGS, "--save_interval",
+            "1", "--preview_steps", "0", "--resume_checkpoint", "auto", *extra]
+
+
+def test_training_killed_at_a_random_moment_resumes_to_the_same_weights(tmp_path):
+    data = write_npz_dataset(tmp_path / "data")  # 6 slices: 3 steps per epoch
+    steps = 9
+    reference = subprocess.Popen(_train_cmd(data, steps), env=_env(OPENAI_LOGDIR=str(tmp_path / "ref")),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    victim = subprocess.Popen(_train_cmd(data, steps), env=_env(OPENAI_LOGDIR=str(run)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after = RNG.randint(1, 5)  # a random moment: some time after the checkpoint of a random step
+    _wait_until(lambda: (run / f"model{kill_after:06d}.pt").exists() or victim.poll() is not None, 120,
+                f"step {kill_after}")
+    time.sleep(RNG.uniform(0.0, 0.3))
+    assert victim.poll() is None, f"training finished before the kill (FAULT_SEED={SEED})"
+    victim.kill()
+    victim.wait()
+    killed_at = max(fileio.list_checkpoints(run, "model"))
+    assert killed_at < steps, f"FAULT_SEED={SEED}"
+    resumed = subprocess.run(_train_cmd(data, steps), env=_env(OPENAI_LOGDIR=str(run)), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+    assert "resuming from" in (run / "log.txt").read_text()
+    assert not [p for p in os.listdir(run) if fileio.is_temp_name(p)]  # partial files of the kill were swept
+    for name in (f"model{steps:06d}.pt", f"ema_0.99_{steps:06d}.pt", f"opt{steps:06d}.pt"):
+        ref, got = (torch.load(d / name, weights_only=True) for d in (tmp_path / "ref", run))
+        flat_ref, flat_got = _flatten(ref), _flatten(got)
+        assert flat_ref.keys() == flat_got.keys()
+        for key in flat_ref:
+            assert torch.equal(flat_ref[key], flat_got[key]), f"{name}: {key} (killed after step {killed_at}, " \
+                                                              f"FAULT_SEED={SEED})"
+    ref_state, got_state = (torch.load(d / f"state{steps:06d}.pt", weights_only=True) for d in (tmp_path / "ref", run))
+    assert (got_state["epoch"], got_state["batch_in_epoch"]) == (ref_state["epoch"], ref_state["batch_in_epoch"]) == (2, 3)
+
+
+def _flatten(obj, prefix="") -> dict:
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in _flatten(value, f"{prefix}/{key}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, value in enumerate(obj) for k, v in _flatten(value, f"{prefix}/{i}").items()}
+    return {prefix: torch.tensor(float(obj)) if isinstance(obj, (int, float)) else torch.tensor(0.0)}
+
+
+SLOW_PREPROCESS = """
+import runpy, sys, time
+from guided_diffusion.data import preprocess as pp
+real = pp.process_subject
+def slow(*args, **kwargs):  # each subject takes a while, so a kill finds the workers busy
+    time.sleep(0.4)
+    return real(*args, **kwargs)
+pp.process_subject = slow
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _outputs(root: Path) -> dict:
+    """Everything preprocessing determines: the split files and every slice's arrays."""
+    out = {f"split/{s}": (root / "data_splits" / s / "scans.csv").read_text() for s in pp.SPLITS}
+    for f in sorted(root.glob("npy_*/patient_*/slice_*.npz")):
+        with np.load(f) as d:
+            out[str(f.relative_to(root))] = (d["x"].copy(), d["y"].copy())
+    return out
+
+
+def test_preprocessing_killed_twice_at_random_moments_resumes_to_the_same_result_and_leaves_no_worker(tmp_path):
+    src = tmp_path / "raw"
+    for i in range(10):
+        _brats_subject(src, f"BraTS2021_{i:05d}", i, lesion=i % 3 != 0)
+    reference = pp.preprocess(src, image_size=8, output=tmp_path / "ref", progress=False)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", SLOW_PREPROCESS, str(REPO / "scripts" / "preprocess.py"), "--source", str(src),
+           "--image_size", "8", "--output", str(out), "--workers", "2"]
+    for attempt in range(2):
+        before = len(list(out.glob("npy_*/patient_*")))
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_until(lambda: len(list(out.glob("npy_*/patient_*"))) > before or proc.poll() is not None, 120,
+                    "a finished subject")
+        time.sleep(RNG.uniform(0.0, 0.6))
+        workers = _children(proc.pid)
+        assert proc.poll() is None and workers, f"attempt {attempt}: finished before the kill (FAULT_SEED={SEED})"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # the workers end with their parent (they used to keep running)
+        _wait_until(lambda: not any(_running(w) for w in workers), 10, f"workers {workers} to end")
+        assert len(list(out.glob("npy_*/patient_*"))) < 10
+    again = pp.preprocess(src, image_size=8, output=out, workers=2, progress=False)
+    assert again["errors"] == [] and not list(out.glob("npy_*/.*")) and not list(out.glob(".*"))
+    assert sum(s["skipped"] for s in again["splits"].values()) > 0  # finished subjects were kept, not redone
+    for split in pp.SPLITS:
+        for key in ("patients", "healthy_slices", "unhealthy_slices"):
+            assert again["splits"][split][key] == reference["splits"][split][key]
+    ref, got = _outputs(tmp_path / "ref"), _outputs(out)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        if key.startswith("split/"):
+            assert ref[key] == got[key], key
+        else:
+            np.testing.assert_array_equal(ref[key][0], got[key][0], err_msg=key)
+            np.testing.assert_array_equal(ref[key][1], got[key][1], err_msg=key)
+
+
+def test_synthetic_generation_terminated_stops_its_workers_and_resumes(tmp_path):
+    pytest.importorskip("nilearn")
+    out = tmp_path / "synth"
+    cmd = [sys.executable, str(REPO / "scripts" / "make_synthetic_brats.py"), "--output", str(out), "--num_subjects",
+           "6", "--workers", "2", "--shape", "40", "40", "30", "--healthy_fraction", "0.5"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_until(lambda: len(_children(proc.pid)) >= 2 or proc.poll() is not None, 120, "the workers to start")
+    time.sleep(RNG.uniform(0.0, 0.5))
+    workers = _children(proc.pid)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)  # e.g. a batch system's time limit
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    _wait_until(lambda: not any(_running(w) for w in workers), 10, f"workers {workers} to end")
+    subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=300)  # the rerun completes the folder
+    subjects = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert subjects == [f"BraTS2021_{i:05d}" for i in range(6)]
+    assert all(len(list((out / s).iterdir())) == 5 for s in subjects)  # four modalities and seg, each complete
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Truncated and garbage files
+
+
+def _train(run: Path, data: Path, monkeypatch, *extra: str, steps: int = 2):
+    monkeypatch.setenv("OPENAI_LOGDIR", str(run))
+    argv = ["--data_dir", str(data), "--in_channels", "4", "--batch_size", "2", "--ema_rate", "0.99", "--max_steps",
+            str(steps), *TINY_FLAGS, "--save_interval", "1", "--preview_steps", "0", *extra]
+    try:
+        return train_cli.main(argv)
+    finally:
+        logger.reset()
+
+
+def _user_error(capsys, call, *args, **kwargs) -> str:
+    """Run ``call``; it must stop with exit code 2 and one message on stderr, without a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        call(*args, **kwargs)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "no y"])
+def test_a_damaged_slice_is_named_in_one_message_with_what_to_do(tmp_path, monkeypatch, capsys, damage):
+    data = write_npz_dataset(tmp_path / "data")
+    bad = data / "npy_train" / "patient_001" / "slice_2.npz"
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:300])
+    elif damage == "garbage":
+        bad.write_bytes(os.urandom(2000))
+    else:
+        np.savez(bad, x=np.zeros((1, 4, 32, 32)))
+    err = _user_error(capsys, _train, tmp_path / "run", data, monkeypatch, steps=3)
+    assert str(bad) in err and f"delete {bad.parent}" in err and "scripts/preprocess.py" in err
+    assert ("no y array" in err) if damage == "no y" else ("truncated or corrupt" in err)
+    if damage == "truncated":  # met mid-run or at start (the header check): either way nothing is half-written
+        assert not [p for p in os.listdir(tmp_path / "run") if fileio.is_temp_name(p)]
+        monkeypatch.setenv(errors.DEBUG_ENV, "1")  # the debug switch shows where it happened
+        with pytest.raises(SystemExit):
+            _train(tmp_path / "run2", data, monkeypatch, steps=3)
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "read_slice" in err and str(bad) in err
+
+
+def test_a_damaged_slice_in_a_loader_worker_keeps_its_one_line_message(tmp_path):
+    data = write_npz_dataset(tmp_path / "data", patients=1, slices=2)
+    bad = data / "npy_train" / "patient_000" / "slice_1.npz"
+    loader, _ = get_data_iter("brats", data, 2, "train", mixed=True, num_workers=1)  # met in the worker
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 50)
+    with pytest.raises(errors.DataError) as exc:
+        next(iter(loader))
+    assert "Original Traceback" in str(exc.value)  # torch wraps the worker's traceback into the message ...
+    message = errors.user_message(exc.value)  # ... which the report strips to the original message
+    assert message.startswith(f"cannot read slice file {bad}") and "\n" not in message
+
+
+def test_garbage_checkpoint_and_another_architecture_are_summarised(tmp_path, monkeypatch, capsys):
+    data = write_npz_dataset(tmp_path / "data")
+    assert _train(tmp_path / "a", data, monkeypatch, steps=1) == 1
+    garbage = tmp_path / "g" / "model000001.pt"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"not a checkpoint at all")
+    err = _user_error(capsys, _train, tmp_path / "b", data, monkeypatch, "--resume_checkpoint", str(garbage))
+    assert f"cannot load checkpoint {garbage}: it is truncated or not a torch checkpoint" in err
+    assert "UnpicklingError" not in err  # the cause is named, torch's advice about weights_only is not dumped
+    # another architecture: counts of differing keys, a few examples and the likely flag, not torch's dump
+    ckpt = tmp_path / "a" / "model000001.pt"
+    err = _user_error(capsys, _train, tmp_path / "c", data, monkeypatch, "--resume_checkpoint", str(ckpt),
+                      "--num_channels", "64")
+    n_tensors = len(torch.load(ckpt, weights_only=True))
+    assert f"checkpoint {ckpt} does not fit the model" in err
+    assert "likely flags: --num_channels / --classifier_width (checkpoint: 32, model: 64)" in err
+    line = next(line for line in err.splitlines() if "does not fit" in line)
+    assert "key(s) of another shape (" in line and len(line) < 1200, line
+    err = _user_error(capsys, _train, tmp_path / "d", data, monkeypatch, "--resume_checkpoint", str(ckpt),
+                      "--unet_ver", "hae_v2", "--use_hae", "True")
+    assert "key(s) of the model missing from the checkpoint" in err and "the checkpoint has no HAE blocks" in err
+    err = _user_error(capsys, _train, tmp_path / "e", data, monkeypatch, "--resume_checkpoint", str(ckpt),
+                      "--num_classes", "0")
+    assert "key(s) in the checkpoint that the model lacks (label_emb.weight" in err
+    assert "--num_classes / --class_cond (the checkpoint is class-conditional)" in err
+    assert n_tensors > 100  # the dump this replaces listed every one of them
+
+
+def test_garbage_config_json_stops_training_and_is_kept(tmp_path, monkeypatch, capsys):
+    data = write_npz_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"format": "guided_diffusion run config", "flags": {"image_')  # truncated
+    err = _user_error(capsys, _train, run, data, monkeypatch, "--resume_checkpoint", "auto")
+    assert f"{run / 'config.json'} cannot be read" in err and "restore it, or delete it" in err
+    assert (run / "config.json").read_text().endswith('"image_')  # not overwritten ...
+    assert not fileio.list_checkpoints(run)  # ... and nothing trained into a folder whose model is unknown
+
+
+def test_corrupt_nifti_through_the_script_names_subject_and_file(tmp_path):
+    src = tmp_path / "raw"
+    for i in range(4):
+        _brats_subject(src, f"S{i}", i)
+    flair = src / "S2" / "S2_flair.nii.gz"
+    flair.write_bytes(flair.read_bytes()[:100])  # truncated download
+    cmd = [sys.executable, str(REPO / "scripts" / "preprocess.py"), "--source", str(src), "--image_size", "8",
+           "--output", str(tmp_path / "out")]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr  # 1: some subjects failed, the rest is done
+    assert f"subject S2: cannot read flair file {flair}" in res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("npy_*/patient_*")) == ["patient_S0", "patient_S1",
+                                                                                   "patient_S3"]
+    # a damaged settings record is refused, naming it
+    (tmp_path / "out" / pp.SETTINGS_FILE).write_text("{")
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{tmp_path / 'out' / pp.SETTINGS_FILE}, the record of the settings" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A full disk
+
+
+def test_full_disk_during_a_training_save_keeps_the_last_set_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    data = write_npz_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    real_open = fileio._open
+
+    def full_at_step_2(path, mode, **kwargs):
+        if "opt000002.pt" in os.path.basename(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, **kwargs)
+
+    monkeypatch.setattr(fileio, "_open", full_at_step_2)
+    err = _user_error(capsys, _train, run, data, monkeypatch, steps=3)
+    assert f"cannot write {run / 'opt000002.pt'}: the disk is full" in err and "finished work is kept" in err
+    assert not [p for p in os.listdir(run) if fileio.is_temp_name(p)]
+    assert sorted(fileio.list_checkpoints(run)) == [1]  # the set of step 2 is incomplete, so no model000002.pt
+    assert fileio.latest_training_checkpoint(run, [0.99]) == str(run / "model000001.pt")
+    monkeypatch.setattr(fileio, "_open", real_open)  # space freed
+    assert _train(run, data, monkeypatch, "--resume_checkpoint", "auto", steps=3) == 3
+    assert "resuming from" in (run / "log.txt").read_text() and sorted(fileio.list_checkpoints(run)) == [1, 2, 3]
+
+
+def test_real_full_disk_while_preprocessing_leaves_no_partial_subject(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        src = tmp_path / "raw"
+        for i in range(12):
+            _brats_subject(src, f"S{i:02d}", i)
+        with pytest.raises(fileio.DiskFullError, match=r"cannot write .*/npy_\w+/patient_S\d+: the disk is full"):
+            pp.preprocess(src, image_size=24, output=mount / "out", progress=False)
+        done = list((mount / "out").glob("npy_*/patient_*"))
+        assert 0 < len(done) < 12 and all(len(list(d.iterdir())) == 5 for d in done)  # whole subjects only
+        assert not list((mount / "out").glob("npy_*/.*"))  # the partial folder does not keep the disk full
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stray folders
+
+
+def _upstream_split(names):
+    """Upstream's split written out: random.seed(10); random.shuffle(sorted listing); int(75 %) / int(5 %) / rest."""
+    names = sorted(names)
+    state = random.getstate()
+    random.seed(10)
+    random.shuffle(names)
+    random.setstate(state)
+    n_train, n_val = int(len(names) * 0.75), int(len(names) * 0.05)
+    return {"train": names[:n_train], "val": names[n_train:n_train + n_val], "test": names[n_train + n_val:]}
+
+
+def _written_split(root: Path) -> dict:
+    return {s: (root / "data_splits" / s / "scans.csv").read_text().split("\n") for s in pp.SPLITS}
+
+
+def test_a_stray_folder_takes_no_part_in_the_split(tmp_path):
+    src = tmp_path / "raw"
+    names = [f"BraTS2021_{i:05d}" for i in range(20)]
+    for i, name in enumerate(names):
+        _brats_subject(src, name, i)
+    (src / "BraTS2021_00007_notes").mkdir()  # sorts among the subjects: it used to shift the seeded split
+    (src / "BraTS2021_00007_notes" / "todo.txt").write_text("re-check")
+    assert _upstream_split(names) != {s: [n for n in v if "notes" not in n]
+                                      for s, v in _upstream_split(names + ["BraTS2021_00007_notes"]).items()}
+    summary = pp.preprocess(src, image_size=8, output=tmp_path / "out", progress=False)
+    assert _written_split(tmp_path / "out") == _upstream_split(names)  # as if the folder were not there
+    assert summary["errors"] == [] and sum(s["patients"] for s in summary["splits"].values()) == 20
+    warning = next(w for w in summary["warnings"] if "BraTS2021_00007_notes" in w)
+    assert "not a subject" in warning and "BraTS2021_00007_notes_flair.nii.gz" in warning
+
+
+def test_an_older_split_shifted_by_a_stray_folder_is_refused_with_both_ways_out(tmp_path):
+    src = tmp_path / "raw"
+    names = [f"BraTS2021_{i:05d}" for i in range(20)]
+    for i, name in enumerate(names):
+        _brats_subject(src, name, i)
+    out = tmp_path / "out"
+    old = _upstream_split(names + ["BraTS2021_00007_notes"])  # what earlier versions wrote (the folder is gone now)
+    for split, listed in old.items():
+        (out / "data_splits" / split).mkdir(parents=True)
+        (out / "data_splits" / split / "scans.csv").write_text("\n".join(listed))
+    moved = sum(n not in _upstream_split(names)[s] for s in pp.SPLITS for n in old[s] if n in names)
+    assert moved > 0
+    with pytest.raises(errors.SettingsMismatchError) as exc:
+        pp.preprocess(src, image_size=8, output=out, progress=False)
+    message = str(exc.value)
+    assert "BraTS2021_00007_notes" in message and f"assigns {moved} of the 20 subjects differently" in message
+    assert f"delete {out / 'data_splits'}" in message and "delete that name from" in message
+    assert not list(out.glob("npy_*/patient_*")) and not (out / pp.SETTINGS_FILE).exists()  # nothing done
+    # the user keeps the old assignment (models were trained on it) by deleting the name
+    where = next(s for s in pp.SPLITS if "BraTS2021_00007_notes" in old[s])
+    csv = out / "data_splits" / where / "scans.csv"
+    csv.write_text("\n".join(n for n in old[where] if "notes" not in n))
+    pp.preprocess(src, image_size=8, output=out, progress=False)
+    assert _written_split(out) == {s: [n for n in v if "notes" not in n] for s, v in old.items()}
+    assert len(list(out.glob("npy_*/patient_*"))) == 20
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reruns with other settings, data that does not fit the model
+
+
+def test_preprocessing_rerun_with_another_image_size_is_refused_and_changes_nothing(tmp_path):
+    src = tmp_path / "raw"
+    for i in range(4):
+        _brats_subject(src, f"S{i}", i)
+    out = tmp_path / "out"
+    pp.preprocess(src, image_size=8, output=out, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    record = json.loads((out / pp.SETTINGS_FILE).read_text())
+    assert {k: record[k] for k in ("name", "mod", "first", "last", "image_size", "min_val_lesion_subjects",
+                                   "format_version")} == dict(name="brats", mod="all", first=0, last=0, image_size=8,
+                                                              min_val_lesion_subjects=0, format_version=1)
+    with pytest.raises(errors.SettingsMismatchError) as exc:
+        pp.preprocess(src, image_size=16, mod="flair", output=out, progress=False)
+    message = str(exc.value)
+    assert "--image_size 8 (now 16)" in message and "--mod 'all' (now 'flair')" in message
+    assert f"delete {out} to start over" in message and "another --output" in message
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # not a file touched
+    # an output of an older version (no record) is checked by what its slices show
+    (out / pp.SETTINGS_FILE).unlink()
+    with pytest.raises(errors.SettingsMismatchError, match=r"holds slices of 4 channel\(s\) at 8x8 px .* 16x16 px"):
+        pp.preprocess(src, image_size=16, output=out, progress=False)
+    again = pp.preprocess(src, image_size=8, output=out, progress=False)  # the same settings: a resume
+    assert sum(s["skipped"] for s in again["splits"].values()) == 4 and (out / pp.SETTINGS_FILE).exists()
+    assert any("no preprocess_settings.json" in w for w in again["warnings"])
+
+
+@pytest.mark.parametrize("flags, shown", [(["--image_size", "16", "--sample_shape", "2", "4", "16", "16"],
+                                           "takes --in_channels 4 --image_size 16"),
+                                          (["--in_channels", "1", "--sample_shape", "2", "1", "32", "32"],
+                                           "takes --in_channels 1 --image_size 32")])
+def test_training_on_data_that_does_not_fit_the_model_flags_is_refused(tmp_path, monkeypatch, capsys, flags, shown):
+    data = write_npz_dataset(tmp_path / "data")
+    err = _user_error(capsys, _train, tmp_path / "run", data, monkeypatch, *flags)
+    assert "holds 4 channel(s) at 32x32 px" in err and shown in err and "--in_channels 4 --image_size 32" in err
+    assert not fileio.list_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_data_of_mixed_sizes_is_refused_naming_the_odd_file(tmp_path, monkeypatch, capsys):
+    """What the old preprocessing rerun with another --image_size left behind."""
+    data = write_npz_dataset(tmp_path / "data")
+    odd = write_npz_dataset(tmp_path / "odd", patients=1, size=16) / "npy_train" / "patient_000"
+    odd.rename(data / "npy_train" / "patient_009")
+    err = _user_error(capsys, _train, tmp_path / "run", data, monkeypatch)
+    assert f"{data / 'npy_train' / 'patient_009'}/slice_0.npz holds 4 channel(s) at 16x16 px" in err
+    # the classifier's command line checks its data the same way
+    err = _user_error(capsys, classifier_cli.main, ["--data_dir", str(data), "--image_size", "32", "--in_channels",
+                                                    "4", "--classifier_width", "32", "--classifier_depth", "1", "--classifier_attention_resolutions", "8",
+                                                    "--num_workers", "0", "--batch_size", "2", "--iterations", "1"])
+    assert "patient_009" in err and "16x16 px" in err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Flag values, and the one mechanism
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["--max_steps", "-3"], "--max_steps must be >= 0"),
+    (["--num_workers", "-1"], "--num_workers must be >= 0"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["--num_channels", "0"], "--num_channels must be >= 1, got 0"),
+    (["--num_heads", "0"], "--num_heads must be >= 1, got 0"),
+    (["--attention_resolutions", "16,x"], "--attention_resolutions must be comma-separated feature-map sizes"),
+    (["--channel_mult", "1,two"], "--channel_mult must be comma-separated integers"),
+    (["--noise_schedule", "quadratic"], "--noise_schedule must be one of linear, cosine, got 'quadratic'"),
+    (["--timestep_respacing", "ddimx"], "--timestep_respacing 'ddimx' with --diffusion_steps 1000: malformed"),
+    (["--schedule_sampler", "fancy"], "--schedule_sampler must be one of uniform, loss-second-moment"),
+    (["--num_classes", "-1"], "--num_classes must be >= 0, got -1"),
+    (["--bottleneck_ratio", "0"], "--bottleneck_ratio must be in (0, 1]"),
+])
+def test_out_of_range_training_flags_name_the_flag(tmp_path, monkeypatch, capsys, extra, message):
+    data = write_npz_dataset(tmp_path / "data", patients=1, slices=2)
+    err = _user_error(capsys, _train, tmp_path / "run", data, monkeypatch, *extra)
+    assert message in err, err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--min_val_lesion_subjects", "-1"], "--min_val_lesion_subjects must be >= 0"),
+    (["--image_size", "0"], "--image_size must be positive"),
+])
+def test_out_of_range_preprocessing_flags_name_the_flag(tmp_path, argv, message):
+    src = tmp_path / "raw"
+    _brats_subject(src, "S0", 0)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pp.preprocess(src, output=tmp_path / "out", progress=False, **{
+            {"--workers": "workers", "--min_val_lesion_subjects": "min_val_lesion", "--image_size": "image_size"}[
+                argv[0]]: int(argv[1])})
+    assert not (tmp_path / "out").exists()
+
+
+def test_entry_point_reports_user_errors_once_and_lets_bugs_through(monkeypatch, capsys):
+    @errors.entry_point
+    def main(exc):
+        raise exc
+
+    for exc in (errors.DataError("slice file /d/s.npz is truncated; preprocess it again"),
+                ValueError("--w must be a number"), FileNotFoundError(2, "No such file", "/d/x")):
+        with pytest.raises(SystemExit) as info:
+            main(exc)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("error: ") == 1 and "Traceback" not in err
+        assert str(exc) in err and f"{errors.DEBUG_ENV}=1 shows where it happened" in err
+    monkeypatch.setenv(errors.DEBUG_ENV, "1")
+    with pytest.raises(SystemExit):
+        main(errors.UserError("named cause"))
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "named cause" in err
+    with pytest.raises(TypeError):  # a bug is not a user error: its traceback is kept
+        main(TypeError("unsupported operand"))
+    monkeypatch.delenv(errors.DEBUG_ENV)
+    with pytest.raises(SystemExit) as info:
+        main(KeyboardInterrupt())
+    assert info.value.code == 130 and "interrupted; finished work is kept" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        main(ValueError("bad"))
+    assert "[rank 1] " in capsys.readouterr().err
