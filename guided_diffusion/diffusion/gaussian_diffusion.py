@@ -21,6 +21,7 @@ import numpy as np
 import torch as th
 
 from guided_diffusion.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from guided_diffusion.diffusion.noise import NoiseFn
 
 Timesteps = Union[int, th.Tensor]
 
@@ -395,11 +396,16 @@ class GaussianDiffusion:
         model_kwargs: Optional[dict] = None,
         guidance_w: Optional[float] = None,
         noise: Optional[th.Tensor] = None,
+        noise_fn: Optional[NoiseFn] = None,
     ) -> Dict[str, th.Tensor]:
-        """One ancestral DDPM step x_t -> x_{t-1}: dict(sample, pred_xstart)."""
+        """One ancestral DDPM step x_t -> x_{t-1}: dict(sample, pred_xstart).
+
+        The step's noise is `noise`, else noise_fn(x, t) (e.g. simplex noise), else N(0, I).
+        """
         t = _timesteps(t, x)
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs, guidance_w)
-        noise = th.randn_like(x) if noise is None else noise
+        if noise is None:
+            noise = noise_fn(x, t) if noise_fn is not None else th.randn_like(x)
         nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))  # no noise at the last step
         sample = out["mean"] + nonzero * th.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -423,13 +429,17 @@ class GaussianDiffusion:
         progress: bool = False,
         guidance_w: Optional[float] = None,
         t_start: Optional[int] = None,
+        noise_fn: Optional[NoiseFn] = None,
     ) -> Iterator[Dict[str, th.Tensor]]:
-        """Yield dict(sample, pred_xstart) after each DDPM step from t_start (default T-1) down to 0."""
-        img = self._initial_latent(shape, noise, device)
+        """Yield dict(sample, pred_xstart) after each DDPM step from t_start (default T-1) down to 0.
+
+        noise_fn(x, t) draws the start latent (when `noise` is None) and every step's noise instead of N(0, I).
+        """
+        img = self._initial_latent(shape, noise, device, noise_fn, t_start)
         for t in self._reverse_indices(t_start, progress):
             with th.no_grad():
                 out = self.p_sample(model, img, th.full((img.shape[0],), t, device=img.device, dtype=th.long),
-                                    clip_denoised, denoised_fn, model_kwargs, guidance_w)
+                                    clip_denoised, denoised_fn, model_kwargs, guidance_w, noise_fn=noise_fn)
             yield out
             img = out["sample"]
 
@@ -499,10 +509,16 @@ class GaussianDiffusion:
         eta: float = 0.0,
         guidance_w: Optional[float] = None,
         noise: Optional[th.Tensor] = None,
+        noise_fn: Optional[NoiseFn] = None,
     ) -> Dict[str, th.Tensor]:
-        """One DDIM step x_t -> x_{t-1}: dict(sample, pred_xstart, eps). guidance_w as p_mean_variance."""
+        """One DDIM step x_t -> x_{t-1}: dict(sample, pred_xstart, eps). guidance_w as p_mean_variance.
+
+        With eta > 0 the step's noise is `noise`, else noise_fn(x, t), else N(0, I).
+        """
         t = _timesteps(t, x)
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs, guidance_w)
+        if noise is None and noise_fn is not None and eta > 0:
+            noise = noise_fn(x, t)
         # out["eps"] is consistent with the (clipped) pred_xstart, so no second clip is needed
         sample = self.ddim_step_from_eps(x, t, out["eps"], eta, noise=noise)
         return {"sample": sample, "pred_xstart": out["pred_xstart"], "eps": out["eps"]}
@@ -549,22 +565,30 @@ class GaussianDiffusion:
         eta: float = 0.0,
         guidance_w: Optional[float] = None,
         t_start: Optional[int] = None,
+        noise_fn: Optional[NoiseFn] = None,
     ) -> Iterator[Dict[str, th.Tensor]]:
         """Yield dict(sample, pred_xstart, eps) after each DDIM step from t_start (default T-1) down to 0.
 
-        `noise` is the starting latent at level t_start (e.g. from ddim_reverse_sample_loop).
+        `noise` is the starting latent at level t_start (e.g. from ddim_reverse_sample_loop); without it the
+        start is noise_fn(x, t) if given (e.g. simplex noise), else N(0, I). noise_fn also draws the noise of
+        eta > 0 steps.
         """
-        img = self._initial_latent(shape, noise, device)
+        img = self._initial_latent(shape, noise, device, noise_fn, t_start)
         for t in self._reverse_indices(t_start, progress):
             with th.no_grad():
                 out = self.ddim_sample(model, img, th.full((img.shape[0],), t, device=img.device, dtype=th.long),
-                                       clip_denoised, denoised_fn, model_kwargs, eta, guidance_w)
+                                       clip_denoised, denoised_fn, model_kwargs, eta, guidance_w, noise_fn=noise_fn)
             yield out
             img = out["sample"]
 
-    def _initial_latent(self, shape, noise, device) -> th.Tensor:
+    def _initial_latent(self, shape, noise, device, noise_fn=None, t_start=None) -> th.Tensor:
         if noise is None:
-            return th.randn(*shape, device=device if device is not None else "cpu")
+            device = device if device is not None else "cpu"
+            if noise_fn is None:
+                return th.randn(*shape, device=device)
+            t = self.num_timesteps - 1 if t_start is None else t_start
+            # upstream drew randn first and passed it only for its shape: noise_fn(x, t) replaces it
+            return noise_fn(th.zeros(*shape, device=device), th.full((shape[0],), t, device=device, dtype=th.long))
         if tuple(shape) != tuple(noise.shape):
             raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
         return noise if device is None else noise.to(device)
@@ -680,11 +704,12 @@ class GaussianDiffusion:
         t: th.Tensor,
         model_kwargs: Optional[dict] = None,
         noise: Optional[th.Tensor] = None,
-        noise_fn: Optional[Callable[[th.Tensor, th.Tensor], th.Tensor]] = None,
+        noise_fn: Optional[NoiseFn] = None,
     ) -> Dict[str, th.Tensor]:
         """Per-sample training losses: dict(loss, mse[, vb]), each of shape [B].
 
-        noise: the eps of x_t (default N(0, I)); noise_fn(x_start, t) draws it instead (e.g. simplex noise).
+        noise: the eps of x_t (default N(0, I)); noise_fn(x_start, t) draws it instead (e.g. simplex noise), and
+        the same draw is the eps target.
 
         As upstream, model_kwargs without "y" are dropped entirely (so unconditional models never see the
         label-drop `threshold`). With a learned variance the VB term is added with the mean output frozen
