@@ -232,7 +232,7 @@ def cli_error(capsys, argv) -> str:
         (["--sample_shape", "12", "3", "32", "32"], "must match --in_channels 4"),
         (["--precision", "fp8"], "--precision must be one of fp32, bf16, fp16"),
         (["--ema_rate", "1.5"], "--ema_rate values must lie in [0, 1)"),
-        (["--noise_type", "simplex"], "only gaussian"),
+        (["--noise_type", "perlin"], "--noise_type 'perlin' is not known"),
     ],
 )
 def test_bad_flags_give_clear_errors(capsys, tmp_path, extra, message):

@@ -14,8 +14,8 @@ random permutation table. Given the same table this module reproduces upstream's
 uniform random permutation drawn from torch's RNG (a given ``torch.Generator`` or the global one), so training
 resumes and multi-process runs stay exact. The timestep enters only as the z coordinate, as upstream.
 
-Scale: upstream's sum is not normalised: per-field std ≈ 0.47 at 128² (about 0.43-0.53 between fields, lower on
-smaller images, whose fields see fewer low-frequency cells), range about ±1.9. ``scale`` (default 1.0 =
+Scale: upstream's sum is not normalised: per-field std ≈ 0.48 at 128² (about 0.39-0.60 between fields, lower on
+smaller images, whose fields see less of the low octaves), range about ±2. ``scale`` (default 1.0 =
 upstream, needed for upstream-trained AnoDDPM checkpoints) multiplies it.
 
 Vectorisation: OpenSimplex sums, over the lattice points within reach, attn^4 · (g · d) with attn = 2 - |d|².

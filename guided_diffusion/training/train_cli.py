@@ -1,6 +1,9 @@
 """The training command line: flags, checks, and the run (``scripts/train.py`` is its entry point).
 
-Trains a classifier-free guided diffusion UNet (any --unet_ver) on preprocessed BraTS/ATLAS slices.
+Trains a diffusion UNet (any --unet_ver) on preprocessed BraTS/ATLAS slices: classifier-free guided
+(--num_classes 2, the default), plain class-conditional (--num_classes 2 --clf_free False: the model that a
+noisy-image classifier guides) or unconditional (--num_classes 0, e.g. AnoDDPM on healthy slices with
+--mixed False --n_unhealthy_patients 0), with Gaussian or simplex noise (--noise_type).
 
 One process:   python scripts/train.py --data_dir ./data --unet_ver v2 ...
 Several:       torchrun --nproc-per-node 2 --master-port 12356 scripts/train.py ...   (NCCL on GPUs, gloo on CPU)
@@ -15,6 +18,7 @@ import os
 from typing import List, Optional, Sequence
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.diffusion.noise import check_noise_type, make_noise_fn
 from guided_diffusion.diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     UNET_VERSIONS,
@@ -23,7 +27,10 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
+from guided_diffusion.training.objectives import DiffusionObjective
 from guided_diffusion.training.train_util import PRECISIONS, TrainLoop, find_latest_checkpoint, parse_ema_rates, seed_everything
+
+DEFAULT_THRESHOLD = 0.1  # classifier-free label drop (upstream's default -1 crashed class-conditional training)
 
 
 def train_defaults() -> dict:
@@ -52,7 +59,7 @@ def train_defaults() -> dict:
         noise_type="gaussian",
         ddpm_sampling=False,
         total_epochs=1000,
-        threshold=0.1,
+        threshold=None,  # DEFAULT_THRESHOLD for classifier-free models, -1 (no label drop) otherwise
         # additions
         max_steps=0,
         precision="fp32",
@@ -81,7 +88,12 @@ def parse_weights(values: Sequence[str]) -> List[float]:
 def create_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_keys = model_and_diffusion_defaults()
-    add_dict_to_argparser(parser, {k: v for k, v in train_defaults().items() if k not in model_keys})
+    defaults = {k: v for k, v in train_defaults().items() if k not in model_keys}
+    threshold = defaults.pop("threshold")
+    add_dict_to_argparser(parser, defaults)
+    parser.add_argument("--threshold", type=float, default=threshold,
+                        help=f"classifier-free label-drop probability (default {DEFAULT_THRESHOLD} for class-conditional "
+                             "models with --clf_free True; -1, no drop, with --clf_free False)")
     add_dict_to_argparser(parser, model_keys)
     parser.add_argument("--sample_shape", type=int, nargs="+", default=None,
                         help="preview grid shape N C H W (default: 12 in_channels image_size image_size)")
@@ -90,10 +102,8 @@ def create_argparser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
-    """Validate and normalise flags in place; raises ValueError naming the flag."""
-    if args.unet_ver not in UNET_VERSIONS:
-        raise ValueError(f"unknown --unet_ver {args.unet_ver!r}; valid: {', '.join(UNET_VERSIONS)}")
+def check_common_args(args: argparse.Namespace, world_size: int) -> None:
+    """Checks shared by the diffusion and classifier command lines (data, batch, precision, intervals)."""
     if not args.data_dir:
         raise ValueError("--data_dir is required (the folder holding npy_train/)")
     if not os.path.isdir(args.data_dir):
@@ -103,27 +113,55 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
                          f"processes ({world_size})")
     if args.microbatch > 0 and args.microbatch > args.batch_size // world_size:
         raise ValueError(f"--microbatch {args.microbatch} exceeds the per-process batch {args.batch_size // world_size}")
-    if args.use_fp16:  # upstream's flag: mixed precision now goes through autocast
-        args.use_fp16 = False
-        if args.precision == "fp32":
-            args.precision = "fp16"
     if args.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
+    for flag in ("use_fp16", "classifier_use_fp16"):  # upstream's flags: mixed precision now goes through autocast
+        if getattr(args, flag, False):
+            setattr(args, flag, False)
+            if args.precision == "bf16":
+                raise ValueError(f"--{flag} True asks for fp16 but --precision is bf16: pass one of them")
+            args.precision = "fp16"
     args.ema_rate = ",".join(str(r) for r in parse_ema_rates(args.ema_rate))
+    for flag in ("log_interval", "save_interval"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.find_unused_parameters not in ("auto", "true", "false", "True", "False"):
+        raise ValueError(f"--find_unused_parameters must be auto, true or false, got {args.find_unused_parameters!r}")
+
+
+def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
+    """Validate and normalise flags in place; raises ValueError naming the flag."""
+    if args.unet_ver not in UNET_VERSIONS:
+        raise ValueError(f"unknown --unet_ver {args.unet_ver!r}; valid: {', '.join(UNET_VERSIONS)}")
+    check_common_args(args, world_size)
     args.w = parse_weights(args.w)
-    if args.noise_type != "gaussian":
-        raise ValueError(f"--noise_type {args.noise_type!r} is not supported (only gaussian; simplex noise for "
-                         "AnoDDPM is not part of this project)")
+    check_noise_type(args.noise_type)
     # upstream: num_classes > 0 means a class-conditional model
     args.class_cond = args.num_classes > 0
     if not args.class_cond:
         args.ret_lab = False  # an unconditional model takes no labels
+        if args.threshold not in (None, -1):
+            raise ValueError(f"--threshold {args.threshold} drops class labels, but --num_classes 0 trains an "
+                             "unconditional model: omit --threshold")
+        args.threshold = -1.0
     if args.class_cond:
         if not args.ret_lab:
             raise ValueError("a class-conditional model (--num_classes > 0) needs labels: --ret_lab True")
-        if not 0 < args.threshold <= 1:
-            raise ValueError(f"--threshold {args.threshold}: classifier-free training drops labels with this "
-                             "probability and needs 0 < threshold <= 1 (the configs use 0.1)")
+        if args.clf_free:
+            if args.threshold is None:
+                args.threshold = DEFAULT_THRESHOLD
+            if not 0 < args.threshold <= 1:
+                raise ValueError(f"--threshold {args.threshold}: classifier-free training (--clf_free True) drops "
+                                 "labels with this probability and needs 0 < threshold <= 1 (the configs use 0.1)")
+        else:  # plain class-conditional (the classifier-guided DM): the label is always seen
+            if args.unet_ver != "v1":
+                raise ValueError(f"--clf_free False (a plain class-conditional model, the classifier-guided DM) "
+                                 f"exists for --unet_ver v1 only, not {args.unet_ver}")
+            if args.threshold not in (None, -1):
+                raise ValueError(f"--threshold {args.threshold} drops labels for classifier-free training, but "
+                                 "--clf_free False trains a plain class-conditional model (the one a classifier "
+                                 "guides): omit --threshold, or pass --clf_free True")
+            args.threshold = -1.0
     if args.sample_shape is None:
         args.sample_shape = [12, args.in_channels, args.image_size, args.image_size]
     if len(args.sample_shape) != 4 or min(args.sample_shape) < 1:
@@ -131,11 +169,8 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
     if tuple(args.sample_shape[1:]) != (args.in_channels, args.image_size, args.image_size):
         raise ValueError(f"--sample_shape {args.sample_shape} must match --in_channels {args.in_channels} and "
                          f"--image_size {args.image_size} (N {args.in_channels} {args.image_size} {args.image_size})")
-    for flag in ("total_epochs", "log_interval", "save_interval"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.find_unused_parameters not in ("auto", "true", "false", "True", "False"):
-        raise ValueError(f"--find_unused_parameters must be auto, true or false, got {args.find_unused_parameters!r}")
+    if args.total_epochs < 1:
+        raise ValueError(f"--total_epochs must be >= 1, got {args.total_epochs}")
 
 
 def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None) -> int:
@@ -160,8 +195,6 @@ def train(args: argparse.Namespace) -> int:
     if args.resume_checkpoint == "auto":
         args.resume_checkpoint = find_latest_checkpoint(logger.get_dir()) or ""
     logger.log(f"args: {vars(args)}")
-    if args.ddpm_sampling:
-        logger.log("note: --ddpm_sampling only chose upstream's preview sampler; previews always use DDIM here")
     seed_everything(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
     n_params = sum(p.numel() for p in model.parameters())
@@ -187,9 +220,12 @@ def train(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_workers=args.num_workers,
     )
+    noise_fn = None if args.noise_type == "gaussian" else make_noise_fn(args.noise_type)
+    objective = DiffusionObjective(diffusion, create_named_schedule_sampler(args.schedule_sampler, diffusion),
+                                   threshold=args.threshold, noise_fn=noise_fn)
     loop = TrainLoop(
         model=model,
-        diffusion=diffusion,
+        objective=objective,
         data=loader,
         data_sampler=sampler,
         batch_size=args.batch_size,
@@ -199,10 +235,8 @@ def train(args: argparse.Namespace) -> int:
         log_interval=args.log_interval,
         save_interval=args.save_interval,
         resume_checkpoint=args.resume_checkpoint,
-        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
-        threshold=args.threshold,
         total_epochs=args.total_epochs,
         max_steps=args.max_steps,
         precision=args.precision,
@@ -214,6 +248,7 @@ def train(args: argparse.Namespace) -> int:
         image_dir=args.image_dir,
         name=args.name,
         find_unused_parameters=args.find_unused_parameters,
+        ddpm_previews=args.ddpm_sampling,
     )
     step = loop.run_loop()
     logger.log(f"training finished at step {step}")

@@ -1,4 +1,7 @@
-"""The training loop: classifier-free guided diffusion training on one or many processes, GPU or CPU.
+"""The training loop: diffusion models and noisy-image classifiers on one or many processes, GPU or CPU.
+
+What a step minimises is a pluggable objective (``training/objectives.py``): the diffusion loss (default, built
+from ``diffusion``, ``schedule_sampler`` and ``threshold``) or the classifier's cross-entropy.
 
 Follows guided-diffusion's ``TrainLoop`` (AdamW, EMA per rate, ``model/ema_<rate>_/opt{step:06d}.pt``
 checkpoints in the log folder) driven by epochs as upstream AnoFPDM, with these additions:
@@ -33,7 +36,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.diffusion.resample import ScheduleSampler, UniformSampler
+from guided_diffusion.diffusion.resample import ScheduleSampler
+from guided_diffusion.training.objectives import DiffusionObjective, TrainingObjective
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MODEL_FILE = re.compile(r"model(\d+)\.pt$")
@@ -208,7 +212,10 @@ def save_image_grid(images: torch.Tensor, path: str, ncols: Optional[int] = None
 
 
 class TrainLoop:
-    """Train ``model`` with ``diffusion.training_losses`` on ``data`` (an epoch iterable of ``(x, cond)``).
+    """Train ``model`` on ``data`` (an epoch iterable of ``(x, cond)``) to minimise ``objective``.
+
+    :param objective: a ``TrainingObjective``; default ``DiffusionObjective(diffusion, schedule_sampler,
+        threshold)`` (then ``diffusion`` is required; with an objective, leave those three unset).
 
     :param data: re-iterable per epoch (e.g. a DataLoader) yielding ``(x [b, C, H, W], {"y": [b]})`` with
         ``b = batch_size // world_size`` rows per rank.
@@ -223,15 +230,19 @@ class TrainLoop:
     :param grad_clip: clip the global gradient norm to this value (0 = off).
     :param w, sample_shape, preview_steps, image_dir: preview grids at save time, one per guidance weight
         (``sample_shape = (N, C, H, W)``; None or ``preview_steps=0`` disables them).
-    :param find_unused_parameters: DDP setting; "auto" probes the model (all-kept and all-dropped labels)
-        for parameters that can get no gradient.
+    :param find_unused_parameters: DDP setting; "auto" probes the model (the objective's ``probe_kwargs``,
+        e.g. all-kept and all-dropped labels) for parameters that can get no gradient.
+    :param val_data, eval_interval, val_batches: every ``eval_interval`` steps (0: never) the objective's
+        ``evaluate`` runs on the first ``val_batches`` batches of ``val_data`` (eval mode, no gradients, the same
+        slices and noise each time, training RNG streams untouched); means over all ranks are logged as ``val_*``.
+    :param ddpm_previews: preview grids by ancestral DDPM sampling (with the objective's noise) instead of DDIM.
     """
 
     def __init__(
         self,
         *,
         model: nn.Module,
-        diffusion: Any,
+        diffusion: Any = None,
         data: Iterable,
         batch_size: int,
         lr: float,
@@ -257,6 +268,11 @@ class TrainLoop:
         name: str = "",
         find_unused_parameters: "str | bool" = "auto",
         progress: bool = True,
+        objective: Optional[TrainingObjective] = None,
+        val_data: Optional[Iterable] = None,
+        eval_interval: int = 0,
+        val_batches: int = 1,
+        ddpm_previews: bool = False,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -269,15 +285,23 @@ class TrainLoop:
         self.model = model.to(self.device)
         if self.world_size > 1:  # rank 0's initial weights everywhere, before the EMA copies are taken
             dist_util.sync_params(self.model.state_dict().values())
-        self.diffusion = diffusion
+        if objective is None:
+            if diffusion is None:
+                raise ValueError("TrainLoop needs a diffusion (for the default diffusion objective) or an objective")
+            objective = DiffusionObjective(diffusion, schedule_sampler, threshold)
+        elif diffusion is not None or schedule_sampler is not None or threshold != -1.0:
+            raise ValueError("pass diffusion/schedule_sampler/threshold to the objective, not to TrainLoop, "
+                             "when an objective is given")
+        self.objective = objective
+        self.diffusion = objective.diffusion  # previews sample with it (None: no previews)
         self.data, self.data_sampler = data, data_sampler
+        self.val_data, self.eval_interval, self.val_batches = val_data, eval_interval, val_batches
+        self.ddpm_previews = ddpm_previews
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size // self.world_size
         self.lr, self.weight_decay, self.lr_anneal_steps = lr, weight_decay, lr_anneal_steps
         self.ema_rates = parse_ema_rates(ema_rate)
         self.log_interval, self.save_interval = log_interval, save_interval
-        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
-        self.threshold = threshold
         self.total_epochs, self.max_steps = total_epochs, max_steps
         self.precision, self.grad_clip, self.seed = precision, grad_clip, seed
         self.w = list(w)
@@ -378,14 +402,10 @@ class TrainLoop:
         )
 
     def unused_parameters(self, x: torch.Tensor, cond: Dict[str, Any]) -> List[str]:
-        """Names of parameters that get no gradient with all labels kept or all dropped (one row each)."""
+        """Names of parameters that get no gradient in the objective's probe calls (one row each)."""
         x1 = x[:1].to(self.device)
         t = torch.zeros(1, dtype=torch.long, device=self.device)
-        if "y" in cond and getattr(self.model, "num_classes", None) is not None:
-            y1 = cond["y"][:1].to(self.device)
-            scenarios = [dict(y=y1, threshold=1.0), dict(y=y1, threshold=1e-12)]
-        else:
-            scenarios = [{}]
+        scenarios = self.objective.probe_kwargs(self.model, {k: v[:1].to(self.device) for k, v in cond.items()})
         unused = set()
         with preserved_rng(self.device):
             for kwargs in scenarios:
@@ -448,6 +468,8 @@ class TrainLoop:
                     self.batch_in_epoch += 1
                     if bar is not None:
                         bar.update(1)
+                    if self.val_data is not None and self.eval_interval > 0 and self.step % self.eval_interval == 0:
+                        self.validate()
                     if self.step % self.log_interval == 0:
                         self.log_metrics(bar)
                     if self.step % self.save_interval == 0:
@@ -477,21 +499,16 @@ class TrainLoop:
             micro = x[start: start + self.microbatch].to(self.device, non_blocking=True)
             micro_cond = {k: v[start: start + self.microbatch].to(self.device, non_blocking=True)
                           for k, v in cond.items()}
-            if "y" in micro_cond:
-                micro_cond["threshold"] = self.threshold
             last = start + self.microbatch >= n
-            t, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
             sync = contextlib.nullcontext() if last or not isinstance(self.ddp_model, DDP) else self.ddp_model.no_sync()
             with sync:
                 with self._autocast():
-                    losses = self.diffusion.training_losses(self.ddp_model, micro, t, model_kwargs=micro_cond)
-                if hasattr(self.schedule_sampler, "update_with_local_losses"):
-                    self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
-                loss = (losses["loss"].float() * weights).mean()
+                    out = self.objective(self.ddp_model, micro, micro_cond)
+                loss = out.loss.float().mean()
                 self._check_finite(loss)
                 # weight by the microbatch's share: the gradient is the mean over the per-rank batch
                 self.scaler.scale(loss * (micro.shape[0] / n)).backward()
-            self._accumulate(t, {k: v.detach().float() * weights for k, v in losses.items()})
+            self._accumulate(out.t, {k: v.detach().float() for k, v in out.metrics.items()})
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -529,12 +546,15 @@ class TrainLoop:
         self._sums[key] = self._sums.get(key, 0) + value
         self._counts[key] = self._counts.get(key, 0) + count
 
-    def _accumulate(self, t: torch.Tensor, values: Dict[str, torch.Tensor]) -> None:
-        """Per-sample loss terms: their means plus means per quarter of the timestep range."""
-        quartile = (4 * t // self.diffusion.num_timesteps).clamp(max=3)
-        ones = torch.ones_like(quartile, dtype=torch.float32)
+    def _accumulate(self, t: Optional[torch.Tensor], values: Dict[str, torch.Tensor]) -> None:
+        """Per-sample loss terms: their means plus (given t) means per quarter of the timestep range."""
         for key, v in values.items():
             self._accumulate_value(key, v.sum(), float(v.numel()))
+        if t is None or not self.objective.num_timesteps:
+            return
+        quartile = (4 * t // self.objective.num_timesteps).clamp(max=3)
+        ones = torch.ones_like(quartile, dtype=torch.float32)
+        for key, v in values.items():
             sums = torch.zeros(4, device=v.device).index_add_(0, quartile, v)
             counts = torch.zeros(4, device=v.device).index_add_(0, quartile, ones)
             self._accumulate_value(f"{key}_quartiles", sums, counts)
@@ -564,6 +584,35 @@ class TrainLoop:
         values = logger.dumpkvs()
         if bar is not None and "loss" in values:
             bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """The objective's validation metrics on the first ``val_batches`` batches, averaged over all ranks and
+        logged as ``val_<name>``; the same slices, timesteps and noise every time, global RNGs untouched."""
+        generator = torch.Generator().manual_seed(self.seed + 1000003 * self.rank + 17)
+        sums: Dict[str, torch.Tensor] = {}
+        count = torch.zeros((), device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with preserved_rng(self.device), self._autocast():
+                for i, batch in enumerate(self.val_data):
+                    if i >= self.val_batches:
+                        break
+                    metrics = self.objective.evaluate(self.model, batch, generator)
+                    for key, v in metrics.items():
+                        sums[key] = sums.get(key, 0) + v.detach().float().sum()
+                    count += next(iter(metrics.values())).numel()
+        finally:
+            self.model.train(was_training)
+        keys = sorted(sums)
+        totals = torch.stack([sums[k] for k in keys] + [count]) if keys else count.reshape(1)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        results = {f"val_{k}": (totals[i] / totals[-1]).item() for i, k in enumerate(keys)} if totals[-1] > 0 else {}
+        for key, value in results.items():
+            logger.logkv(key, value)
+        return results
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dicts(self) -> Dict[str, Any]:
@@ -605,8 +654,9 @@ class TrainLoop:
 
     @torch.no_grad()
     def sample_preview(self, w: Optional[float]) -> torch.Tensor:
-        """``sample_shape`` DDIM samples (``preview_steps`` steps, fixed noise) from the online model in eval
-        mode: guided with weight ``w`` for class-conditional models (rows split evenly over the classes)."""
+        """``sample_shape`` DDIM (or DDPM) samples (``preview_steps`` steps, fixed noise, the objective's noise_fn)
+        from the online model in eval mode; class-conditional models get rows split evenly over the classes and,
+        when ``w`` is a number, classifier-free guidance with weight ``w``."""
         from guided_diffusion.diffusion.respace import SpacedDiffusion, space_timesteps
 
         base = self.diffusion
@@ -623,26 +673,36 @@ class TrainLoop:
                 rescale_timesteps=base.rescale_timesteps,
             )
         n = self.sample_shape[0]
-        noise = torch.randn(self.sample_shape, generator=torch.Generator().manual_seed(self.seed)).to(self.device)
+        noise_fn = self.objective.noise_fn
         kwargs: Dict[str, Any] = {}
         num_classes = getattr(self.model, "num_classes", None)
         if num_classes is not None:
-            kwargs = dict(model_kwargs={"y": torch.arange(n, device=self.device) * num_classes // n}, guidance_w=w)
+            kwargs["model_kwargs"] = {"y": torch.arange(n, device=self.device) * num_classes // n}
+            if w is not None:
+                kwargs["guidance_w"] = w
         was_training = self.model.training
         self.model.eval()
         try:
             with preserved_rng(self.device), self._autocast():
-                return sampler.ddim_sample_loop(self.model, self.sample_shape, noise=noise, **kwargs).float()
+                if noise_fn is None:
+                    noise = torch.randn(self.sample_shape, generator=torch.Generator().manual_seed(self.seed))
+                    noise = noise.to(self.device)
+                else:  # e.g. simplex: the start latent and (DDPM) the step noise from the seeded global RNG
+                    torch.manual_seed(self.seed)
+                    noise = noise_fn(torch.zeros(self.sample_shape, device=self.device),
+                                     torch.full((n,), sampler.num_timesteps - 1, device=self.device))
+                loop = sampler.p_sample_loop if self.ddpm_previews else sampler.ddim_sample_loop
+                return loop(self.model, self.sample_shape, noise=noise, noise_fn=noise_fn, **kwargs).float()
         finally:
             self.model.train(was_training)
 
     def save_previews(self) -> List[str]:
         """One PNG per guidance weight in ``image_dir`` (``{step:06d}_{w}.png``); returns the paths."""
-        if self.sample_shape is None or self.preview_steps <= 0:
+        if self.sample_shape is None or self.preview_steps <= 0 or not self.objective.samples_images:
             return []
-        conditional = getattr(self.model, "num_classes", None) is not None
-        # w = 0 is the plain conditional prediction; unconditional models take no weight
-        weights: List[Optional[float]] = (list(self.w) or [0.0]) if conditional else [None]
+        guided = getattr(self.model, "num_classes", None) is not None and self.objective.classifier_free
+        # w = 0 is the plain conditional prediction; unconditional and plain class-conditional models take no weight
+        weights: List[Optional[float]] = (list(self.w) or [0.0]) if guided else [None]
         paths = []
         for w in weights:
             path = os.path.join(self.image_dir, f"{self.step:06d}" + (f"_{w}" if w is not None else "") + ".png")
