@@ -20,7 +20,14 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from guided_diffusion.diffusion.noise import NOISE_TYPES
-from guided_diffusion.methods.base import BatchContext, autocast_dtype, is_class_conditional, has_null_embedding, model_fn
+from guided_diffusion.methods.base import (
+    BatchContext,
+    autocast_dtype,
+    conditioning_from_flags,
+    has_null_embedding,
+    is_class_conditional,
+    model_fn,
+)
 from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model
 
 
@@ -51,6 +58,23 @@ def reconstruct_anoddpm(model, diffusion, x0: torch.Tensor, ctx: BatchContext, *
 
 class AnoDDPM(ReconstructionMethod):
     name = "anoddpm"
+    # upstream's AnoDDPM model: the unconditional v1 UNet (its configs pass --unet_ver v1 --num_classes 0)
+    flag_overrides = {"unet_ver": "v1", "num_classes": 0}
+
+    @classmethod
+    def flag_defaults(cls) -> Dict[str, Any]:
+        return {**super().flag_defaults(), **anoddpm_flags()}
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
+        super().check_args(args, grid_steps, explicit)
+        if args.noise_type not in NOISE_TYPES:
+            raise ValueError(f"--noise_type {args.noise_type!r} is not known; use one of {', '.join(NOISE_TYPES)}")
+        conditioning_from_flags(args)
+        if args.class_cond and not args.clf_free:
+            raise ValueError("anoddpm reconstructs unconditionally: --num_classes 0 (the unconditional AnoDDPM model) "
+                             f"or a classifier-free model (its null prediction); got --num_classes {args.num_classes} "
+                             "--clf_free False")
 
     def __init__(self, model: torch.nn.Module, diffusion, *, sample_steps: int, noise_type: str = "gaussian",
                  use_ddpm: bool = True, checkpoint: Optional[str] = None, precision: str = "fp32", **common: Any):
@@ -71,7 +95,7 @@ class AnoDDPM(ReconstructionMethod):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, device: torch.device) -> "AnoDDPM":
-        args.class_cond = args.num_classes > 0  # upstream: --num_classes 0 is the unconditional AnoDDPM model
+        conditioning_from_flags(args)  # upstream: --num_classes 0 is the unconditional AnoDDPM model
         model, diffusion, path = loaded_model(args, device, what="anoddpm (--model_dir)")
         return cls(model, diffusion, sample_steps=args.sample_steps, noise_type=args.noise_type,
                    use_ddpm=args.use_ddpm, checkpoint=path, precision=getattr(args, "precision", "fp32"),

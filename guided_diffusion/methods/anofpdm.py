@@ -655,7 +655,45 @@ def segment_batch(
 # AnoFPDM behind the evaluation driver (methods/base.py)
 # --------------------------------------------------------------------------------------------------------
 
-from guided_diffusion.methods.base import BatchContext, SliceMethod, SliceOutput  # noqa: E402
+from guided_diffusion.methods.base import BatchContext, SliceMethod, SliceOutput, require_classifier_free  # noqa: E402
+
+
+def anofpdm_flags() -> dict:
+    """Upstream ``translation_FPDM.py`` flags of the method (``--w``, ``--modality``, ``--t_e_ratio`` are the
+    driver's), then this project's additions."""
+    return dict(
+        forward_steps=600,
+        null=True,  # paper: encode with the null embedding (upstream's default False crashed); False: healthy label
+        d_reverse=True,
+        last_only=False,
+        subset_interval=-1,
+        use_gradient_sam=False,
+        use_gradient_para_sam=False,
+        # additions
+        ugp_mode="null",
+        legacy_ddim_encoding=False,
+        include_t_e=False,
+        quantile_a=A_QUANTILE,
+        quantile_b=B_QUANTILE,
+    )
+
+
+def forward_config_from_args(args) -> ForwardConfig:
+    sub = "gradient" if args.use_gradient_sam else ("gradient_para" if args.use_gradient_para_sam else "input")
+    return ForwardConfig(
+        w=args.w,
+        forward_steps=args.forward_steps,
+        modality=list(args.modality),
+        ddim=args.d_reverse,
+        ugp_mode=args.ugp_mode,
+        encode_null=args.null,
+        legacy_ddim_encoding=args.legacy_ddim_encoding,
+        sub_anomaly=sub,
+        last_only=args.last_only,
+        interval=args.subset_interval if args.subset_interval > 0 else 1,
+        include_end=args.include_t_e,
+        store_maps=any(r != 1 for r in args.t_e_ratio),
+    )
 
 
 class AnoFPDM(SliceMethod):
@@ -680,10 +718,11 @@ class AnoFPDM(SliceMethod):
         cc_max_size: int = 40,
         a: float = A_QUANTILE,
         b: float = B_QUANTILE,
-        autocast_dtype: Optional[torch.dtype] = None,
         precision: str = "fp32",
         dataset: str = "brats",
     ):
+        from guided_diffusion.methods.base import autocast_dtype
+
         cfg.validate()
         if len(t_e_ratio) == 0:
             raise ValueError("--t_e_ratio needs at least one value")
@@ -693,27 +732,47 @@ class AnoFPDM(SliceMethod):
         self.checkpoint, self.t_e_ratio = checkpoint, [float(r) for r in t_e_ratio]
         self.median_kernel, self.cc_max_size, self.a, self.b = median_kernel, cc_max_size, a, b
         self.precision, self.dataset = precision, dataset
-        self.process = ForwardProcess(model, diffusion, cfg, autocast_dtype)
+        self.process = ForwardProcess(model, diffusion, cfg, autocast_dtype(precision))
+
+    @classmethod
+    def flag_defaults(cls) -> dict:
+        return anofpdm_flags()
+
+    @classmethod
+    def check_args(cls, args, grid_steps: int, explicit: Optional[set] = None) -> None:
+        require_classifier_free(args, "AnoFPDM")
+        if args.w < 0:
+            raise ValueError(f"--w {args.w}: pass the guidance weight (>= 0; paper: BraTS 2, ATLAS 30). Upstream's "
+                             "default -1 silently disabled guidance")
+        if args.forward_steps < 1 or args.forward_steps > grid_steps:
+            raise ValueError(f"--forward_steps must lie in [1, {grid_steps}] (the diffusion's steps"
+                             f"{', respaced' if args.timestep_respacing else ''}), got {args.forward_steps}")
+        if args.use_gradient_sam and args.use_gradient_para_sam:
+            raise ValueError("--use_gradient_sam and --use_gradient_para_sam are exclusive")
+        if not 0 <= args.quantile_a <= args.quantile_b <= 1:
+            raise ValueError(f"need 0 <= --quantile_a ({args.quantile_a}) <= --quantile_b ({args.quantile_b}) <= 1")
+        forward_config_from_args(args).validate(args.in_channels)
 
     @classmethod
     def from_args(cls, args, device: torch.device) -> "AnoFPDM":
-        from guided_diffusion.evaluation.translation import PRECISIONS, forward_config, load_model
+        from guided_diffusion.evaluation import translation  # the driver's model loading (tests may replace it)
 
-        if args.num_classes < 1:
-            raise ValueError("anofpdm needs the classifier-free guided model: --num_classes must be >= 1 (2 in the "
-                             f"configs), got {args.num_classes}")
-        args.class_cond = True
-        model, diffusion, path = load_model(args, device)
+        require_classifier_free(args, "AnoFPDM")
+        model, diffusion, path = translation.load_model(args, device)
         cc = args.cc_filter_size if args.cc_filter_size >= 0 else int(round(40 * (args.image_size / 128) ** 2))
-        return cls(model, diffusion, forward_config(args), checkpoint=path, t_e_ratio=args.t_e_ratio,
+        return cls(model, diffusion, forward_config_from_args(args), checkpoint=path, t_e_ratio=args.t_e_ratio,
                    median_kernel=5 if args.median_filter else 1, cc_max_size=cc, a=args.quantile_a,
-                   b=args.quantile_b, autocast_dtype=PRECISIONS[args.precision], precision=args.precision,
-                   dataset=args.name)
+                   b=args.quantile_b, precision=args.precision, dataset=args.name)
 
     def settings(self) -> dict:
-        return {"method": self.name, "forward": {k: v for k, v in asdict(self.cfg).items() if k != "store_maps"},
-                "t_e_ratio": self.t_e_ratio, "median_kernel": self.median_kernel, "cc_max_size": self.cc_max_size,
-                "quantile_a": self.a, "quantile_b": self.b, "precision": self.precision}
+        c = self.cfg
+        return {"method": self.name, "w": c.w, "forward_steps": c.forward_steps, "modality": list(c.modality),
+                "d_reverse": c.ddim, "ugp_mode": c.ugp_mode, "null": c.encode_null,
+                "legacy_ddim_encoding": c.legacy_ddim_encoding, "sub_anomaly": c.sub_anomaly,
+                "clip_denoised": c.clip_denoised, "healthy_label": c.healthy_label, "last_only": c.last_only,
+                "subset_interval": c.interval, "include_t_e": c.include_end, "t_e_ratio": self.t_e_ratio,
+                "median_kernel": self.median_kernel, "cc_max_size": self.cc_max_size, "quantile_a": self.a,
+                "quantile_b": self.b, "precision": self.precision}
 
     def checkpoints(self) -> list:
         return [self.checkpoint] if self.checkpoint else []
@@ -737,14 +796,17 @@ class AnoFPDM(SliceMethod):
         return fit_hyperparams(stats, torch.as_tensor(np.asarray(labels)).long()).to_dict()
 
     def hyperparams_without_validation(self) -> dict:
-        return upstream_fallback_hyperparams(self.dataset, self.cfg.forward_steps, len(self.cfg.modality)).to_dict()
+        hyper = upstream_fallback_hyperparams(self.dataset, self.cfg.forward_steps, len(self.cfg.modality), self.cfg)
+        return hyper.to_dict()
 
     def check_hyperparams(self, hyper: dict) -> dict:
+        missing = [k for k in ("thr_01", "diff_max") if k not in hyper]
+        if missing:
+            raise ValueError(f"AnoFPDM hyper-parameters need {' and '.join(missing)}")
         h = Hyperparams.from_dict(hyper)
         if len(h.diff_max) != len(self.cfg.modality):
-            raise ValueError(f"hyper-parameters from {h.source} have {len(h.diff_max)} modalities; "
-                             f"--modality gives {len(self.cfg.modality)}")
-        return hyper
+            raise ValueError(f"{len(h.diff_max)} modalities in diff_max; --modality gives {len(self.cfg.modality)}")
+        return dict(hyper, **{k: getattr(h, k) for k in ("thr_01", "diff_max", "diff_min", "source")})
 
     def describe(self, hyper: dict) -> str:
         h = Hyperparams.from_dict(hyper)
@@ -766,6 +828,6 @@ class AnoFPDM(SliceMethod):
                          "end_step": seg["end_step"].cpu().numpy(), "quantile": seg["quantile"].cpu().numpy()},
             ))
         main = outputs[0]
-        main.arrays = {f"stats_{k}": v for k, v in res.stats.to_numpy().items()}
+        main.arrays = res.stats.to_numpy()  # mse_guided, mse_unguided, divergence, sam_mean [B, T, M]
         main.variants = outputs[1:]
         return main

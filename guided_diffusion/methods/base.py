@@ -8,13 +8,20 @@ per-batch cache and its fingerprints, metrics, outputs and progress bars. A meth
 Stable calls (other code relies on them, e.g. whole-volume NIfTI segmentation)::
 
     from guided_diffusion.methods.base import BatchContext, build_method
-    method = build_method("anoddpm", args, device)      # args: argparse.Namespace with the method's flags
+    method = build_method("anoddpm", args, device)      # args: the driver's flags, see below
     hyper = method.fit(records, labels, gt_masks)       # or json.load(...hyperparams.json) of an earlier run
     out = method.test_batch(x, hyper, BatchContext.for_seed(0))
     out.anomaly_map    # float32 [B, 1, H, W]
     out.mask           # bool    [B, 1, H, W], post-processed (median filter, threshold, component filter)
     out.pred_label     # int64   [B], 1 = unhealthy
     out.columns        # {name: array [B] or [B, k]}: per-slice table columns (e.g. the threshold used)
+
+``args`` is what the driver parses and checks (every method's flags, model flags from ``--model_dir/config.json``)::
+
+    from guided_diffusion.evaluation import translation
+    parser = translation.create_argparser(method="anoddpm")
+    args = parser.parse_args(argv)
+    translation.check_args(args, world_size=1, explicit=script_util.explicit_flags(parser, argv))
 
 ``x`` is float32 ``[B, C, H, W]`` in [-1, 1] (the loaders' per-slice min-max scaling) on ``device``;
 ``hyper`` is the JSON-able dict returned by ``fit`` (``hyperparams.json``). Outputs stay on ``device``.
@@ -48,6 +55,7 @@ import numpy as np
 import torch
 
 from guided_diffusion.diffusion.noise import NOISE_TYPES, fractal_simplex, random_permutations
+from guided_diffusion.runtime import PRECISIONS, check_precision
 
 Records = Dict[str, np.ndarray]
 Hyper = Dict[str, Any]
@@ -183,6 +191,22 @@ class SliceMethod(abc.ABC):
     #: per-slice columns shown in the panels' captions
     caption_columns: ClassVar[Sequence[str]] = ()
 
+    #: defaults of shared flags that differ for this method (applied by its entry point / ``--method``)
+    flag_overrides: ClassVar[Dict[str, Any]] = {}
+
+    @classmethod
+    def flag_defaults(cls) -> Dict[str, Any]:
+        """The method's own command-line flags and their defaults (the driver adds them to its parser)."""
+        return {}
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
+        """Validate and normalise the method's flags before any model is built; a ValueError names the flag.
+
+        ``grid_steps``: steps of the diffusion grid (respaced if asked); ``explicit``: flags given on the command
+        line (for configuration files that must not be contradicted).
+        """
+
     @classmethod
     @abc.abstractmethod
     def from_args(cls, args: argparse.Namespace, device: torch.device) -> "SliceMethod":
@@ -273,13 +297,29 @@ def build_method(name: str, args: argparse.Namespace, device: Union[str, torch.d
 # --------------------------------------------------------------------------------------------------------
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
+    """The autocast dtype of ``--precision`` (None for fp32)."""
+    return PRECISIONS[check_precision(precision)]
+
+
+def conditioning_from_flags(args: argparse.Namespace) -> None:
+    """Upstream's rule ``--num_classes > 0`` means class-conditional, unless config.json recorded the model."""
+    if not getattr(args, "config_recorded", False):
+        args.class_cond = args.num_classes > 0
+
+
+def require_classifier_free(args: argparse.Namespace, method: str) -> None:
+    """A ValueError naming the flags unless the flags describe a classifier-free guided model."""
+    conditioning_from_flags(args)
+    where = " (recorded in --model_dir's config.json)" if getattr(args, "config_recorded", False) else ""
+    if args.num_classes < 1 or not args.class_cond:
+        raise ValueError(f"{method} needs the classifier-free guided model: --num_classes must be >= 1 (2 in the "
+                         f"configs); got --num_classes {args.num_classes} --class_cond {args.class_cond}{where}, an "
+                         "unconditional model")
+    if not args.clf_free:
+        raise ValueError(f"{method} needs the classifier-free guided model (with a null embedding); --clf_free False"
+                         f"{where} is a plain class-conditional model")
+    args.class_cond = True
 
 
 def is_class_conditional(model: torch.nn.Module) -> bool:
@@ -349,5 +389,5 @@ def autocast_model(model: Callable[..., torch.Tensor], dtype: Optional[torch.dty
 
 __all__ = [
     "BatchContext", "SliceOutput", "SliceMethod", "METHODS", "register_method", "method_class", "build_method",
-    "PRECISIONS", "autocast_dtype", "autocast_model", "is_class_conditional", "has_null_embedding", "model_fn",
+    "autocast_dtype", "autocast_model", "conditioning_from_flags", "require_classifier_free", "is_class_conditional", "has_null_embedding", "model_fn",
 ]

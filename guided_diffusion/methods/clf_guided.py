@@ -31,7 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion.methods.base import BatchContext, autocast_dtype, has_null_embedding, is_class_conditional, model_fn
+from guided_diffusion.methods.base import (
+    BatchContext,
+    autocast_dtype,
+    conditioning_from_flags,
+    has_null_embedding,
+    is_class_conditional,
+    model_fn,
+)
 from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model
 
 HEALTHY = 0
@@ -92,33 +99,83 @@ def classifier_guided(model: Callable, classifier: Callable, diffusion, label: i
     return guided
 
 
-def load_classifier(args: argparse.Namespace, device: torch.device):
+SHARED_WITH_THE_MODEL = ("image_size", "in_channels", "unet_ver")  # upstream: one flag for the DM and classifier
+
+
+def classifier_flag_defaults() -> Dict[str, Any]:
+    """The classifier's own flags (``classifier_*``, ``out_channels``); image size and channels are the data's."""
+    from guided_diffusion.script_util import classifier_defaults
+
+    return {k: v for k, v in classifier_defaults().items() if k not in SHARED_WITH_THE_MODEL}
+
+
+def classifier_flags(args: argparse.Namespace, explicit: Optional[set] = None) -> Dict[str, Any]:
+    """The flags the classifier is built from: ``--clf_dir/config.json`` (kind ``classifier``, written by
+    ``scripts/train_classifier.py``) when there is one, explicit flags that contradict it being an error; else the
+    command line (an upstream classifier folder)."""
+    from guided_diffusion import fileio
+    from guided_diffusion.script_util import classifier_defaults, config_conflicts, recorded_flags
+
+    flags = {k: getattr(args, k) for k in classifier_defaults() if k != "unet_ver"}
+    recorded = recorded_flags(args.clf_dir, "classifier")  # a RunConfigError for a folder of another kind
+    if recorded is None:
+        return flags
+    recorded = {k: recorded[k] for k in flags}
+    if explicit is not None:
+        conflicts = config_conflicts(recorded, {k: flags[k] for k in flags if k in explicit})
+        if conflicts:
+            raise fileio.RunConfigError(
+                f"{fileio.config_path(args.clf_dir)} records how the classifier in {args.clf_dir} was built, and the "
+                f"command line contradicts it: {'; '.join(conflicts)}. Drop these flags")
+    return recorded
+
+
+def load_classifier(args: argparse.Namespace, device: torch.device, explicit: Optional[set] = None):
     """(classifier in eval mode, checkpoint path) from ``--clf_dir``/``--clf_num`` and the classifier flags."""
     import os
 
-    from guided_diffusion import dist_util
-    from guided_diffusion.evaluation.translation import _shorten, find_checkpoint
-    from guided_diffusion.script_util import classifier_defaults, create_classifier
+    from guided_diffusion import fileio
+    from guided_diffusion.script_util import create_classifier
 
     if not args.clf_dir or not os.path.isdir(args.clf_dir):
         raise ValueError(f"--clf_dir {args.clf_dir!r} is not a folder holding the classifier's model*.pt checkpoints")
-    path = find_checkpoint(args.clf_dir, args.clf_num, ema=False)
-    flags = {k: getattr(args, k) for k in classifier_defaults() if k != "unet_ver"}
+    flags = classifier_flags(args, explicit)
+    path = fileio.find_checkpoint(args.clf_dir, args.clf_num, flag="--clf_num")
     classifier = create_classifier(**flags)
-    state = dist_util.load_state_dict(path, map_location="cpu")
-    if isinstance(state, dict) and state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    try:
-        classifier.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        shown = " ".join(f"--{k} {v}" for k, v in flags.items())
-        raise RuntimeError(f"classifier checkpoint {path} does not fit the classifier built from the flags ({shown}): "
-                           f"{_shorten(str(e))}") from None
+    shown = " ".join(f"--{k} {v}" for k, v in flags.items())
+    fileio.load_state_dict_into(classifier, path, hint=f"the classifier flags ({shown})")
     return classifier.to(device).eval(), path
 
 
 class ClassifierGuided(ReconstructionMethod):
     name = "clf_guided"
+    # upstream's guided DM: v1, class-conditional without a null embedding, learned sigma; EMA weights by default
+    flag_overrides = {"unet_ver": "v1", "clf_free": False, "learn_sigma": True, "ema": True}
+
+    @classmethod
+    def flag_defaults(cls) -> Dict[str, Any]:
+        return {**super().flag_defaults(), **clf_guided_flags(), **classifier_flag_defaults()}
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
+        import os
+
+        super().check_args(args, grid_steps, explicit)
+        if not args.clf_dir or not os.path.isdir(args.clf_dir):
+            raise ValueError(f"--clf_dir {args.clf_dir!r} is not a folder holding the classifier's model*.pt "
+                             "checkpoints (scripts/train_classifier.py writes them)")
+        if args.classifier_scale < 0:
+            raise ValueError(f"--classifier_scale must be >= 0, got {args.classifier_scale}")
+        flags = classifier_flags(args, explicit)  # config.json of the classifier, if any
+        for k in ("image_size", "in_channels"):
+            if flags[k] != getattr(args, k):
+                raise ValueError(f"the classifier in --clf_dir {args.clf_dir} was built for --{k} {flags[k]}, the "
+                                 f"diffusion model and data use {getattr(args, k)}")
+        for k in classifier_flag_defaults():
+            setattr(args, k, flags[k])
+        conditioning_from_flags(args)
+        if flags["out_channels"] < 2:
+            raise ValueError(f"--out_channels (the classifier's classes) must be >= 2, got {flags['out_channels']}")
 
     def __init__(self, model: torch.nn.Module, diffusion, classifier: torch.nn.Module, *, sample_steps: int,
                  classifier_scale: float, checkpoints: Optional[List[str]] = None, precision: str = "fp32",
@@ -140,9 +197,12 @@ class ClassifierGuided(ReconstructionMethod):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, device: torch.device) -> "ClassifierGuided":
-        args.class_cond = args.num_classes > 0
+        conditioning_from_flags(args)
         model, diffusion, path = loaded_model(args, device, what="clf_guided diffusion model (--model_dir)")
-        classifier, clf_path = load_classifier(args, device)
+        try:
+            classifier, clf_path = load_classifier(args, device)
+        except (FileNotFoundError, RuntimeError, ValueError) as e:
+            raise type(e)(f"clf_guided classifier (--clf_dir): {e}") from None
         return cls(model, diffusion, classifier, sample_steps=args.sample_steps,
                    classifier_scale=args.classifier_scale, checkpoints=[path, clf_path],
                    precision=getattr(args, "precision", "fp32"), **cls.common_kwargs(args))

@@ -23,7 +23,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from guided_diffusion.methods.base import BatchContext, autocast_dtype, autocast_model, has_null_embedding, model_fn
+from guided_diffusion.methods.base import (
+    BatchContext,
+    autocast_dtype,
+    autocast_model,
+    has_null_embedding,
+    model_fn,
+    require_classifier_free,
+)
 from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model
 
 HEALTHY = 0
@@ -58,6 +65,17 @@ def ddib_encode(null_model, diffusion, x0: torch.Tensor, sample_steps: int, ctx:
 class DDIB(ReconstructionMethod):
     name = "ddib"
 
+    @classmethod
+    def flag_defaults(cls) -> Dict[str, Any]:
+        return {**super().flag_defaults(), **ddib_flags()}
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
+        super().check_args(args, grid_steps, explicit)
+        require_classifier_free(args, "ddib")
+        if args.w < 0:
+            raise ValueError(f"--w {args.w}: pass the healthy guidance weight (>= 0; upstream BraTS 1.1, ATLAS 1.3)")
+
     def __init__(self, model: torch.nn.Module, diffusion, *, sample_steps: int, w: float, legacy_ddib: bool = False,
                  checkpoint: Optional[str] = None, precision: str = "fp32", healthy_label: int = HEALTHY,
                  **common: Any):
@@ -80,10 +98,7 @@ class DDIB(ReconstructionMethod):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, device: torch.device) -> "DDIB":
-        if args.num_classes < 1:
-            raise ValueError(f"ddib needs the classifier-free guided model: --num_classes must be >= 1 (2 in the "
-                             f"configs), got {args.num_classes}")
-        args.class_cond = True
+        require_classifier_free(args, "ddib")
         model, diffusion, path = loaded_model(args, device, what="ddib (--model_dir)")
         return cls(model, diffusion, sample_steps=args.sample_steps, w=args.w, legacy_ddib=args.legacy_ddib,
                    checkpoint=path, precision=getattr(args, "precision", "fp32"), **cls.common_kwargs(args))

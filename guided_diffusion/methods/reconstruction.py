@@ -76,6 +76,17 @@ class ReconstructionMethod(SliceMethod):
     uses_pixel_labels = True
     caption_columns = ("threshold",)
 
+    @classmethod
+    def flag_defaults(cls) -> Dict[str, Any]:
+        return reconstruction_flags()
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
+        if not 1 <= args.sample_steps <= grid_steps:
+            raise ValueError(f"--sample_steps must lie in [1, {grid_steps}] (the diffusion's steps"
+                             f"{', respaced' if args.timestep_respacing else ''}), got {args.sample_steps}")
+        parse_grid(args.threshold_grid)
+
     def __init__(self, *, modality: Sequence[int], median_kernel: int = 5, cc_max_size: int = 40,
                  grid: Sequence[float] = thr_search.UPSTREAM_GRID, opt_thr: float = -1.0):
         if len(modality) == 0 or len(set(modality)) != len(modality):
@@ -171,11 +182,12 @@ def check_sample_steps(sample_steps: int, diffusion, flag: str = "--sample_steps
 
 
 def loaded_model(args: argparse.Namespace, device: torch.device, *, what: str):
-    """(model in eval mode, diffusion, checkpoint path) from ``--model_dir``/``--model_num``/``--ema``."""
-    from guided_diffusion.evaluation.translation import load_model
+    """(model in eval mode, diffusion, checkpoint path) from ``--model_dir``/``--model_num``/``--ema``, through the
+    driver's ``load_model``; errors say which of the method's models failed."""
+    from guided_diffusion.evaluation import translation
 
     try:
-        return load_model(args, device)
+        return translation.load_model(args, device)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise type(e)(f"{what}: {e}") from None
 
