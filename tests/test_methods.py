@@ -302,9 +302,10 @@ def test_classifier_checkpoint_that_does_not_fit_the_flags(tmp_path):
     clf, path = load_classifier(args, torch.device("cpu"))
     assert path.endswith("model000007.pt") and not clf.training
     wrong = _classifier_args(tmp_path, classifier_width=64)
-    with pytest.raises(RuntimeError, match=r"model000007\.pt does not fit.*--classifier_width 64"):
+    with pytest.raises(RuntimeError, match=r"model000007\.pt does not fit the model built from the classifier flags "
+                                           r"\(.*--classifier_width 64"):
         load_classifier(wrong, torch.device("cpu"))
-    with pytest.raises(FileNotFoundError, match="--model_num 9"):
+    with pytest.raises(FileNotFoundError, match="--clf_num 9: no such"):
         load_classifier(_classifier_args(tmp_path, clf_num="9"), torch.device("cpu"))
 
 
@@ -378,3 +379,23 @@ def test_reconstruction_fit_and_fallbacks():
     with pytest.raises(ValueError, match="finite 'threshold'"):
         method.test_batch(x0, {"thr": 1}, BatchContext.for_seed(0))
     np.testing.assert_allclose(reconstruction_map(x0, h, [0, 1]).numpy(), expected, atol=1e-5)
+
+
+def test_classifier_from_its_config_json(tmp_path):
+    from guided_diffusion import fileio
+    from guided_diffusion.script_util import classifier_and_diffusion_defaults, classifier_defaults, create_classifier
+
+    args = _classifier_args(tmp_path)
+    (tmp_path / "clf").mkdir()
+    flags = {k: getattr(args, k) for k in classifier_defaults() if k != "unet_ver"}
+    torch.save(create_classifier(**flags).state_dict(), tmp_path / "clf" / "model000002.pt")
+    fileio.write_run_config(tmp_path / "clf", "classifier", {**classifier_and_diffusion_defaults(), **flags})
+    plain = _classifier_args(tmp_path, classifier_width=128, classifier_depth=2)  # the parser's defaults
+    clf, _ = load_classifier(plain, torch.device("cpu"))  # built as recorded, not as the defaults say
+    assert clf.model_channels == 32
+    with pytest.raises(fileio.RunConfigError, match="--classifier_width 64 .config.json: 32."):
+        load_classifier(_classifier_args(tmp_path, classifier_width=64), torch.device("cpu"),
+                        explicit={"classifier_width"})
+    fileio.write_run_config(tmp_path / "clf", "diffusion", {})
+    with pytest.raises(fileio.RunConfigError, match="'diffusion' model"):
+        load_classifier(args, torch.device("cpu"))
