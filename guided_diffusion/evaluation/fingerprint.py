@@ -75,10 +75,10 @@ class DigestCache:
     def save(self) -> None:
         if not self.path or not self._dirty:
             return
-        from guided_diffusion.evaluation.translation import _write_json_atomic
+        from guided_diffusion import fileio
 
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        _write_json_atomic(self.path, {"version": CACHE_VERSION, "files": self.entries})
+        fileio.write_json(self.path, {"version": CACHE_VERSION, "files": self.entries})
         self._dirty = False
 
 
