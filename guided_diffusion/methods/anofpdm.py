@@ -622,3 +622,123 @@ def segment_batch(
         "anomaly_map": amap,
         "mask": mask,
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# AnoFPDM behind the evaluation driver (methods/base.py)
+# --------------------------------------------------------------------------------------------------------
+
+from guided_diffusion.methods.base import BatchContext, SliceMethod, SliceOutput  # noqa: E402
+
+
+class AnoFPDM(SliceMethod):
+    """AnoFPDM as a slice method: validation records are the per-step curves ``StepStats`` ``[B, T, M]``;
+    ``fit`` selects ``thr_01`` and ``M_max`` from slice labels only; ``test_batch`` runs ``segment_batch`` for every
+    ``--t_e_ratio`` (the first is the main result, the others are ``variants``)."""
+
+    name = "anofpdm"
+    uses_pixel_labels = False
+    variant_key = "t_e_ratio"
+    caption_columns = ("end_step",)
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        diffusion,
+        cfg: ForwardConfig,
+        *,
+        checkpoint: Optional[str] = None,
+        t_e_ratio: Sequence[float] = (1.0,),
+        median_kernel: int = 5,
+        cc_max_size: int = 40,
+        a: float = A_QUANTILE,
+        b: float = B_QUANTILE,
+        autocast_dtype: Optional[torch.dtype] = None,
+        precision: str = "fp32",
+        dataset: str = "brats",
+    ):
+        cfg.validate()
+        if len(t_e_ratio) == 0:
+            raise ValueError("--t_e_ratio needs at least one value")
+        if any(r != 1 for r in t_e_ratio) and not cfg.store_maps:
+            raise ValueError("t_e_ratio != 1 needs the per-step maps: build the ForwardConfig with store_maps=True")
+        self.model, self.diffusion, self.cfg = model, diffusion, cfg
+        self.checkpoint, self.t_e_ratio = checkpoint, [float(r) for r in t_e_ratio]
+        self.median_kernel, self.cc_max_size, self.a, self.b = median_kernel, cc_max_size, a, b
+        self.precision, self.dataset = precision, dataset
+        self.process = ForwardProcess(model, diffusion, cfg, autocast_dtype)
+
+    @classmethod
+    def from_args(cls, args, device: torch.device) -> "AnoFPDM":
+        from guided_diffusion.evaluation.translation import PRECISIONS, forward_config, load_model
+
+        if args.num_classes < 1:
+            raise ValueError("anofpdm needs the classifier-free guided model: --num_classes must be >= 1 (2 in the "
+                             f"configs), got {args.num_classes}")
+        args.class_cond = True
+        model, diffusion, path = load_model(args, device)
+        cc = args.cc_filter_size if args.cc_filter_size >= 0 else int(round(40 * (args.image_size / 128) ** 2))
+        return cls(model, diffusion, forward_config(args), checkpoint=path, t_e_ratio=args.t_e_ratio,
+                   median_kernel=5 if args.median_filter else 1, cc_max_size=cc, a=args.quantile_a,
+                   b=args.quantile_b, autocast_dtype=PRECISIONS[args.precision], precision=args.precision,
+                   dataset=args.name)
+
+    def settings(self) -> dict:
+        return {"method": self.name, "forward": {k: v for k, v in asdict(self.cfg).items() if k != "store_maps"},
+                "t_e_ratio": self.t_e_ratio, "median_kernel": self.median_kernel, "cc_max_size": self.cc_max_size,
+                "quantile_a": self.a, "quantile_b": self.b, "precision": self.precision}
+
+    def checkpoints(self) -> list:
+        return [self.checkpoint] if self.checkpoint else []
+
+    def steps_per_batch(self, split: str) -> int:
+        return self.cfg.forward_steps
+
+    def variants(self) -> list:
+        return list(self.t_e_ratio)
+
+    def _run(self, x: torch.Tensor, ctx: BatchContext, with_maps: bool) -> ForwardResult:
+        return self.process.run(x.float(), with_maps=with_maps, generator=ctx.generator, progress=ctx.progress,
+                                noise_rows=ctx.noise_rows(x.shape[0]))
+
+    def validation_batch(self, x: torch.Tensor, ctx: BatchContext) -> dict:
+        return self._run(x, ctx, with_maps=False).stats.to_numpy()
+
+    def fit(self, records: dict, labels: np.ndarray, gt_masks: Optional[np.ndarray]) -> dict:
+        # slice labels only: the driver passes no pixel labels to a method that does not declare them
+        stats = StepStats.from_numpy(records)
+        return fit_hyperparams(stats, torch.as_tensor(np.asarray(labels)).long()).to_dict()
+
+    def hyperparams_without_validation(self) -> dict:
+        return upstream_fallback_hyperparams(self.dataset, self.cfg.forward_steps, len(self.cfg.modality)).to_dict()
+
+    def check_hyperparams(self, hyper: dict) -> dict:
+        h = Hyperparams.from_dict(hyper)
+        if len(h.diff_max) != len(self.cfg.modality):
+            raise ValueError(f"hyper-parameters from {h.source} have {len(h.diff_max)} modalities; "
+                             f"--modality gives {len(self.cfg.modality)}")
+        return hyper
+
+    def describe(self, hyper: dict) -> str:
+        h = Hyperparams.from_dict(hyper)
+        return (f"thr_01 {h.thr_01:.8f}, diff_max {h.diff_max}, diff_min {h.diff_min}, val errors {h.n_errors} of "
+                f"{h.n_val} ({h.n_val_unhealthy} unhealthy), val accuracy {h.val_accuracy} ({h.source})")
+
+    def test_batch(self, x: torch.Tensor, hyper: dict, ctx: BatchContext) -> SliceOutput:
+        h = Hyperparams.from_dict(hyper)
+        res = self._run(x, ctx, with_maps=True)
+        outputs = []
+        for ratio in self.t_e_ratio:
+            seg = segment_batch(res, h, self.cfg, t_e_ratio=ratio, median_kernel=self.median_kernel,
+                                cc_max_size=self.cc_max_size, a=self.a, b=self.b)
+            outputs.append(SliceOutput(
+                anomaly_map=seg["anomaly_map"].float(),
+                mask=seg["mask"].bool(),
+                pred_label=seg["pred_label"].long(),
+                columns={"similarity": seg["similarity"].cpu().numpy(), "threshold": seg["threshold"].cpu().numpy(),
+                         "end_step": seg["end_step"].cpu().numpy(), "quantile": seg["quantile"].cpu().numpy()},
+            ))
+        main = outputs[0]
+        main.arrays = {f"stats_{k}": v for k, v in res.stats.to_numpy().items()}
+        main.variants = outputs[1:]
+        return main
