@@ -258,3 +258,39 @@ def evaluate_segmentation(
         "auprc_pooling": auprc_pooling,
         "n_batches": n_batches,
     }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-volume metrics (whole-volume segmentation, guided_diffusion/evaluation/volumes.py)
+
+
+def volume_metrics(pred, gt, scores=None, foreground=None, voxel_ml: float = 1.0) -> dict:
+    """3-D metrics of one subject: the whole volume is one sample.
+
+    ``pred`` / ``gt`` binary volumes of one shape; ``scores`` the anomaly map (AUPRC, over the ``foreground``
+    voxels when given); ``voxel_ml`` the volume of one voxel in millilitres. Dice and IoU use the slices' 1e-6
+    smoothing (a subject without lesion and an empty prediction scores 1). Returns ``dice``, ``iou``, ``auprc``
+    (None without a lesion voxel), voxel ``precision``/``recall``, voxel counts and volumes in ml.
+    """
+    pred, gt = _as_bool(pred), _as_bool(gt)
+    dice, iou = dice_iou_per_slice(pred[None], gt[None])
+    pr = precision_recall(pred, gt)
+    ap = None
+    if scores is not None:
+        scores = np.asarray(scores)
+        if scores.shape != gt.shape:
+            raise ValueError(f"anomaly map shape {scores.shape} differs from ground-truth shape {gt.shape}")
+        fg = np.ones(gt.shape, bool) if foreground is None else _as_bool(foreground)
+        ap = auprc(scores[fg], gt[fg]) if gt[fg].any() else None
+    n_pred, n_gt = int(pred.sum()), int(gt.sum())
+    return {"dice": float(dice[0]), "iou": float(iou[0]), "auprc": ap, "precision": pr["precision"],
+            "recall": pr["recall"], "pred_voxels": n_pred, "gt_voxels": n_gt, "pred_ml": n_pred * voxel_ml,
+            "gt_ml": n_gt * voxel_ml}
+
+
+def mean_sd(values: Iterable[Optional[float]]) -> dict:
+    """``{"mean", "sd", "n"}`` of the defined values (None/NaN left out); sd is the sample standard deviation
+    (n - 1), None for fewer than two values; mean None for none."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
+    return {"mean": float(v.mean()) if v.size else None, "sd": float(v.std(ddof=1)) if v.size > 1 else None,
+            "n": int(v.size)}

@@ -1,0 +1,559 @@
+"""Whole-volume segmentation: geometry round trip on a rotated, flipped, anisotropic grid; per-volume metrics against
+hand-computed values; the command end to end on tiny subjects and a tiny model (bad inputs, resume, atomicity)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion.data import nifti
+from guided_diffusion.data import preprocess as pp
+from guided_diffusion.data.loaders import normalise_slice
+from guided_diffusion.evaluation import metrics as M
+from guided_diffusion.evaluation import volumes
+from guided_diffusion.methods import base
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (24, 16, 10)  # H, W, Z: H/S = 3 and W/S = 2 for S = 8
+SIZE = 8
+ZOOMS = (0.9, 1.2, 2.5)  # anisotropic voxels (mm)
+
+
+def _affine(zooms=ZOOMS) -> np.ndarray:
+    """Rotated 30° about z, first axis flipped, anisotropic, translated: every term of the affine matters."""
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    a = np.eye(4)
+    a[:3, :3] = rot @ np.diag([-zooms[0], zooms[1], zooms[2]])
+    a[:3, 3] = [90.0, -126.0, -72.0]
+    return a
+
+
+def _save(path: Path, arr: np.ndarray, affine=None, qform_code=1, sform_code=4, dtype=np.float32) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(arr, dtype), _affine() if affine is None else affine)
+    sform = img.affine.copy()
+    sform[:3, 3] += [0.5, -0.25, 1.0]  # sform differs from qform: both must come back as they were
+    img.set_qform(img.affine, code=qform_code)
+    img.set_sform(sform, code=sform_code)
+    nib.save(img, str(path))
+
+
+def _subject_arrays(seed: int, lesion: bool = True):
+    """Brain in z 2..7 (indices), a 6x4 lesion box at z 4..5, bright on every modality."""
+    rng = np.random.default_rng(seed)
+    vols = {}
+    for i, m in enumerate(pp.MODALITIES):
+        v = np.zeros(SHAPE, np.float32)
+        v[3:21, 2:14, 2:8] = rng.uniform(10, 20, size=(18, 12, 6)) * (i + 1)
+        vols[m] = v
+    seg = np.zeros(SHAPE, np.float32)
+    if lesion:
+        seg[6:12, 4:8, 4:6] = 2
+        for v in vols.values():
+            v[6:12, 4:8, 4:6] *= 3
+    return vols, seg
+
+
+def _write_subject(root: Path, name: str, seed: int, lesion: bool = True, with_seg: bool = True) -> Path:
+    vols, seg = _subject_arrays(seed, lesion)
+    for m, v in vols.items():
+        _save(root / name / f"{name}_{m}.nii.gz", v)
+    if with_seg:
+        _save(root / name / f"{name}_seg.nii.gz", seg, dtype=np.uint8)
+    return root / name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Geometry
+
+
+def test_prepared_slices_are_the_training_slices(tmp_path):
+    """Segmentation feeds the model exactly what preprocessing writes and the loaders read."""
+    src = tmp_path / "raw"
+    _write_subject(src, "S0", 0)
+    pp.preprocess(src, image_size=SIZE, output=tmp_path / "pre", progress=False)
+    files = sorted((tmp_path / "pre").glob("npy_*/patient_S0/slice_*.npz"), key=lambda p: int(p.stem[6:]))
+    subject = pp.subject_from_folder(src / "S0", "brats", "all")
+    volume, mask = pp.load_subject(subject)
+    prepared = pp.prepare_slices(volume, mask, SIZE)
+    assert [int(f.stem[6:]) for f in files] == list(range(prepared.start, prepared.stop)) == list(range(2, 8))
+    x = volumes.model_input(prepared)
+    for i, f in enumerate(files):
+        with np.load(f) as d:
+            np.testing.assert_array_equal(d["x"][0], prepared.x[i])
+            np.testing.assert_array_equal(d["y"][0], prepared.y[i])
+            assert torch.equal(normalise_slice(d["x"][0]), x[i])
+
+
+def test_inverse_resize_puts_an_oracle_back_on_the_right_voxels(tmp_path):
+    """Maps planted in slice space come back where the voxel-centre geometry says, on the kept z only."""
+    vols, seg = _subject_arrays(0)
+    volume = np.stack([vols[m] for m in pp.MODALITIES]).astype(np.float64)
+    prepared = pp.prepare_slices(volume, seg, SIZE, first=1, last=1)
+    h, w, depth = SHAPE
+    assert prepared.shape == SHAPE and list(prepared.original_z) == list(range(2, 8))
+
+    # A map linear in slice coordinates (u along H, v along W) plus 100 per kept slice: bilinear interpolation
+    # reproduces it exactly wherever a voxel centre falls inside the slice grid.
+    n = len(prepared.original_z)
+    u, v = np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij")
+    planted = np.stack([u + 10.0 * v + 100.0 * i for i in range(n)])[:, None].astype(np.float32)
+    back = nifti.slices_to_volume(planted, prepared)
+    assert back.shape == SHAPE and back.dtype == np.float32
+    uj = (np.arange(h) + 0.5) * SIZE / h - 0.5  # slice coordinate of each voxel centre
+    vk = (np.arange(w) + 0.5) * SIZE / w - 0.5
+    inside_u = (uj >= 0) & (uj <= SIZE - 1)
+    inside_v = (vk >= 0) & (vk <= SIZE - 1)
+    for i, z in enumerate(prepared.original_z):
+        want = uj[:, None] + 10 * vk[None, :] + 100 * i
+        np.testing.assert_allclose(back[..., z][np.ix_(inside_u, inside_v)], want[np.ix_(inside_u, inside_v)],
+                                   rtol=0, atol=1e-4)
+    assert not back[..., [0, 1, 8, 9]].any()  # outside the kept range (and the trimmed slices): zero
+
+    # A binary block over slice pixels [a, b) comes back where the (separable) linear interpolation of the block's
+    # indicator exceeds 0.5; numpy's interp (edge values held) is the independent reference.
+    a_u, b_u, a_v, b_v, i = 2, 5, 1, 4, 3
+    block = np.zeros((n, 1, SIZE, SIZE), bool)
+    block[i, 0, a_u:b_u, a_v:b_v] = True
+    mask = nifti.mask_to_volume(block, prepared)
+    grid = np.arange(SIZE)
+    fu = np.interp(uj, grid, ((grid >= a_u) & (grid < b_u)).astype(float))
+    fv = np.interp(vk, grid, ((grid >= a_v) & (grid < b_v)).astype(float))
+    value = fu[:, None] * fv[None, :]
+    decided = np.abs(value - 0.5) > 1e-6  # exact ties at 0.5 (e.g. 2/3 * 3/4 at a corner) go either way in float
+    got = mask[..., prepared.original_z[i]].astype(bool)
+    np.testing.assert_array_equal(got[decided], (value > 0.5)[decided])
+    assert got.sum() >= 9 and (value > 0.5 + 1e-6).sum() >= 9 and (~decided).sum() < 8
+    assert mask.sum() == got.sum()  # nothing on other slices
+
+    # The ground truth resized to the slices and back is the lesion box (rows 6..11, columns 4..7, z 4..5) up to
+    # its corner voxels, where the interpolated value ties at 2/3 * 3/4 = 0.5; nothing outside the box.
+    gt_back = nifti.mask_to_volume(prepared.y > 0.5, prepared).astype(bool)
+    box = seg > 0.5
+    core = box.copy()
+    core[[6, 6, 11, 11], [4, 7, 4, 7]] = False
+    assert not (gt_back & ~box).any() and (gt_back | ~core).all()
+
+
+def test_written_nifti_keeps_shape_affine_orientation_and_dtype(tmp_path):
+    ref_path = tmp_path / "ref.nii.gz"
+    _save(ref_path, np.ones(SHAPE), qform_code=1, sform_code=4)
+    ref = nifti.load_reference(ref_path)
+    rng = np.random.default_rng(0)
+    amap = rng.random(SHAPE).astype(np.float32) * 1e-3
+    mask = (rng.random(SHAPE) > 0.7).astype(np.uint8)
+    nifti.save_like(tmp_path / "map.nii.gz", amap, ref, np.float32, "map")
+    nifti.save_like(tmp_path / "mask.nii.gz", mask, ref, np.uint8, "mask")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+    for name, data, dtype in (("map.nii.gz", amap, np.float32), ("mask.nii.gz", mask, np.uint8)):
+        img = nib.load(str(tmp_path / name))
+        assert img.shape == SHAPE
+        assert img.get_data_dtype() == dtype
+        stored = np.asanyarray(img.dataobj)
+        assert stored.dtype == dtype
+        np.testing.assert_array_equal(stored, data)  # no scaling
+        for getter in ("get_qform", "get_sform"):
+            np.testing.assert_array_equal(getattr(img, getter)(), getattr(ref, getter)())
+        assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 4
+        np.testing.assert_allclose(img.header.get_zooms(), ZOOMS, rtol=1e-6)
+        assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(ref.affine)
+    assert nifti.voxel_volume_ml(ref) == pytest.approx(0.9 * 1.2 * 2.5 / 1000)
+    with pytest.raises(ValueError, match="differs from the reference grid"):
+        nifti.like_reference(np.zeros((3, 3, 3)), ref, np.float32)
+
+
+def test_display_slice_is_radiological():
+    """The patient's right-anterior corner (axial) shows at the top left whatever the array's orientation; a
+    sagittal slice shows anterior-superior there."""
+    cases = [  # in-plane axis codes, marker index at that corner, displayed shape
+        (("L", "P"), (0, 0), (6, 5)),  # BraTS (LPS): index 0 is the right / anterior end
+        (("R", "A"), (4, 5), (6, 5)),  # RAS
+        (("P", "L"), (0, 0), (5, 6)),  # axes swapped
+        (("A", "R"), (4, 5), (5, 6)),
+        (("P", "S"), (0, 5), (6, 5)),  # sagittal: anterior left, superior up
+    ]
+    for codes, marker, shape in cases:
+        plane = np.zeros((5, 6))
+        plane[marker] = 1
+        shown = nifti.display_slice(plane, codes)
+        assert shown.shape == shape and shown[0, 0] == 1, codes
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-volume metrics
+
+
+def test_volume_metrics_hand_computed():
+    gt = np.zeros((4, 3, 2), bool)
+    pred = np.zeros_like(gt)
+    gt[0, 0, 0] = gt[0, 1, 0] = gt[1, 0, 0] = gt[2, 2, 1] = True  # 4 lesion voxels
+    pred[0, 0, 0] = pred[0, 1, 0] = pred[1, 0, 0] = pred[3, 0, 1] = pred[3, 1, 1] = True  # 5, 3 of them right
+    scores = np.full(gt.shape, 5.0)  # outside the foreground: must be ignored (else AP would change)
+    fg = np.zeros_like(gt)
+    for (idx, score) in (((0, 0, 0), 0.9), ((3, 0, 1), 0.8), ((2, 2, 1), 0.7), ((3, 2, 0), 0.1)):
+        fg[idx], scores[idx] = True, score
+    voxel_ml = 0.9 * 1.2 * 2.5 / 1000
+    m = M.volume_metrics(pred, gt, scores, fg, voxel_ml)
+    assert m["dice"] == pytest.approx((2 * 3 + 1e-6) / (5 + 4 + 1e-6))
+    assert m["iou"] == pytest.approx((3 + 1e-6) / (6 + 1e-6))
+    # ranked foreground voxels: + (0.9), - (0.8), + (0.7), - (0.1): AP = 1/2 * 1 + 1/2 * 2/3
+    assert m["auprc"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert m["precision"] == pytest.approx(3 / 5) and m["recall"] == pytest.approx(3 / 4)
+    assert (m["pred_voxels"], m["gt_voxels"]) == (5, 4)
+    assert m["pred_ml"] == pytest.approx(5 * 0.0027) and m["gt_ml"] == pytest.approx(4 * 0.0027)
+    empty = M.volume_metrics(np.zeros_like(gt), np.zeros_like(gt), scores, None, 1.0)
+    assert empty["dice"] == 1.0 and empty["iou"] == 1.0 and empty["auprc"] is None
+    s = M.mean_sd([0.5, 1.0, None, float("nan")])
+    assert s["n"] == 2 and s["mean"] == pytest.approx(0.75) and s["sd"] == pytest.approx(math.sqrt(0.125))
+    assert M.mean_sd([0.3]) == {"mean": 0.3, "sd": None, "n": 1}
+
+
+def test_summary_pools_slices_and_volumes():
+    def rec(name, dice, gt_voxels, n_mixed, d_mixed, n_unh, d_unh):
+        slice_ = {"mixed": {"dice": d_mixed, "iou": d_mixed, "auprc": None, "n_slices": n_mixed},
+                  "unhealthy": {"dice": d_unh, "iou": d_unh, "auprc": None, "n_slices": n_unh}, "accuracy": 1.0}
+        vol = {"dice": dice, "iou": dice, "auprc": 0.5, "precision": 1, "recall": 1, "pred_ml": 1.0, "gt_ml": 1.0,
+               "gt_voxels": gt_voxels, "pred_voxels": 1}
+        return {"id": name, "lesion": {"ml": 2.0}, "metrics": {"volume": vol, "slice": slice_}}
+
+    s = volumes.summarize([rec("a", 0.6, 10, 10, 0.9, 4, 0.5), rec("b", 0.8, 5, 30, 0.7, 2, 0.2),
+                           rec("h", 1.0, 0, 20, 1.0, 0, None)], [{"id": "x", "message": "bad"}])
+    assert (s["subjects"], s["done"], s["with_lesion"]) == (4, 3, 2)
+    assert s["volume_with_lesion"]["dice"]["mean"] == pytest.approx(0.7)
+    assert s["volume_with_lesion"]["dice"]["sd"] == pytest.approx(math.sqrt(0.02))
+    assert s["volume_all"]["dice"]["mean"] == pytest.approx(0.8)
+    assert s["slice_all_slices"]["mixed"]["dice"] == pytest.approx((10 * 0.9 + 30 * 0.7 + 20 * 1.0) / 60)
+    assert s["slice_all_slices"]["unhealthy"]["dice"] == pytest.approx((4 * 0.5 + 2 * 0.2) / 6)
+    assert s["slice_all_slices"]["unhealthy"]["n_slices"] == 6
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command
+
+
+TINY = dict(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+            in_channels=4, class_cond=True, num_classes=2, unet_ver="v2")
+
+
+def _tiny_flags() -> list:
+    return (f"--image_size {SIZE} --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 4 "
+            "--in_channels 4 --num_classes 2 --unet_ver v2").split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("model")
+    kw = model_and_diffusion_defaults()
+    kw.update(TINY)
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(model.state_dict(), d / "model000010.pt")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logger():
+    yield
+    from guided_diffusion import logger
+
+    logger.reset()
+
+
+def _hyper_file(tmp_path: Path) -> Path:
+    path = tmp_path / "hyperparams.json"
+    path.write_text(json.dumps({"thr_01": 0.999, "diff_max": [1e-3, 1e-3], "source": "test"}))
+    return path
+
+
+def _argv(model_dir: Path, out: Path, *inputs, extra=()) -> list:
+    return (["--model_dir", str(model_dir), "--w", "2", "--forward_steps", "2", "--modality", "0", "3",
+             "--batch_size", "4", "--output", str(out), "--progress", "False", "--overlay_slices", "2"]
+            + _tiny_flags() + ["--input", *map(str, inputs)] + list(extra))
+
+
+def test_segment_bad_inputs_resume_and_outputs(tmp_path, model_dir, monkeypatch):
+    src = tmp_path / "raw"
+    for i, name in enumerate(["A", "B", "C", "D", "E"]):
+        _write_subject(src, name, i, lesion=name != "B", with_seg=name != "E")
+    (src / "B" / "B_t1ce.nii.gz").unlink()  # missing modality
+    (src / "C" / "C_t2.nii.gz").write_bytes(b"not a nifti")  # corrupt
+    _save(src / "D" / "D_seg.nii.gz", np.zeros((24, 16, 9)))  # shape mismatch
+    (src / "A" / "notes.txt").write_text("stray")
+    out = tmp_path / "out"
+    hyper = _hyper_file(tmp_path)
+    argv = _argv(model_dir, out, src, extra=["--hyperparams_file", str(hyper)])
+    assert volumes.main(argv) == 1  # some subjects failed
+
+    summary = json.loads((out / volumes.SUMMARY_FILE).read_text())
+    assert (summary["subjects"], summary["done"]) == (5, 2)
+    failed = {f["id"]: f["message"] for f in summary["failed"]}
+    assert "B_t1ce.nii.gz" in failed["B"] and "missing" in failed["B"]
+    assert "C_t2.nii.gz" in failed["C"] and "cannot read" in failed["C"]
+    assert "D_seg.nii.gz" in failed["D"] and "differ in shape" in failed["D"]
+    assert not list(out.glob("B_*")) and not list(out.glob("C_*")) and not list(out.glob("D_*"))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+    ref = nib.load(str(src / "A" / "A_flair.nii.gz"))
+    for name in ("A", "E"):
+        amap = nib.load(str(out / f"{name}{volumes.MAP_SUFFIX}"))
+        mask = nib.load(str(out / f"{name}{volumes.MASK_SUFFIX}"))
+        for img, dtype in ((amap, np.float32), (mask, np.uint8)):
+            assert img.shape == SHAPE and img.get_data_dtype() == dtype
+            np.testing.assert_array_equal(img.get_sform(), ref.get_sform())
+            np.testing.assert_array_equal(img.get_qform(), ref.get_qform())
+        m, k = np.asanyarray(amap.dataobj), np.asanyarray(mask.dataobj)
+        assert np.isfinite(m).all() and set(np.unique(k)) <= {0, 1}
+        assert not m[..., :2].any() and not m[..., 8:].any() and m[..., 2:8].any()  # brain range z 2..7 only
+        record = json.loads((out / f"{name}{volumes.RECORD_SUFFIX}").read_text())
+        assert record["slices"]["kept"] == [2, 8] and record["grid"]["shape"] == list(SHAPE)
+        assert set(record["slices"]["unhealthy"]) <= set(range(2, 8))
+        assert record["lesion"]["voxels"] == int(k.sum())
+        assert record["lesion"]["ml"] == pytest.approx(k.sum() * 0.9 * 1.2 * 2.5 / 1000)
+        assert record["hyperparams"]["thr_01"] == 0.999 and record["checkpoint"].endswith("model000010.pt")
+        assert (out / f"{name}{volumes.OVERLAY_SUFFIX}").read_bytes()[:4] == b"\x89PNG"
+        # the mask is empty on the slices classified healthy
+        healthy = [z for z in range(2, 8) if z not in record["slices"]["unhealthy"]]
+        assert not k[..., healthy].any()
+    rec_a = json.loads((out / f"A{volumes.RECORD_SUFFIX}").read_text())
+    vm = rec_a["metrics"]["volume"]
+    gt = np.asanyarray(nib.load(str(src / "A" / "A_seg.nii.gz")).dataobj) > 0.5
+    k = np.asanyarray(nib.load(str(out / f"A{volumes.MASK_SUFFIX}")).dataobj).astype(bool)
+    assert vm["gt_voxels"] == 6 * 4 * 2 and vm["dice"] == pytest.approx(
+        (2 * (k & gt).sum() + 1e-6) / (k.sum() + gt.sum() + 1e-6))
+    assert rec_a["metrics"]["slice"]["unhealthy"]["n_slices"] == 2
+    assert json.loads((out / f"E{volumes.RECORD_SUFFIX}").read_text())["metrics"] is None  # no seg file
+    rows = list(csv.DictReader(open(out / volumes.CSV_FILE)))
+    assert [(r["id"], r["status"]) for r in rows] == [("A", "done"), ("B", "failed"), ("C", "failed"),
+                                                      ("D", "failed"), ("E", "done")]
+
+    # Resume: finished subjects are kept as they are; a fixed subject is computed.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("[AE]_*")}
+    _write_subject(src, "B", 1, lesion=False)
+    assert volumes.main(argv) == 1  # C and D still fail
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("[AE]_*")} == mtimes
+    summary = json.loads((out / volumes.SUMMARY_FILE).read_text())
+    assert (summary["done"], summary["computed"], summary["skipped"]) == (3, 1, 2)
+    assert (out / f"B{volumes.MASK_SUFFIX}").exists()
+
+    # --resume False recomputes every subject.
+    assert volumes.main(argv + ["--resume", "False"]) == 1
+    assert json.loads((out / volumes.SUMMARY_FILE).read_text())["computed"] == 3
+
+
+def test_run_file_mismatch_is_an_error(tmp_path, model_dir, capsys):
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    out = tmp_path / "out"
+    argv = _argv(model_dir, out, src / "A", extra=["--hyperparams_file", str(_hyper_file(tmp_path))])
+    assert volumes.main(argv) == 0
+    argv[argv.index("--w") + 1] = "3"
+    assert volumes.main(argv) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_killed_write_leaves_nothing_half_written(tmp_path, model_dir, monkeypatch):
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    out = tmp_path / "out"
+    argv = _argv(model_dir, out, src, extra=["--hyperparams_file", str(_hyper_file(tmp_path))])
+    real = nifti._write_bytes_atomic
+    calls = []
+
+    def dies_on_mask(path, data):
+        calls.append(path.name)
+        if path.name.endswith(volumes.MASK_SUFFIX):
+            with open(path.with_name(f".{path.name}.tmp{os.getpid()}"), "wb") as f:
+                f.write(data[: len(data) // 2])  # half written ...
+            raise OSError("No space left on device (simulated)")  # ... then the writer dies
+        return real(path, data)
+
+    monkeypatch.setattr(nifti, "_write_bytes_atomic", dies_on_mask)
+    assert volumes.main(argv) == 1
+    assert not (out / f"A{volumes.MASK_SUFFIX}").exists() and not (out / f"A{volumes.RECORD_SUFFIX}").exists()
+    summary = json.loads((out / volumes.SUMMARY_FILE).read_text())
+    assert "No space left" in summary["failed"][0]["message"] and summary["failed"][0]["id"] == "A"
+    monkeypatch.setattr(nifti, "_write_bytes_atomic", real)
+    assert volumes.main(argv) == 0  # the rerun completes it
+    assert (out / f"A{volumes.RECORD_SUFFIX}").exists()
+    assert nib.load(str(out / f"A{volumes.MASK_SUFFIX}")).shape == SHAPE
+
+
+def test_explicit_files_csv_and_flag_errors(tmp_path, model_dir):
+    src = tmp_path / "raw"
+    d = _write_subject(src, "A", 0)
+    files = [f"{m}={d / f'A_{m}.nii.gz'}" for m in pp.MODALITIES] + [f"seg={d / 'A_seg.nii.gz'}"]
+    hyper = ["--hyperparams_file", str(_hyper_file(tmp_path))]
+    folder_argv = _argv(model_dir, tmp_path / "folder", src / "A", extra=hyper)
+    assert volumes.main(folder_argv) == 0
+    argv = _argv(model_dir, tmp_path / "files", extra=hyper)
+    argv = argv[:argv.index("--input")] + hyper + ["--files", *files, "--id", "A"]
+    table = tmp_path / "subjects.csv"
+    table.write_text("id,flair,t1,t1ce,t2,seg\n" + "scan2," + ",".join(
+        f"raw/A/A_{m}.nii.gz" for m in pp.MODALITIES) + ",\n")  # paths relative to the table; no seg
+    assert volumes.main(argv + ["--subjects_csv", str(table)]) == 0
+    for suffix in (volumes.MAP_SUFFIX, volumes.MASK_SUFFIX):  # explicit files = the same subject as a folder
+        np.testing.assert_array_equal(np.asanyarray(nib.load(str(tmp_path / "files" / f"A{suffix}")).dataobj),
+                                      np.asanyarray(nib.load(str(tmp_path / "folder" / f"A{suffix}")).dataobj))
+    rec = json.loads((tmp_path / "files" / f"scan2{volumes.RECORD_SUFFIX}").read_text())
+    assert rec["metrics"] is None and rec["inputs"]["flair"] == str(tmp_path / "raw/A/A_flair.nii.gz")
+
+    def error_of(bad_argv):
+        with pytest.raises(SystemExit) as e:
+            volumes.main(bad_argv)
+        return e.value.code
+
+    assert error_of(argv[:argv.index("--id")]) == 2  # --files without --id
+    assert error_of(folder_argv + ["--mod", "flair"]) == 2  # 1 channel for a 4-channel model
+    assert error_of(folder_argv + ["--method", "nope"]) == 2
+    assert error_of(folder_argv + ["--files", *files, "--id", "A"]) == 2  # the same name twice
+    assert error_of(folder_argv[:folder_argv.index("--input")] + ["--input", str(tmp_path / "none")]) == 2
+
+
+def test_validation_pass_is_run_once_and_reused(tmp_path, model_dir, monkeypatch):
+    src = tmp_path / "raw"
+    for i in range(20):
+        _write_subject(src, f"S{i:02d}", i, lesion=i % 2 == 0)
+    pp.preprocess(src, image_size=SIZE, output=tmp_path / "pre", progress=False)
+    out = tmp_path / "out"
+    argv = _argv(model_dir, out, src / "S00", src / "S01", extra=[
+        "--data_dir", str(tmp_path / "pre"), "--batch_size_val", "4", "--num_batches_val", "-1"])
+    calls = []
+    real = volumes.fit_on_validation
+    monkeypatch.setattr(volumes, "fit_on_validation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert volumes.main(argv) == 0
+    hyper = json.loads((out / volumes.HYPER_FILE).read_text())
+    assert hyper["n_val"] == 6 and len(hyper["diff_max"]) == 2  # one val subject, 6 brain slices
+    record = json.loads((out / f"S00{volumes.RECORD_SUFFIX}").read_text())
+    assert record["hyperparams"] == hyper and "validation pass" in record["hyperparams_source"]
+    assert volumes.main(argv) == 0 and len(calls) == 1  # the second run reuses validation.json
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_the_subjects_and_agree_with_one(tmp_path, model_dir):
+    src = tmp_path / "raw"
+    for i, name in enumerate(["A", "B", "C"]):
+        _write_subject(src, name, i)
+    hyper = _hyper_file(tmp_path)
+    flags = _argv(model_dir, tmp_path / "two", src, extra=["--hyperparams_file", str(hyper), "--d_reverse", "False"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = launcher + ["--nproc-per-node", "2", "--nnodes", "1", "--rdzv-backend", "c10d",
+                      "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", str(REPO / "scripts" / "segment.py")]
+    proc = subprocess.run(cmd + flags, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "two" / "log-rank001.txt").exists()  # rank 1 did its share
+    one = tmp_path / "one"
+    flags[flags.index("--output") + 1] = str(one)
+    assert volumes.main(flags) == 0
+    for name in ("A", "B", "C"):  # DDPM encoding: the noise matters, and is the same per subject on any rank
+        for suffix in (volumes.MAP_SUFFIX, volumes.MASK_SUFFIX):
+            np.testing.assert_array_equal(np.asanyarray(nib.load(str(tmp_path / "two" / f"{name}{suffix}")).dataobj),
+                                          np.asanyarray(nib.load(str(one / f"{name}{suffix}")).dataobj))
+    assert json.loads((tmp_path / "two" / volumes.SUMMARY_FILE).read_text())["done"] == 3
+
+
+class _OracleMethod(base.SliceMethod):
+    """Knows where the planted lesion is from the input alone (bright on FLAIR, dark on T1): map = FLAIR - T1."""
+
+    name = "oracle_test"
+
+    @classmethod
+    def from_args(cls, args, device):
+        return cls()
+
+    def settings(self):
+        return {"method": self.name}
+
+    def validation_batch(self, x, ctx):
+        return {}
+
+    def fit(self, records, labels, gt_masks):
+        return {"threshold": 0.5}
+
+    def hyperparams_without_validation(self):
+        return {"threshold": 0.5}
+
+    def test_batch(self, x, hyper, ctx):
+        amap = (x[:, :1] - x[:, 1:2]).float()
+        mask = amap > hyper["threshold"]
+        return base.SliceOutput(anomaly_map=amap, mask=mask, pred_label=mask.flatten(1).any(1).long())
+
+
+def test_oracle_method_lands_on_the_lesion_voxels(tmp_path, model_dir, monkeypatch):
+    """End to end through real files on the rotated, anisotropic grid: a method whose slice-space mask is the
+    planted lesion gives a NIfTI mask on the lesion's voxels, lesion volume and 3-D Dice to match."""
+    monkeypatch.setitem(base.METHODS, "oracle_test", _OracleMethod)
+    src = tmp_path / "raw"
+    vols = {m: np.zeros(SHAPE, np.float32) for m in pp.MODALITIES}
+    for v in vols.values():
+        v[3:21, 2:14, 2:8] = 10.0
+    vols["flair"][6:12, 4:8, 4:6] = 30.0
+    vols["t1"][6:12, 4:8, 4:6] = 5.0
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[6:12, 4:8, 4:6] = 1
+    for m, v in vols.items():
+        _save(src / "P" / f"P_{m}.nii.gz", v)
+    _save(src / "P" / "P_seg.nii.gz", seg, dtype=np.uint8)
+    out = tmp_path / "out"
+    assert volumes.main(_argv(model_dir, out, src, extra=["--method", "oracle_test", "--num_batches_val", "0"])) == 0
+    record = json.loads((out / f"P{volumes.RECORD_SUFFIX}").read_text())
+    mask = np.asanyarray(nib.load(str(out / f"P{volumes.MASK_SUFFIX}")).dataobj).astype(bool)
+    box = seg.astype(bool)
+    core = box.copy()
+    core[[6, 6, 11, 11], [4, 7, 4, 7]] = False  # corner voxels tie at 0.5 after the inverse resize
+    assert not (mask & ~box).any() and (mask | ~core).all()
+    assert record["slices"]["unhealthy"] == [4, 5]
+    assert record["lesion"]["ml"] == pytest.approx(mask.sum() * 0.9 * 1.2 * 2.5 / 1000)
+    vm = record["metrics"]["volume"]
+    assert vm["dice"] == pytest.approx(2 * mask.sum() / (mask.sum() + 48), abs=1e-6) and vm["dice"] > 0.9
+    assert vm["gt_ml"] == pytest.approx(48 * 0.0027)
+    # AUPRC: the written map scored over the brain voxels (any input > 0), by sklearn
+    from sklearn.metrics import average_precision_score
+
+    amap = np.asanyarray(nib.load(str(out / f"P{volumes.MAP_SUFFIX}")).dataobj)
+    brain = np.mean([v for v in vols.values()], axis=0) > 0
+    assert vm["auprc"] == pytest.approx(average_precision_score(box[brain], amap[brain]), abs=1e-9)
+    assert record["metrics"]["slice"]["unhealthy"]["dice"] == pytest.approx(1.0)
+
+
+def test_a_baseline_method_through_the_same_command(tmp_path):
+    """--method anoddpm with an unconditional v1 model (tiny, random): the command is method-agnostic."""
+    kw = model_and_diffusion_defaults()
+    kw.update(TINY, unet_ver="v1", num_classes=0, class_cond=False)
+    model, _ = create_model_and_diffusion(**kw)
+    (tmp_path / "m").mkdir()
+    torch.save(model.state_dict(), tmp_path / "m" / "model000001.pt")
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    hyper = tmp_path / "h.json"
+    hyper.write_text(json.dumps({"threshold": 0.05, "source": "test"}))
+    argv = _argv(tmp_path / "m", tmp_path / "out", src, extra=[
+        "--method", "anoddpm", "--sample_steps", "2", "--hyperparams_file", str(hyper)])
+    argv[argv.index("--unet_ver") + 1] = "v1"
+    argv[argv.index("--num_classes") + 1] = "0"
+    assert volumes.main(argv) == 0
+    record = json.loads((tmp_path / "out" / f"A{volumes.RECORD_SUFFIX}").read_text())
+    assert record["method"] == "anoddpm" and record["hyperparams"]["threshold"] == 0.05
+    assert nib.load(str(tmp_path / "out" / f"A{volumes.MAP_SUFFIX}")).shape == SHAPE
