@@ -557,3 +557,21 @@ def test_a_baseline_method_through_the_same_command(tmp_path):
     record = json.loads((tmp_path / "out" / f"A{volumes.RECORD_SUFFIX}").read_text())
     assert record["method"] == "anoddpm" and record["hyperparams"]["threshold"] == 0.05
     assert nib.load(str(tmp_path / "out" / f"A{volumes.MAP_SUFFIX}")).shape == SHAPE
+
+
+def test_config_launcher(tmp_path, model_dir):
+    """config/run_segment.sh with its production flags overridden by a tiny model's (extra flags come last)."""
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    env = dict(os.environ, MODEL_DIR=str(model_dir), INPUT=str(src), OUTPUT=str(tmp_path / "out"),
+               HYPERPARAMS_FILE=str(_hyper_file(tmp_path)), CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable,
+               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), FORWARD_STEPS="2", EMA="False")
+    extra = _tiny_flags() + ["--use_hae", "False", "--batch_size", "4", "--progress", "False"]
+    proc = subprocess.run(["bash", str(REPO / "config" / "run_segment.sh"), *extra], env=env, cwd="/",
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / f"A{volumes.RECORD_SUFFIX}").read_text())
+    assert record["settings"]["forward"]["forward_steps"] == 2 and record["settings"]["forward"]["w"] == 2.0
+    missing = subprocess.run(["bash", str(REPO / "config" / "run_segment.sh")], env={**env, "MODEL_DIR": "/nope"},
+                             cwd="/", capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "MODEL_DIR=/nope" in missing.stderr

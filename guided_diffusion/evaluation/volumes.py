@@ -440,7 +440,7 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
     """Prepare, segment and write one subject; returns its record (also written as ``<id>_segmentation.json``).
 
     Raises ``preprocess.SubjectError`` for bad input (naming the subject and file)."""
-    t0 = time.time()
+    clock = _Clock()
     volume, gt_labels = pp.load_subject(subject, require_mask=False)
     ref_path = next(iter(subject.images.values()))
     reference = nifti.load_reference(ref_path)
@@ -454,10 +454,12 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
     del volume
     device = run_info["device"]
     x = model_input(prepared).to(device)
+    clock.lap("prepare")
     if bar is not None:
         bar.reset(total=-(-x.shape[0] // args.batch_size) * method.steps_per_batch("test"))
     res = segment_slices(method, x, hyper, subject=subject.name, seed=args.seed, batch_size=args.batch_size,
                          progress=None if bar is None else bar.update)
+    clock.lap("model")
     gate = (res.pred_label == 1)[:, None, None, None] if args.zero_healthy_slices else True
     amap = nifti.slices_to_volume(res.anomaly_map, prepared)
     mask = nifti.mask_to_volume(res.mask & gate, prepared)
@@ -489,6 +491,7 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
         if zs:
             _write_overlay(paths["overlay"], subject.name, image, gt, amap, mask, zs,
                            nib.aff2axcodes(reference.affine), set(unhealthy_z))
+    clock.lap("write")
     record = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "id": subject.name,
         "fingerprint": _fingerprint([run_key, _input_key(subject)]),
@@ -505,10 +508,27 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
         **{k: run_info[k] for k in ("method", "settings", "hyperparams", "hyperparams_source", "checkpoint",
                                     "preprocessing")},
         "warnings": notes,
-        "seconds": time.time() - t0,
+        "seconds": clock.total(),
+        "timing": clock.laps,
     }
     translation._write_json_atomic(str(paths["record"]), record)  # last: marks the subject as finished
     return record
+
+
+class _Clock:
+    """Wall and CPU seconds per phase (``laps``: ``{phase: [wall, cpu]}``; CPU time is robust on a shared machine)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = (time.perf_counter(), time.process_time())
+        self.laps: Dict[str, List[float]] = {}
+
+    def lap(self, name: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.laps[name] = [round(now[0] - self.last[0], 3), round(now[1] - self.last[1], 3)]
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start[0]
 
 
 def nib_axcodes(img) -> tuple:
