@@ -424,6 +424,10 @@ def test_explicit_files_csv_and_flag_errors(tmp_path, model_dir):
     assert error_of(folder_argv + ["--method", "nope"]) == 2
     assert error_of(folder_argv + ["--files", *files, "--id", "A"]) == 2  # the same name twice
     assert error_of(folder_argv[:folder_argv.index("--input")] + ["--input", str(tmp_path / "none")]) == 2
+    (tmp_path / "a_file").write_text("x")
+    unwritable = list(folder_argv)
+    unwritable[unwritable.index("--output") + 1] = str(tmp_path / "a_file" / "out")
+    assert error_of(unwritable) == 2
 
 
 def test_validation_pass_is_run_once_and_reused(tmp_path, model_dir, monkeypatch):

@@ -632,20 +632,21 @@ def run_settings(method: base.SliceMethod, args: argparse.Namespace, hyper: dict
     }
 
 
-def _check_run_file(out_dir: Path, settings: dict, resume: bool) -> None:
+def _check_run_file(out_dir: Path, settings: dict, resume: bool) -> Optional[str]:
+    """Record this run's settings in ``segment_run.json``; the error message if the folder holds another run's."""
     path = out_dir / RUN_FILE
+    now = json.loads(json.dumps(settings, default=str))
     if resume and path.exists():
         try:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = None
-        if old is not None and old != json.loads(json.dumps(settings, default=str)):
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != json.loads(json.dumps(
-                settings.get(k), default=str)))
-            raise ValueError(f"--output {out_dir} holds results of a run with other settings (differing: "
-                             f"{', '.join(diff)}; see {path}). Use another --output, or --resume False to recompute "
-                             "every subject there")
+        if isinstance(old, dict) and old != now:
+            diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+            return (f"--output {out_dir} holds results of a run with other settings (differing: {', '.join(diff)}; "
+                    f"see {path}). Use another --output, or --resume False to recompute every subject there")
     translation._write_json_atomic(str(path), settings)
+    return None
 
 
 def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -> dict:
@@ -666,9 +667,10 @@ def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -
     logger.log(f"{args.method}: {method.describe(hyper)}")
     settings = run_settings(method, args, hyper)
     run_key = _fingerprint(settings)
-    if rank == 0:
-        _check_run_file(out_dir, settings, args.resume)
-    dist_util.barrier()
+    problem = _check_run_file(out_dir, settings, args.resume) if rank == 0 else None
+    problem = dist_util.broadcast_object(problem)  # every rank stops, not only rank 0
+    if problem:
+        raise ValueError(problem)
     checkpoint = (method.checkpoints() or [None])[0]
     run_info = {"device": device, "method": args.method, "settings": method.settings(), "hyperparams": hyper,
                 "hyperparams_source": source, "checkpoint": checkpoint,
@@ -746,7 +748,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (ValueError, OSError) as e:
             parser.error(str(e))
         rank = dist_util.get_rank()
-        logger.configure(dir=args.output, format_strs=["stdout", "log"] if rank == 0 else ["log"])
+        try:
+            logger.configure(dir=args.output, format_strs=["stdout", "log"] if rank == 0 else ["log"])
+        except OSError as e:
+            parser.error(f"--output {args.output} cannot be written: {e}")
         logger.log(f"args: {vars(args)}")
         from guided_diffusion.training.train_util import seed_everything
 
