@@ -11,7 +11,7 @@
 # interruption and finished subjects, checkpoints and test batches are kept. Override any variable, e.g.
 #   OUT_DIR=/tmp/qs TRAIN_STEPS=3000 IMAGE_SIZE=64 CHANNEL_MULT=1,2,2,2 bash config/run_quickstart.sh
 # (changing the data or model settings needs a new OUT_DIR). With the defaults, from an empty folder on 2 CPU cores,
-# the unhealthy test slices got Dice 0.50 (AUPRC 0.64) in 10 min wall / 20 min CPU (training 7 min, AnoFPDM 3 min).
+# the unhealthy test slices got Dice 0.50 (AUPRC 0.65) in 10 min wall / 20 min CPU (training 7 min, AnoFPDM 3 min).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT_DIR=${OUT_DIR:-$REPO/runs/quickstart}

@@ -198,14 +198,14 @@ def test_remove_small_components_filled_area():
     m = np.zeros((1, 1, 30, 30), bool)
     m[0, 0, 0:5, 0:8] = True  # 40 px -> removed (<= 40)
     m[0, 0, 10:17, 0:6] = True  # 42 px -> kept
-    m[0, 0, 20:27, 20:27] = True  # ring: 7x7 with a 5x5 hole = 24 px but filled area 49 -> kept
+    m[0, 0, 20:27, 20:27] = True  # ring: 7x7 with a 5x5 hole = 24 px (filled 49) -> removed, as upstream
     m[0, 0, 21:26, 21:26] = False
     m[0, 0, 20, 10] = True  # diagonal neighbours are one component (8-connectivity): 2 px -> removed
     m[0, 0, 21, 11] = True
     out = af.remove_small_components(m, 40)
     assert not out[0, 0, 0:5, 0:8].any()
     assert out[0, 0, 10:17, 0:6].all()
-    assert out[0, 0, 20, 20:27].all() and out.sum() == 42 + 24
+    assert not out[0, 0, 20, 20:27].any() and out.sum() == 42
     assert not out[0, 0, 20, 10]
     t = af.remove_small_components(torch.from_numpy(m), 0)
     assert isinstance(t, torch.Tensor) and torch.equal(t, torch.from_numpy(m))

@@ -4,9 +4,13 @@ Definitions follow upstream ``scripts/evaluate.py`` with its bugs fixed:
 
 * Dice and IoU are computed per slice with a 1e-6 smoothing term and then averaged over slices, so a healthy
   slice with an empty prediction scores 1 and any false-positive component on it scores about 0.
-* AUPRC is sklearn's ``average_precision_score`` on the pixels of a group of slices, restricted to the
-  foreground (mean over all input channels > -0.95), scored by the anomaly map.
-* Precision = TP / (TP + FP) and recall = TP / (TP + FN) (upstream had them swapped).
+* AUPRC is the average precision (sklearn's ``average_precision_score``: sum over distinct score thresholds of
+  recall increase x precision) of the pixels of a group of slices, restricted to the foreground (mean over all
+  input channels > -0.95), scored by the anomaly map. By default the group is the whole test set (exact, in two
+  streaming passes, memory proportional to the positive pixels), so the value does not depend on the batch size
+  or the number of processes; ``auprc_pooling="batch"`` gives upstream's per-batch values.
+* Pixel precision = TP / (TP + FP) and recall = TP / (TP + FN) (upstream had them swapped), pooled over all
+  pixels of the setup's slices (as upstream and as Dice; the foreground restriction is AUPRC's/AUROC's only).
 * A group without any positive pixel (or without any unhealthy slice) has no AUPRC; it is left out of the
   average instead of turning the result into NaN. A metric that is undefined over the whole test set is
   reported as ``None`` (JSON ``null``), never NaN.
@@ -25,7 +29,6 @@ import warnings
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 SMOOTH = 1e-6
 FOREGROUND_THRESHOLD = -0.95
@@ -59,30 +62,95 @@ def foreground_mask(x, threshold: float = FOREGROUND_THRESHOLD) -> np.ndarray:
     return x.mean(axis=1, keepdims=True) > threshold
 
 
-def auprc(scores, labels) -> Optional[float]:
-    """Average precision (area under the precision-recall curve) of pixel scores; None without positives."""
+class RankCounter:
+    """Exact average precision and ROC AUC of pooled pixel scores, fed in two streaming passes.
+
+    Pass 1: ``add_positives(scores)`` for the positive pixels of every batch; ``freeze()``. Pass 2: ``add(scores,
+    labels)`` for every batch (all its pixels). Memory is one entry per distinct positive score: each pixel of
+    pass 2 only needs to know how many positive scores lie at or below it. Equals sklearn's
+    ``average_precision_score`` / ``roc_auc_score`` on the concatenated pixels (ties grouped the same way).
+    Non-finite scores rank lowest.
+    """
+
+    def __init__(self) -> None:
+        self._positives: list = []
+        self.thresholds: Optional[np.ndarray] = None
+
+    @staticmethod
+    def _clean(scores) -> np.ndarray:
+        s = np.asarray(scores, dtype=np.float64).ravel()
+        return np.where(np.isfinite(s), s, -np.inf)
+
+    def add_positives(self, scores) -> None:
+        if self.thresholds is not None:
+            raise RuntimeError("add_positives after freeze()")
+        self._positives.append(self._clean(scores))
+
+    def freeze(self) -> None:
+        pos = np.concatenate(self._positives) if self._positives else np.zeros(0)
+        self.thresholds, self.pos_count = np.unique(pos, return_counts=True)  # ascending distinct positive scores
+        self._positives = []
+        j = self.thresholds.size
+        self._all_by_rank = np.zeros(j + 1, np.int64)  # pixels by the number of thresholds <= their score
+        self._neg_by_rank = np.zeros(j + 1, np.int64)
+        self._neg_ties = np.zeros(j, np.int64)  # negatives exactly at threshold j
+
+    def add(self, scores, labels) -> None:
+        if self.thresholds is None:
+            raise RuntimeError("call freeze() before add()")
+        s = self._clean(scores)
+        lab = _as_bool(labels).ravel()
+        if lab.shape != s.shape:
+            raise ValueError(f"{s.shape[0]} scores but {lab.shape[0]} labels")
+        j = self.thresholds.size
+        rank = np.searchsorted(self.thresholds, s, side="right")
+        self._all_by_rank += np.bincount(rank, minlength=j + 1)
+        neg_rank = rank[~lab]
+        self._neg_by_rank += np.bincount(neg_rank, minlength=j + 1)
+        if j:
+            at = neg_rank - 1  # the highest threshold <= the score, if any
+            tie = (at >= 0) & (self.thresholds[np.maximum(at, 0)] == s[~lab])
+            self._neg_ties += np.bincount(at[tie], minlength=j)
+
+    def average_precision(self) -> Optional[float]:
+        """sum_j (positives at t_j / P) * precision(score >= t_j); None without positives."""
+        n_pos = int(self.pos_count.sum())
+        if n_pos == 0:
+            return None
+        at_or_above = np.cumsum(self._all_by_rank[::-1])[::-1][1:]  # pixels with score >= threshold j
+        tp_at_or_above = np.cumsum(self.pos_count[::-1])[::-1]
+        return float(np.sum(self.pos_count / n_pos * tp_at_or_above / at_or_above))
+
+    def roc_auc(self) -> Optional[float]:
+        """P(positive > negative) + P(tie) / 2; None unless both classes are present."""
+        n_pos = int(self.pos_count.sum())
+        n_neg = int(self._neg_by_rank.sum())
+        if n_pos == 0 or n_neg == 0:
+            return None
+        below = np.cumsum(self._neg_by_rank)[:-1]  # negatives with score < threshold j (fewer than j+1 at or below)
+        return float(np.sum(self.pos_count * (below + 0.5 * self._neg_ties)) / (n_pos * n_neg))
+
+
+def _ranked(scores, labels) -> RankCounter:
     labels = _as_bool(labels).ravel()
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if labels.shape != scores.shape:
         raise ValueError(f"{scores.shape[0]} scores but {labels.shape[0]} labels")
-    if not labels.any():
-        return None
-    if labels.all():
-        return 1.0
-    finite = np.isfinite(scores)
-    if not finite.all():  # a NaN map would make sklearn raise; rank such pixels lowest
-        scores = np.where(finite, scores, -np.inf)
-        scores = np.where(np.isneginf(scores), np.min(scores[finite], initial=0.0) - 1.0, scores)
-    return float(average_precision_score(labels, scores))
+    counter = RankCounter()
+    counter.add_positives(scores[labels])
+    counter.freeze()
+    counter.add(scores, labels)
+    return counter
+
+
+def auprc(scores, labels) -> Optional[float]:
+    """Average precision (area under the precision-recall curve) of pixel scores; None without positives."""
+    return _ranked(scores, labels).average_precision()
 
 
 def auroc(scores, labels) -> Optional[float]:
     """Area under the ROC curve of pixel scores; None unless both classes are present."""
-    labels = _as_bool(labels).ravel()
-    scores = np.nan_to_num(np.asarray(scores, dtype=np.float64).ravel(), nan=-1e30)
-    if labels.all() or not labels.any():
-        return None
-    return float(roc_auc_score(labels, scores))
+    return _ranked(scores, labels).roc_auc()
 
 
 def _ratio(num: float, den: float) -> float:
@@ -134,9 +202,21 @@ def _weighted_mean(values: Sequence[Optional[float]], weights: Sequence[float]) 
     return float(sum(v * w for v, w in pairs) / total)
 
 
+AUPRC_POOLINGS = ("global", "batch")
+
+
+def _setup_pixels(b: Mapping[str, np.ndarray]) -> dict:
+    """Per setup: (selected slices, their predicted masks) of one result batch."""
+    plab = np.asarray(b["pred_label"]).astype(np.int64).ravel()
+    lab = np.asarray(b["label"]).astype(np.int64).ravel()
+    mask_all = _as_bool(b["pred_mask"])
+    return {"mixed": (slice(None), mask_all & (plab == 1)[:, None, None, None]),
+            "unhealthy": (lab == 1, mask_all[lab == 1])}
+
+
 def evaluate_segmentation(
     batches: Iterable[Mapping[str, np.ndarray]],
-    auprc_pooling: str = "batch",
+    auprc_pooling: str = "global",
     with_auroc: bool = True,
 ) -> dict:
     """Metrics of the two setups over a sequence of result batches.
@@ -147,112 +227,88 @@ def evaluate_segmentation(
       mask; the mixed setup zeroes it for slices predicted healthy), ``anomaly_map`` float [b,1,H,W],
       ``foreground`` bool [b,1,H,W].
 
-    Dice/IoU are means over slices. AUPRC with ``auprc_pooling="batch"`` is computed per batch on the pooled
-    foreground pixels and averaged as upstream (mixed: mean over batches; unhealthy: weighted by the
-    number of unhealthy slices), skipping batches where it is undefined; ``"global"`` pools the pixels of
-    all batches (exact, but holds every foreground pixel in memory).
+    Dice/IoU are means over slices; pixel precision/recall are pooled over all pixels. AUPRC/AUROC with
+    ``auprc_pooling="global"`` (default) pool the foreground pixels of all batches, exactly, reading ``batches``
+    twice (pass a list or a re-iterable; a one-shot iterator is first materialised); the result depends only on
+    the set of slices. ``"batch"`` is upstream's: per batch on its pooled foreground pixels, averaged (mixed: mean
+    over batches; unhealthy: weighted by the number of unhealthy slices), skipping batches where it is undefined.
     """
-    if auprc_pooling not in ("batch", "global"):
-        raise ValueError(f"auprc_pooling must be 'batch' or 'global', got {auprc_pooling!r}")
-    dice_mixed, iou_mixed, dice_unh, iou_unh = [], [], [], []
+    if auprc_pooling not in AUPRC_POOLINGS:
+        raise ValueError(f"auprc_pooling must be one of {AUPRC_POOLINGS}, got {auprc_pooling!r}")
+    if auprc_pooling == "global" and iter(batches) is batches:
+        batches = list(batches)
+    setups = ("mixed", "unhealthy")
+    dice = {k: [] for k in setups}
+    iou = {k: [] for k in setups}
+    pixel_counts = {k: np.zeros(3, np.int64) for k in setups}  # tp, fp, fn over all pixels
+    per_batch = {k: {"ap": [], "roc": [], "weight": []} for k in setups}
+    counters = {k: RankCounter() for k in setups}
     labels_all, pred_labels_all = [], []
-    ap_mixed, ap_mixed_w, ap_unh, ap_unh_w = [], [], [], []
-    roc_mixed, roc_unh = [], []
-    pooled = {"mixed": ([], []), "unhealthy": ([], [])}
-    pix_mixed, pix_unh = [], []  # pooled pixel predictions and truths for precision/recall
     n_batches = 0
     for b in batches:
         n_batches += 1
         lab = np.asarray(b["label"]).astype(np.int64).ravel()
-        plab = np.asarray(b["pred_label"]).astype(np.int64).ravel()
         gt = _as_bool(b["gt"])
-        mask_all = _as_bool(b["pred_mask"])
         amap = np.asarray(b["anomaly_map"], dtype=np.float32)
         fg = _as_bool(b["foreground"])
-        mask_mixed = mask_all & (plab == 1)[:, None, None, None]
-        unh = lab == 1
-
-        d, i = dice_iou_per_slice(mask_mixed, gt)
-        dice_mixed.append(d)
-        iou_mixed.append(i)
-        d, i = dice_iou_per_slice(mask_all[unh], gt[unh])
-        dice_unh.append(d)
-        iou_unh.append(i)
         labels_all.append(lab)
-        pred_labels_all.append(plab)
-        pix_mixed.append((mask_mixed[fg], gt[fg]))
-        pix_unh.append((mask_all[unh][fg[unh]], gt[unh][fg[unh]]))
-
-        for setup, sel in (("mixed", slice(None)), ("unhealthy", unh)):
-            scores, truth = amap[sel][fg[sel]], gt[sel][fg[sel]]
+        pred_labels_all.append(np.asarray(b["pred_label"]).astype(np.int64).ravel())
+        for setup, (sel, mask) in _setup_pixels(b).items():
+            g = gt[sel]
+            d, i = dice_iou_per_slice(mask, g)
+            dice[setup].append(d)
+            iou[setup].append(i)
+            pr = precision_recall(mask, g)
+            pixel_counts[setup] += (pr["tp"], pr["fp"], pr["fn"])
+            scores, truth = amap[sel][fg[sel]], g[fg[sel]]
             if auprc_pooling == "global":
-                pooled[setup][0].append(scores)
-                pooled[setup][1].append(truth)
+                counters[setup].add_positives(scores[truth])
                 continue
-            ap = auprc(scores, truth) if truth.size else None
-            roc = auroc(scores, truth) if (with_auroc and truth.size) else None
-            if setup == "mixed":
-                ap_mixed.append(ap)
-                ap_mixed_w.append(1.0)
-                roc_mixed.append(roc)
-            else:
-                ap_unh.append(ap)
-                ap_unh_w.append(float(unh.sum()))
-                roc_unh.append((roc, float(unh.sum())))
+            ranked = _ranked(scores, truth)
+            per_batch[setup]["ap"].append(ranked.average_precision())
+            per_batch[setup]["roc"].append(ranked.roc_auc() if with_auroc else None)
+            per_batch[setup]["weight"].append(1.0 if setup == "mixed" else float((lab == 1).sum()))
     if n_batches == 0:
         raise ValueError("no result batches to evaluate")
 
-    def mean_or_none(chunks: list) -> Optional[float]:
-        v = np.concatenate(chunks) if chunks else np.zeros(0)
-        return float(v.mean()) if v.size else None
-
-    def pixel_pr(pairs: list) -> dict:
-        pred = np.concatenate([p for p, _ in pairs]) if pairs else np.zeros(0, bool)
-        truth = np.concatenate([t for _, t in pairs]) if pairs else np.zeros(0, bool)
-        pr = precision_recall(pred, truth)
-        return {"precision": pr["precision"], "recall": pr["recall"]}
-
-    if auprc_pooling == "global":
-        res = {}
-        for setup in ("mixed", "unhealthy"):
-            s, t = pooled[setup]
-            s = np.concatenate(s) if s else np.zeros(0)
-            t = np.concatenate(t) if t else np.zeros(0, bool)
-            res[setup] = (auprc(s, t) if t.size else None, auroc(s, t) if (with_auroc and t.size) else None)
-        auprc_mixed, auroc_mixed = res["mixed"]
-        auprc_unh, auroc_unh = res["unhealthy"]
+    ranking = {}
+    if auprc_pooling == "global":  # second pass: every foreground pixel against the positive scores
+        for c in counters.values():
+            c.freeze()
+        for b in batches:
+            gt, fg = _as_bool(b["gt"]), _as_bool(b["foreground"])
+            amap = np.asarray(b["anomaly_map"], dtype=np.float32)
+            for setup, (sel, _) in _setup_pixels(b).items():
+                counters[setup].add(amap[sel][fg[sel]], gt[sel][fg[sel]])
+        for setup, c in counters.items():
+            ranking[setup] = (c.average_precision(), c.roc_auc() if with_auroc else None)
     else:
-        auprc_mixed = _weighted_mean(ap_mixed, ap_mixed_w)
-        auprc_unh = _weighted_mean(ap_unh, ap_unh_w)
-        auroc_mixed = _weighted_mean(roc_mixed, [1.0] * len(roc_mixed))
-        auroc_unh = _weighted_mean([r for r, _ in roc_unh], [w for _, w in roc_unh])
+        for setup, v in per_batch.items():
+            ranking[setup] = (_weighted_mean(v["ap"], v["weight"]), _weighted_mean(v["roc"], v["weight"]))
 
     labels_all = np.concatenate(labels_all)
     pred_labels_all = np.concatenate(pred_labels_all)
     cls = classification_metrics(labels_all, pred_labels_all)
     n_unh = int((labels_all == 1).sum())
-    mixed = {
-        "dice": mean_or_none(dice_mixed),
-        "iou": mean_or_none(iou_mixed),
-        "auprc": auprc_mixed,
-        **pixel_pr(pix_mixed),
-        "n_slices": int(labels_all.size),
-    }
-    unhealthy = {
-        "dice": mean_or_none(dice_unh),
-        "iou": mean_or_none(iou_unh),
-        "auprc": auprc_unh,
-        **pixel_pr(pix_unh),
-        "n_slices": n_unh,
-    }
-    if with_auroc:
-        mixed["auroc"] = auroc_mixed
-        unhealthy["auroc"] = auroc_unh
+    out = {}
+    for setup in setups:
+        d = np.concatenate(dice[setup])
+        i = np.concatenate(iou[setup])
+        tp, fp, fn = (int(v) for v in pixel_counts[setup])
+        out[setup] = {
+            "dice": float(d.mean()) if d.size else None,
+            "iou": float(i.mean()) if i.size else None,
+            "auprc": ranking[setup][0],
+            "precision": _ratio(tp, tp + fp),
+            "recall": _ratio(tp, tp + fn),
+            "n_slices": int(labels_all.size) if setup == "mixed" else n_unh,
+        }
+        if with_auroc:
+            out[setup]["auroc"] = ranking[setup][1]
     if n_unh == 0:
         warnings.warn("no unhealthy slice in the test set: unhealthy-setup metrics are undefined (null)")
     return {
-        "mixed": mixed,
-        "unhealthy": unhealthy,
+        **out,
         "accuracy": cls["accuracy"],
         "classification": cls,
         "auprc_pooling": auprc_pooling,

@@ -5,12 +5,13 @@ Flow (every step resumable; ``scripts/translation_FPDM.py`` is the command-line 
 1. Load ``model{step:06d}.pt`` (or ``ema_{rate}_{step:06d}.pt`` with ``--ema True``) from ``--model_dir``.
 2. Validation (``--num_batches_val`` batches of ``--batch_size_val`` slices, labels only): the forward
    process per slice, then the cosine threshold ``thr_01`` and ``M_max`` (``hyperparams.json``). With
-   ``--num_batches_val 0`` the values come from ``--hyperparams_file`` or upstream's recorded fallbacks.
+   ``--num_batches_val 0`` the values come from ``--hyperparams_file`` or upstream's recorded fallbacks (only
+   for upstream's forward function and guidance weight; refused otherwise).
 3. Test (``--num_batches`` batches of ``--batch_size`` slices; -1 = the whole split): per slice the
    classification, t_e, the aggregated map, Algorithm 1's threshold, median filter and small-component
    removal.
 4. Rank 0 evaluates every test batch: ``metrics.json`` (keys ``mixed`` and ``unhealthy`` with ``dice``,
-   ``iou``, ``auprc``, plus ``accuracy``), ``metrics.csv``, ``per_slice.csv``, PNG panels and, with
+   ``iou``, ``auprc`` pooled over the whole test set, plus ``accuracy``), ``metrics.csv``, ``per_slice.csv``, PNG panels and, with
    ``--save_data True``, ``per_slice_arrays.npz``.
 
 Batch sizes are global: with N processes each takes ``batch_size // N`` slices per batch from its own
@@ -38,7 +39,12 @@ import torch
 
 from guided_diffusion.methods import anofpdm as af
 from guided_diffusion import dist_util, logger
-from guided_diffusion.evaluation.metrics import dice_iou_per_slice, evaluate_segmentation, foreground_mask
+from guided_diffusion.evaluation.metrics import (
+    AUPRC_POOLINGS,
+    dice_iou_per_slice,
+    evaluate_segmentation,
+    foreground_mask,
+)
 from guided_diffusion.script_util import (
     UNET_VERSIONS,
     add_dict_to_argparser,
@@ -49,7 +55,7 @@ from guided_diffusion.script_util import (
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH_DIR = "batches"
-FILE_VERSION = 2
+FILE_VERSION = 3  # 3: classification on the guided MSE in every map mode, pixel-count component filter
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -68,7 +74,7 @@ def translation_defaults() -> dict:
         forward_steps=600,
         model_num="",  # "" = the latest checkpoint in --model_dir
         ema=False,
-        null=False,
+        null=True,  # paper: encode with the null embedding (upstream's default False crashed); False: healthy label
         save_data=False,
         num_batches_val=2,
         batch_size_val=100,
@@ -90,7 +96,7 @@ def translation_defaults() -> dict:
         cc_filter_size=-1,  # -1: upstream's 40 px at 128², scaled with the image area
         quantile_a=af.A_QUANTILE,
         quantile_b=af.B_QUANTILE,
-        auprc_pooling="batch",
+        auprc_pooling="global",  # exact over the whole test set; "batch": upstream's per-batch pooling
         hyperparams_file="",
         num_panels=8,
         panel_modality=-1,
@@ -157,8 +163,8 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
     args.use_fp16 = False
     if args.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
-    if args.auprc_pooling not in ("batch", "global"):
-        raise ValueError(f"--auprc_pooling must be batch or global, got {args.auprc_pooling!r}")
+    if args.auprc_pooling not in AUPRC_POOLINGS:
+        raise ValueError(f"--auprc_pooling must be one of {', '.join(AUPRC_POOLINGS)}, got {args.auprc_pooling!r}")
     if not 0 <= args.quantile_a <= args.quantile_b <= 1:
         raise ValueError(f"need 0 <= --quantile_a ({args.quantile_a}) <= --quantile_b ({args.quantile_b}) <= 1")
     if args.hyperparams_file and not os.path.isfile(args.hyperparams_file):
@@ -393,7 +399,7 @@ class Translation:
                     hyper = af.Hyperparams.from_dict(json.load(f))
                 hyper.source = f"file {a.hyperparams_file}"
             else:
-                hyper = af.upstream_fallback_hyperparams(a.name, a.forward_steps, len(a.modality))
+                hyper = af.upstream_fallback_hyperparams(a.name, a.forward_steps, len(a.modality), self.cfg)
             if len(hyper.diff_max) != len(a.modality):
                 raise ValueError(f"hyper-parameters from {hyper.source} have {len(hyper.diff_max)} modalities; "
                                  f"--modality gives {len(a.modality)}")
@@ -486,17 +492,9 @@ class Translation:
             raise FileNotFoundError(f"{len(missing)} test result files are missing or stale, e.g. {missing[0]}; "
                                     "the log folder must be shared by all ranks")
 
-        def batches(i: int) -> Iterator[dict]:
-            # the ranks' batch k together are exactly the global batch k of a single-process run
-            for _, group in itertools.groupby(paths, key=_batch_index):
-                ds = [load_batch(p) for p in group]
-                yield {name: np.concatenate([d[src] for d in ds]) for name, src in (
-                    ("label", "label"), ("pred_label", "pred_label"), ("gt", "gt"), ("pred_mask", f"mask_{i}"),
-                    ("anomaly_map", f"anomaly_map_{i}"), ("foreground", "foreground"))}
-
         results = []
         for i, ratio in enumerate(a.t_e_ratio):
-            res = evaluate_segmentation(batches(i), auprc_pooling=a.auprc_pooling)
+            res = evaluate_segmentation(_ResultBatches(paths, i), auprc_pooling=a.auprc_pooling)
             res["t_e_ratio"] = ratio
             results.append(res)
         metrics = dict(results[0])
@@ -623,6 +621,24 @@ class Translation:
         logger.log(f"evaluation complete ({self.summary['computed']} computed, {self.summary['reused']} reused, "
                    f"{self.summary['seconds']:.1f} s)")
         return self.summary
+
+
+class _ResultBatches:
+    """The test results of ``t_e_ratio`` number ``i`` as global batches, read from the batch files on each pass.
+
+    The ranks' batch k together are exactly the global batch k of a single-process run. Re-iterable, so the
+    global AUPRC can make its two passes without holding every pixel in memory.
+    """
+
+    def __init__(self, paths: List[str], i: int):
+        self.paths, self.i = paths, i
+
+    def __iter__(self) -> Iterator[dict]:
+        for _, group in itertools.groupby(self.paths, key=_batch_index):
+            ds = [load_batch(p) for p in group]
+            yield {name: np.concatenate([d[src] for d in ds]) for name, src in (
+                ("label", "label"), ("pred_label", "pred_label"), ("gt", "gt"), ("pred_mask", f"mask_{self.i}"),
+                ("anomaly_map", f"anomaly_map_{self.i}"), ("foreground", "foreground"))}
 
 
 def _shorten(text: str, limit: int = 1200) -> str:

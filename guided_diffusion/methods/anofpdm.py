@@ -46,13 +46,15 @@ COSINE_EPS = 1e-6
 UGP_MODES = ("null", "upstream")
 SUB_ANOMALY_MODES = ("input", "gradient", "gradient_para")
 
-# Fallback hyper-parameters recorded by upstream (``num_batches_val 0``), keyed by (dataset, forward_steps).
-# They belong to upstream's checkpoints (BraTS w=2 model 210000; ATLAS computed for w=20 with model 290000).
+# Fallback hyper-parameters recorded by upstream (``num_batches_val 0``), keyed by (dataset, forward_steps):
+# (thr_01, diff_max, diff_min, w). They were measured with upstream's forward function (healthy-conditional UGP,
+# the off-by-one DDIM encoding with the null embedding) on its checkpoints at guidance weight w (BraTS: model
+# 210000; ATLAS: model 290000, w = 20 although the paper selects 30), so they only fit that function.
 UPSTREAM_FALLBACK_HYPERPARAMS = {
-    ("brats", 600): (0.99487984, [0.0509, 0.0397], [5.5484e-5, 3.4732e-5]),
-    ("brats", 300): (0.99487984, [0.0509, 0.0397], [5.5484e-5, 3.4732e-5]),
-    ("brats", 999): (0.99931473, [0.0551, 0.0388], [0.0, 0.0]),
-    ("atlas", 600): (0.72853965, [0.8555], [0.0]),
+    ("brats", 600): (0.99487984, [0.0509, 0.0397], [5.5484e-5, 3.4732e-5], 2.0),
+    ("brats", 300): (0.99487984, [0.0509, 0.0397], [5.5484e-5, 3.4732e-5], 2.0),  # the HAE scripts copy fs 600
+    ("brats", 999): (0.99931473, [0.0551, 0.0388], [0.0022, 0.0010], 2.0),
+    ("atlas", 600): (0.72853965, [0.8555], [0.0392], 20.0),
 }
 
 
@@ -68,7 +70,7 @@ class StepStats:
     mse_guided: torch.Tensor  # mean_hw (x̂0_w - x0)²
     mse_unguided: torch.Tensor  # mean_hw (x̂0_∅ - x0)²
     divergence: torch.Tensor  # M_t = mean_hw (x̂0_w - x̂0_∅)²
-    sam_mean: torch.Tensor  # mean_hw S_t (equals mse_guided for the default sub-anomaly map)
+    sam_mean: torch.Tensor  # mean_hw S_t (equals mse_guided for the default map; stored, not used to classify)
 
     def to_numpy(self) -> dict:
         return {k: v.detach().cpu().float().numpy() for k, v in asdict(self).items()}
@@ -87,14 +89,13 @@ def cosine_similarity_over_steps(a: torch.Tensor, b: torch.Tensor, eps: float = 
     return F.cosine_similarity(a.double(), b.double(), dim=-1, eps=eps).float()
 
 
-def validation_similarity(stats: StepStats) -> torch.Tensor:
-    """cos_t(mean_m MSE_w, mean_m MSE_∅) per slice, as upstream's validation pass computes it."""
-    return cosine_similarity_over_steps(stats.mse_guided.mean(-1), stats.mse_unguided.mean(-1))
-
-
 def classification_similarity(stats: StepStats) -> torch.Tensor:
-    """cos_t(mean_{m,hw} S_t, mean_m MSE_∅) per slice, as upstream's test pass computes it."""
-    return cosine_similarity_over_steps(stats.sam_mean.mean(-1), stats.mse_unguided.mean(-1))
+    """cos_t(mean_m MSE_w, mean_m MSE_∅) per slice (paper Eq. 18), in validation and test alike.
+
+    Upstream classifies on the guided MSE in every map mode (its test pass recomputes it even when the
+    gradient sub-anomaly maps feed the masks), so ``thr_01`` fitted in validation applies to the same quantity.
+    """
+    return cosine_similarity_over_steps(stats.mse_guided.mean(-1), stats.mse_unguided.mean(-1))
 
 
 def classify(similarity: torch.Tensor, thr_01: float) -> torch.Tensor:
@@ -171,7 +172,7 @@ class Hyperparams:
 def fit_hyperparams(stats: StepStats, labels: torch.Tensor) -> Hyperparams:
     """The validation pass: classification threshold and divergence range from slice labels only."""
     labels = labels.flatten().long()
-    sim = validation_similarity(stats)
+    sim = classification_similarity(stats)
     thr, n_err = select_classification_threshold(sim, labels)
     diff_max, diff_min = select_divergence_range(stats.divergence, labels)
     # accuracy of the selection criterion itself (ties at thr count as correct, as in upstream's error count)
@@ -187,8 +188,16 @@ def fit_hyperparams(stats: StepStats, labels: torch.Tensor) -> Hyperparams:
     )
 
 
-def upstream_fallback_hyperparams(name: str, forward_steps: int, num_modalities: int) -> Hyperparams:
-    """Upstream's hard-coded values for ``--num_batches_val 0``; a clear error where upstream had none."""
+def upstream_fallback_hyperparams(
+    name: str, forward_steps: int, num_modalities: int, cfg: Optional["ForwardConfig"] = None
+) -> Hyperparams:
+    """Upstream's hard-coded values for ``--num_batches_val 0``; a clear error where upstream had none.
+
+    With ``cfg`` (the run's forward process), the values are refused unless it is the function they were
+    measured with: ``--ugp_mode upstream --legacy_ddim_encoding True --d_reverse True --null True`` at the
+    recorded ``--w``. This project's default function (null UGP) gives M_t about (1+w)²/w² = 2.25x larger at
+    w = 2, so upstream's M_max and thr_01 would silently mean something else.
+    """
     key = (name, forward_steps)
     if key not in UPSTREAM_FALLBACK_HYPERPARAMS:
         known = ", ".join(f"--name {n} --forward_steps {f}" for n, f in UPSTREAM_FALLBACK_HYPERPARAMS)
@@ -196,7 +205,23 @@ def upstream_fallback_hyperparams(name: str, forward_steps: int, num_modalities:
             f"--num_batches_val 0 needs recorded hyper-parameters, which exist only for: {known}; "
             f"got --name {name!r} --forward_steps {forward_steps}. Run a validation pass or pass --hyperparams_file."
         )
-    thr, dmax, dmin = UPSTREAM_FALLBACK_HYPERPARAMS[key]
+    thr, dmax, dmin, w = UPSTREAM_FALLBACK_HYPERPARAMS[key]
+    if cfg is not None:
+        needed = [flag for flag, ok in (
+            ("--ugp_mode upstream", cfg.ugp_mode == "upstream"),
+            ("--legacy_ddim_encoding True", cfg.legacy_ddim_encoding),
+            ("--d_reverse True", cfg.ddim),
+            ("--null True", cfg.encode_null),
+            (f"--w {w:g}", cfg.w == w),
+        ) if not ok]
+        if needed:
+            raise ValueError(
+                f"--num_batches_val 0 would apply upstream's recorded thr_01 {thr} and diff_max {dmax} "
+                f"(--name {name} --forward_steps {forward_steps}), measured with upstream's forward function at "
+                f"w = {w:g}, to a different function. Set {' '.join(needed)} to reproduce upstream, or run a "
+                "validation pass (--num_batches_val N), or pass --hyperparams_file (e.g. the hyperparams.json of an "
+                "earlier run with these settings)."
+            )
     if len(dmax) != num_modalities:
         raise ValueError(
             f"recorded hyper-parameters for {name} have {len(dmax)} modalities, --modality gives {num_modalities}"
@@ -357,10 +382,12 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def remove_small_components(mask, max_size: int = 40):
-    """Drop 8-connected components whose filled area (holes included) is at most ``max_size`` pixels.
+    """Drop 8-connected components of at most ``max_size`` pixels (holes are not counted).
 
     Accepts a numpy array or tensor ``[..., H, W]`` and returns the same type (a new object). ``max_size <= 0``
-    keeps everything. Upstream did this with skimage ``regionprops(...).filled_area <= 40``.
+    keeps everything. Upstream uses skimage ``regionprops(label(m, connectivity=3)).filled_area <= 40`` on each
+    ``[1, H, W]`` slice; in a volume one voxel deep every background voxel touches the border, so no hole is
+    filled and ``filled_area`` is the pixel count (a 40-px ring around 81 px is removed there and here).
     """
     is_tensor = isinstance(mask, torch.Tensor)
     arr = mask.detach().cpu().numpy() if is_tensor else np.asarray(mask)
@@ -371,10 +398,10 @@ def remove_small_components(mask, max_size: int = 40):
             labelled, n = ndimage.label(img, structure=_EIGHT_CONNECTED)
             if n == 0:
                 continue
-            for i, sl in enumerate(ndimage.find_objects(labelled), start=1):
-                comp = labelled[sl] == i
-                if int(ndimage.binary_fill_holes(comp).sum()) <= max_size:
-                    img[sl][comp] = False
+            sizes = np.bincount(labelled.ravel(), minlength=n + 1)
+            small = sizes <= max_size
+            small[0] = False  # background
+            img[small[labelled]] = False
     if is_tensor:
         return torch.from_numpy(out).to(mask.device)
     return out

@@ -1,0 +1,181 @@
+"""AnoFPDM decisions pinned by hand-built cases: what is classified, the tie rule, the component filter."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion.methods import anofpdm as af
+from guided_diffusion.script_util import create_gaussian_diffusion
+
+
+def _stats(mse_guided, mse_unguided, sam_mean, divergence=None):
+    g = torch.as_tensor(mse_guided, dtype=torch.float32)
+    div = torch.ones_like(g) if divergence is None else torch.as_tensor(divergence, dtype=torch.float32)
+    return af.StepStats(mse_guided=g, mse_unguided=torch.as_tensor(mse_unguided, dtype=torch.float32),
+                        divergence=div, sam_mean=torch.as_tensor(sam_mean, dtype=torch.float32))
+
+
+def _result(stats, h=8):
+    b, _, m = stats.mse_guided.shape
+    return af.ForwardResult(stats=stats, maps=torch.zeros(b, m, h, h), end_step=torch.zeros(b, m, dtype=torch.long))
+
+
+# ------------------------------------------------------------------ classification uses the guided MSE
+
+
+def test_classification_uses_the_guided_mse_not_the_map_statistic():
+    """Upstream classifies on cos_t(mean MSE_w, mean MSE_∅) whatever the sub-anomaly map (validation fits thr_01
+    on that same quantity). Slice 0: MSE_w proportional to MSE_∅ (cos 1) but a map statistic orthogonal to it;
+    slice 1 the other way round."""
+    up = [1.0, 2.0, 3.0, 4.0]
+    ortho = [4.0, -2.0, 0.0, 0.0]  # orthogonal to `up`: 4 - 4 = 0
+    mse_u = torch.tensor([up, up])[..., None]
+    mse_g = torch.tensor([[2 * v for v in up], ortho])[..., None]
+    sam = torch.tensor([ortho, [2 * v for v in up]])[..., None]
+    stats = _stats(mse_g, mse_u, sam)
+    sim = af.classification_similarity(stats)
+    assert sim.tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    for mode in af.SUB_ANOMALY_MODES:
+        cfg = af.ForwardConfig(w=2.0, forward_steps=4, modality=[0], sub_anomaly=mode)
+        out = af.segment_batch(_result(stats), af.Hyperparams(thr_01=0.5, diff_max=[1.0]), cfg)
+        assert out["pred_label"].tolist() == [0, 1], mode
+    # validation fits thr_01 on the same similarity
+    hp = af.fit_hyperparams(stats, torch.tensor([0, 1]))
+    assert hp.n_errors == 0
+
+
+class _LesionOracle(torch.nn.Module):
+    """eps that maps x_t to x0 (null rows) or to x0 minus a lesion scaled by s(t) (healthy rows), both off by
+    the same small step-dependent error, as a real model would be."""
+
+    def __init__(self, diffusion, x0, lesion, strength):
+        super().__init__()
+        self.abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float32)
+        self.x0, self.lesion, self.strength = x0, lesion, strength
+
+    def forward(self, x, t, y=None, null=False, clf_free=False, threshold=-1):
+        reps = x.shape[0] // self.x0.shape[0]
+        x0 = self.x0.repeat(reps, 1, 1, 1)
+        healthy = x0 - self.lesion.repeat(reps, 1, 1, 1) * self.strength[t][:, None, None, None]
+        target = torch.where(torch.as_tensor(null).expand(x.shape[0])[:, None, None, None], x0, healthy)
+        target = target + 0.01 * (1 + t[:, None, None, None]) * torch.cos(torch.arange(x.shape[-1]) * 1.7)
+        a = self.abar[t][:, None, None, None]
+        return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+
+def test_map_mode_changes_the_maps_but_not_the_classification():
+    diffusion = create_gaussian_diffusion(steps=50)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 1, 8, 8, generator=g) * 0.8 - 0.4
+    lesion = torch.zeros(3, 1, 8, 8)
+    lesion[0, :, 2:5, 2:5] = 0.2
+    lesion[1, :, 1:7, 1:7] = 0.05
+    strength = torch.zeros(50)
+    strength[:5] = torch.tensor([0.1, 0.4, 1.0, 0.7, 0.2])
+    out = {}
+    for mode in af.SUB_ANOMALY_MODES:
+        cfg = af.ForwardConfig(w=2.0, forward_steps=5, modality=[0], sub_anomaly=mode)
+        res = af.ForwardProcess(_LesionOracle(diffusion, x0, lesion, strength), diffusion, cfg).run(
+            x0, generator=torch.Generator().manual_seed(1))
+        out[mode] = (res, af.segment_batch(res, af.Hyperparams(thr_01=0.99, diff_max=[1.0]), cfg))
+    ref_res, ref_seg = out["input"]
+    for mode in ("gradient", "gradient_para"):
+        res, seg = out[mode]
+        assert not torch.allclose(res.stats.sam_mean, ref_res.stats.sam_mean)  # the maps do differ
+        torch.testing.assert_close(seg["similarity"], ref_seg["similarity"], rtol=0, atol=0)
+        assert torch.equal(seg["pred_label"], ref_seg["pred_label"])
+
+
+# ------------------------------------------------------------------ the tie rule
+
+
+def test_classification_tie_counts_as_unhealthy():
+    """Upstream: ``if sim <= thr_01: unhealthy``. The similarity of [1, 0] and [1, 1] is 1/sqrt(2)."""
+    stats = _stats([[[1.0], [0.0]]], [[[1.0], [1.0]]], [[[1.0], [0.0]]])
+    sim = af.classification_similarity(stats)
+    assert sim.item() == pytest.approx(1 / math.sqrt(2), abs=1e-7)
+    tie = float(sim.item())  # exactly the float32 similarity
+    below = float(np.nextafter(np.float32(tie), np.float32(-1)))
+    cfg = af.ForwardConfig(w=2.0, forward_steps=2, modality=[0])
+    labels = {}
+    for name, thr in (("tie", tie), ("below", below)):
+        out = af.segment_batch(_result(stats), af.Hyperparams(thr_01=thr, diff_max=[1.0]), cfg)
+        labels[name] = out["pred_label"].item()
+    assert labels == {"tie": 1, "below": 0}
+    assert af.classify(torch.tensor([0.5, 0.5 + 2**-20, 0.5 - 2**-20]), 0.5).tolist() == [1, 0, 1]
+
+
+def test_validation_error_count_treats_a_tie_as_correct_for_both_labels():
+    """Upstream's error count is #(unhealthy > thr) + #(healthy < thr): a slice exactly at thr is no error."""
+    sim = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.9], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    thr, n_err = af.select_classification_threshold(sim, labels)
+    assert thr == 0.9 and n_err == 0
+
+
+# ------------------------------------------------------------------ the component filter counts pixels
+
+
+def test_component_filter_counts_pixels_like_upstream_ring():
+    """An 11x11 square outline is 40 px around an 81-px hole: upstream (skimage ``filled_area`` on a [1, H, W]
+    volume, where no hole can be enclosed) removes it at 40; a 44-px 12x12 outline is kept."""
+    m = np.zeros((2, 1, 32, 32), bool)
+    m[0, 0, 2:13, 2:13] = True
+    m[0, 0, 3:12, 3:12] = False
+    assert m[0].sum() == 40 and (~m[0, 0, 2:13, 2:13]).sum() == 81
+    m[1, 0, 10:22, 10:22] = True
+    m[1, 0, 11:21, 11:21] = False
+    assert m[1].sum() == 44
+    out = af.remove_small_components(m, 40)
+    assert out[0].sum() == 0
+    assert np.array_equal(out[1], m[1])
+    # one pixel more makes the first ring survive
+    m[0, 0, 7, 7] = True  # inside the hole, a separate 1-px component: removed
+    m[0, 0, 1, 2] = True  # touching the ring: 41 px
+    out = af.remove_small_components(m, 40)
+    assert out[0].sum() == 41 and not out[0, 0, 7, 7]
+
+
+def test_component_filter_in_segment_batch_uses_the_pixel_count():
+    """segment_batch applies the same rule: a 40-px ring that is over the threshold is removed from the mask."""
+    h = 32
+    maps = torch.zeros(1, 1, h, h)
+    maps[0, 0, 2:13, 2:13] = 1.0
+    maps[0, 0, 3:12, 3:12] = 0.0
+    # M_t = 0 gives the quantile b = 0.98: position 0.98 * 1023 lies among the 40 ones at the top
+    stats = _stats([[[1.0], [2.0]]], [[[1.0], [2.0]]], [[[1.0], [2.0]]], divergence=[[[0.0], [0.0]]])
+    res = af.ForwardResult(stats=stats, maps=maps, end_step=torch.ones(1, 1, dtype=torch.long))
+    cfg = af.ForwardConfig(w=2.0, forward_steps=2, modality=[0])
+    hyper = af.Hyperparams(thr_01=0.5, diff_max=[1.0])
+    kept = af.segment_batch(res, hyper, cfg, median_kernel=1, cc_max_size=0)["mask"]
+    assert kept.sum() == 40
+    removed = af.segment_batch(res, hyper, cfg, median_kernel=1, cc_max_size=40)["mask"]
+    assert removed.sum() == 0
+
+
+# ------------------------------------------------------------------ upstream's recorded fallback values
+
+
+def test_recorded_fallback_refused_for_another_function():
+    default = af.ForwardConfig(w=2.0, forward_steps=600)  # the project's default function: null UGP
+    with pytest.raises(ValueError) as err:
+        af.upstream_fallback_hyperparams("brats", 600, 2, default)
+    msg = str(err.value)
+    assert "--ugp_mode upstream" in msg and "--legacy_ddim_encoding True" in msg and "--hyperparams_file" in msg
+    assert "--w 2" not in msg and "--null True" not in msg  # those already match
+    upstream = af.ForwardConfig(w=2.0, forward_steps=600, ugp_mode="upstream", legacy_ddim_encoding=True)
+    hp = af.upstream_fallback_hyperparams("brats", 600, 2, upstream)
+    assert (hp.thr_01, hp.diff_max) == (0.99487984, [0.0509, 0.0397])
+    for wrong, flag in ((dict(w=3.0), "--w 2"), (dict(encode_null=False), "--null True"),
+                        (dict(ddim=False), "--d_reverse True")):
+        cfg = af.ForwardConfig(**{**vars(upstream), **wrong})
+        with pytest.raises(ValueError, match=flag.replace("-", "\\-")):
+            af.upstream_fallback_hyperparams("brats", 600, 2, cfg)
+    # ATLAS was recorded at w = 20 (the paper selects 30)
+    atlas = af.ForwardConfig(w=30.0, forward_steps=600, modality=[0], ugp_mode="upstream", legacy_ddim_encoding=True)
+    with pytest.raises(ValueError, match="\\-\\-w 20"):
+        af.upstream_fallback_hyperparams("atlas", 600, 1, atlas)
+    atlas.w = 20.0
+    assert af.upstream_fallback_hyperparams("atlas", 600, 1, atlas).thr_01 == 0.72853965
