@@ -579,3 +579,75 @@ def test_config_launcher(tmp_path, model_dir):
     missing = subprocess.run(["bash", str(REPO / "config" / "run_segment.sh")], env={**env, "MODEL_DIR": "/nope"},
                              cwd="/", capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "MODEL_DIR=/nope" in missing.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-volume metrics of slice results (translation's test split)
+
+
+def test_per_volume_metrics_from_shuffled_slices():
+    """Slices of two volumes dealt over three batches in a random order give each volume's 3-D metrics."""
+    rng = np.random.default_rng(0)
+    n, hw = 5, 6
+    vols = {}
+    for v in ("p1", "p2"):
+        gt = np.zeros((n, 1, hw, hw), bool)
+        gt[1:3, 0, 1:4, 2:5] = True
+        pred = np.zeros_like(gt)
+        pred[0:4, 0, 2:5, 2:5] = True  # slice 0 is predicted healthy: the mixed setup drops its mask
+        vols[v] = dict(gt=gt, pred_mask=pred, anomaly_map=rng.random(gt.shape).astype(np.float32) + gt,
+                       foreground=np.ones_like(gt), label=gt.reshape(n, -1).any(1).astype(np.int64),
+                       pred_label=np.array([0, 1, 1, 1, 1]))
+    rows = [(v, i) for v in vols for i in range(n)]
+    order = rng.permutation(len(rows))
+    batches = []
+    for chunk in np.array_split(order, 3):
+        b = {k: np.stack([vols[rows[j][0]][k][rows[j][1]] for j in chunk]) for k in vols["p1"]}
+        b["volume"] = np.array([rows[j][0] for j in chunk])
+        batches.append(b)
+    got = M.per_volume_metrics(batches)
+    assert sorted(got) == ["p1", "p2"]
+    for v, d in vols.items():
+        mixed = d["pred_mask"] & (d["pred_label"] == 1)[:, None, None, None]
+        # by hand: gt 2 slices x 3x3 = 18 voxels; pred on slices 1..3 (slice 0 predicted healthy) 3 x 9 = 27;
+        # overlap: slices 1, 2, rows 2..3, columns 2..4 = 12
+        assert (got[v]["gt_voxels"], got[v]["pred_voxels"]) == (18, 27)
+        assert got[v]["dice"] == pytest.approx((24 + 1e-6) / (45 + 1e-6))
+        ref = M.volume_metrics(mixed, d["gt"], d["anomaly_map"], d["foreground"])
+        for k in ("dice", "iou", "auprc", "precision", "recall"):
+            assert got[v][k] == pytest.approx(ref[k], abs=1e-12), (v, k)
+        assert got[v]["n_slices"] == n
+    assert list(M.per_volume_metrics(batches, volumes=["p2"])) == ["p2"]
+
+
+def test_translation_reports_per_volume_metrics_of_its_test_split(tmp_path, monkeypatch):
+    import test_translation as tt
+    from sklearn.metrics import average_precision_score
+
+    tt._write_dataset(tmp_path / "data")
+    tt._write_checkpoint(tmp_path / "model_v2", "v2")
+    log_dir = tmp_path / "logs"
+    metrics = tt._run(tmp_path, log_dir, "v2", monkeypatch)["metrics"]
+    pv = metrics["per_volume"]
+    assert (pv["n_volumes"], pv["n_incomplete"]) == (2, 0) and pv["with_lesion"]["dice"]["n"] == 2
+    rows = {r["patient"]: r for r in csv.DictReader(open(log_dir / "per_volume.csv"))}
+    assert sorted(rows) == ["test0", "test1"]
+    # recompute from the batch files by hand: rows named by slice_file, grouped by patient
+    parts = {}
+    for f in sorted((log_dir / "batches").glob("test_*.npz")):
+        with np.load(f) as z:
+            for i, name in enumerate(z["slice_file"]):
+                with np.load(tmp_path / "data" / "npy_test" / str(name)) as s:  # the file is the slice of that row
+                    np.testing.assert_array_equal(s["y"][0] > 0.5, z["gt"][i])
+                mixed = z["mask_0"][i] & bool(z["pred_label"][i])
+                parts.setdefault(str(name).split("/")[0][8:], []).append(
+                    (mixed, z["gt"][i], z["anomaly_map_0"][i], z["foreground"][i]))
+    assert {k: len(v) for k, v in parts.items()} == {"test0": 4, "test1": 4}
+    for patient, items in parts.items():
+        pred, gt, amap, fg = (np.stack(x) for x in zip(*items))
+        tp = (pred & gt).sum()
+        assert float(rows[patient]["dice"]) == pytest.approx((2 * tp + 1e-6) / (pred.sum() + gt.sum() + 1e-6))
+        assert float(rows[patient]["auprc"]) == pytest.approx(average_precision_score(gt[fg], amap[fg]))
+    # part of the split only: no complete patient, and metrics.json says why
+    metrics = tt._run(tmp_path, tmp_path / "part", "v2", monkeypatch, extra="--num_batches 1")["metrics"]
+    assert metrics["per_volume"]["n_volumes"] == 0 and "--num_batches -1" in metrics["per_volume"]["note"]

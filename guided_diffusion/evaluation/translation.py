@@ -297,8 +297,12 @@ def load_batch(path: str, fingerprint: Optional[str] = None) -> Optional[Dict[st
 # ------------------------------------------------------------------------------------------------------
 
 
-def eval_batches(args: argparse.Namespace, split: str, global_batch: int, num_batches: int) -> Iterator:
-    """This rank's batches ``(x, gt_mask, label)`` of ``split``: at most ``num_batches`` (-1 = all)."""
+def eval_batches(args: argparse.Namespace, split: str, global_batch: int, num_batches: int,
+                 with_files: bool = False) -> Iterator:
+    """This rank's batches ``(x, gt_mask, label)`` of ``split``: at most ``num_batches`` (-1 = all).
+
+    ``with_files``: ``(x, gt_mask, label, files)``, files the batch's slices as ``patient_<P>/slice_<z>.npz``.
+    """
     from guided_diffusion.data.loaders import get_data_iter
 
     per_rank = global_batch // dist_util.get_world_size()  # val/test loaders take the per-rank batch
@@ -315,9 +319,13 @@ def eval_batches(args: argparse.Namespace, split: str, global_batch: int, num_ba
     )
     if isinstance(loader, tuple):
         loader = loader[0]
+    order = list(loader.sampler) if with_files else []  # the sampler's order is fixed: batch i is its i-th chunk
     for i, batch in enumerate(loader):
         if 0 <= num_batches <= i:
             break
+        if with_files:
+            rows = order[i * per_rank:(i + 1) * per_rank]
+            batch = (*batch, [f"{loader.dataset.items[j].parent.name}/{loader.dataset.items[j].name}" for j in rows])
         yield batch
 
 
@@ -445,7 +453,7 @@ class Translation:
         outer = self._progress(None if a.num_batches < 0 else a.num_batches, "test batches")
         inner = self._progress(self.cfg.forward_steps, "forward steps", leave=False)
         median = 5 if a.median_filter else 1
-        for k, (x, gt, lab) in enumerate(eval_batches(a, "test", a.batch_size, a.num_batches)):
+        for k, (x, gt, lab, files) in enumerate(eval_batches(a, "test", a.batch_size, a.num_batches, True)):
             path = batch_path(self.log_dir, "test", self.world, self.rank, k)
             paths.append(path)
             if a.resume and load_batch(path, key) is not None:
@@ -456,6 +464,7 @@ class Translation:
             x_np = x.cpu().float().numpy()
             data = {
                 "fingerprint": np.array(key),
+                "slice_file": np.array(files),  # patient and z: per-volume metrics
                 "label": lab.cpu().numpy().astype(np.int64),
                 "gt": gt.cpu().numpy() > 0.5,
                 "foreground": foreground_mask(x_np),
@@ -509,6 +518,14 @@ class Translation:
         }
         if len(results) > 1:
             metrics["by_t_e_ratio"] = {str(r["t_e_ratio"]): r for r in results}
+        from guided_diffusion.evaluation.volumes import test_split_volumes
+
+        per_volume = test_split_volumes(_ResultBatches(paths, 0), paths, a.data_dir,
+                                        os.path.join(self.log_dir, "per_volume.csv"))
+        if per_volume is not None:
+            metrics["per_volume"] = per_volume
+            logger.log(f"per volume: {per_volume['n_volumes']} complete test patient(s), Dice "
+                       f"{(per_volume.get('with_lesion') or {}).get('dice')} (with a lesion; per_volume.csv)")
         _write_json_atomic(os.path.join(self.log_dir, "metrics.json"), metrics)
         self._write_metrics_csv(results)
         self._write_per_slice(paths)
@@ -636,9 +653,12 @@ class _ResultBatches:
     def __iter__(self) -> Iterator[dict]:
         for _, group in itertools.groupby(self.paths, key=_batch_index):
             ds = [load_batch(p) for p in group]
-            yield {name: np.concatenate([d[src] for d in ds]) for name, src in (
+            batch = {name: np.concatenate([d[src] for d in ds]) for name, src in (
                 ("label", "label"), ("pred_label", "pred_label"), ("gt", "gt"), ("pred_mask", f"mask_{self.i}"),
                 ("anomaly_map", f"anomaly_map_{self.i}"), ("foreground", "foreground"))}
+            if all("slice_file" in d for d in ds):
+                batch["slice_file"] = np.concatenate([d["slice_file"] for d in ds])
+            yield batch
 
 
 def _shorten(text: str, limit: int = 1200) -> str:

@@ -551,6 +551,63 @@ def _grid_warnings(subject: pp.Subject, reference) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Per-volume metrics of a translation run's test split (slice space)
+
+
+def _patient_of(slice_file: str) -> str:
+    folder = str(slice_file).split("/")[0]
+    return folder[len("patient_"):] if folder.startswith("patient_") else folder
+
+
+class _ByPatient:
+    """Result batches with each slice's patient as ``volume`` (re-iterable, as the batches it wraps)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        for b in self.batches:
+            yield {**b, "volume": np.array([_patient_of(f) for f in b["slice_file"]])}
+
+
+VOLUME_CSV_COLUMNS = ["patient", "n_slices", "gt_voxels", "pred_voxels", "dice", "iou", "auprc", "precision", "recall"]
+
+
+def test_split_volumes(batches, paths: Sequence[str], data_dir: str, csv_path: str) -> Optional[dict]:
+    """Per-volume metrics of the test patients whose every slice the translation run evaluated (``--num_batches
+    -1``), in slice space: the patient's kept slices at ``image_size``², stacked (``metrics.per_volume_metrics``).
+
+    ``batches``: the run's result batches with ``slice_file`` (``patient_<P>/slice_<z>.npz``); ``paths``: its batch
+    files. Writes ``csv_path`` (one row per complete patient) and returns the summary (mean ± sd over patients with a
+    lesion and over all), or None when the batch files do not name their slices (written by an older version).
+    """
+    from guided_diffusion.data.loaders import slice_paths
+
+    seen: Dict[str, int] = {}
+    for p in paths:
+        with np.load(p) as z:
+            if "slice_file" not in z.files:
+                return None
+            for f in z["slice_file"]:
+                seen[_patient_of(f)] = seen.get(_patient_of(f), 0) + 1
+    root = Path(data_dir) / "npy_test"
+    complete = sorted(v for v, n in seen.items() if n == len(slice_paths(root / f"patient_{v}")))
+    summary: Dict[str, Any] = {"space": "preprocessed slices (kept range, image_size^2)", "n_volumes": len(complete),
+                               "n_incomplete": len(seen) - len(complete)}
+    if not complete:
+        summary["note"] = "no test patient had every slice evaluated (--num_batches -1 evaluates the whole split)"
+        return summary
+    per = M.per_volume_metrics(_ByPatient(batches), volumes=complete)
+    rows = [{"patient": v, **per[v]} for v in complete]
+    translation._write_csv_atomic(csv_path, VOLUME_CSV_COLUMNS, rows)
+    lesion = [r for r in rows if r["gt_voxels"] > 0]
+    for group, rs in (("with_lesion", lesion), ("all", rows)):
+        summary[group] = {k: M.mean_sd(r[k] for r in rs) for k in ("dice", "iou", "auprc")}
+    summary["csv"] = os.path.basename(csv_path)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The run
 
 
