@@ -651,3 +651,29 @@ def test_translation_reports_per_volume_metrics_of_its_test_split(tmp_path, monk
     # part of the split only: no complete patient, and metrics.json says why
     metrics = tt._run(tmp_path, tmp_path / "part", "v2", monkeypatch, extra="--num_batches 1")["metrics"]
     assert metrics["per_volume"]["n_volumes"] == 0 and "--num_batches -1" in metrics["per_volume"]["note"]
+
+
+def test_atlas_layouts_flattened_and_bids(tmp_path):
+    """ATLAS subjects as upstream flattened them and as the official BIDS tree, a one-channel model."""
+    kw = model_and_diffusion_defaults()
+    kw.update(TINY, in_channels=1)
+    model, _ = create_model_and_diffusion(**kw)
+    (tmp_path / "m").mkdir()
+    torch.save(model.state_dict(), tmp_path / "m" / "model000001.pt")
+    vols, seg = _subject_arrays(0)
+    flat = tmp_path / "flat"
+    _save(flat / "sub-r001s001" / "sub-r001s001_T1w.nii.gz", vols["t1"])
+    _save(flat / "sub-r001s001" / "sub-r001s001_mask.nii.gz", seg > 0, dtype=np.uint8)
+    anat = tmp_path / "bids" / "R002" / "sub-r002s002" / "ses-1" / "anat"
+    _save(anat / "sub-r002s002_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz", vols["t1"])  # no lesion mask: fine here
+    hyper = _hyper_file(tmp_path)
+    hyper.write_text(json.dumps({"thr_01": 0.999, "diff_max": [1e-3]}))
+    argv = _argv(tmp_path / "m", tmp_path / "out", flat, tmp_path / "bids" / "R002" / "sub-r002s002",
+                 extra=["--name", "atlas", "--modality", "0", "--in_channels", "1", "--hyperparams_file", str(hyper)])
+    assert volumes.main(argv) == 0
+    a = json.loads((tmp_path / "out" / f"sub-r001s001{volumes.RECORD_SUFFIX}").read_text())
+    b = json.loads((tmp_path / "out" / f"sub-r002s002{volumes.RECORD_SUFFIX}").read_text())
+    assert a["metrics"]["volume"]["gt_voxels"] == 48 and b["metrics"] is None
+    assert list(a["inputs"]) == ["t1", "seg"] and b["inputs"]["t1"].endswith("_T1w.nii.gz")
+    for name in ("sub-r001s001", "sub-r002s002"):
+        assert nib.load(str(tmp_path / "out" / f"{name}{volumes.MASK_SUFFIX}")).shape == SHAPE
