@@ -677,3 +677,15 @@ def test_atlas_layouts_flattened_and_bids(tmp_path):
     assert list(a["inputs"]) == ["t1", "seg"] and b["inputs"]["t1"].endswith("_T1w.nii.gz")
     for name in ("sub-r001s001", "sub-r002s002"):
         assert nib.load(str(tmp_path / "out" / f"{name}{volumes.MASK_SUFFIX}")).shape == SHAPE
+
+
+def test_bad_hyperparameter_files_are_named(tmp_path, model_dir, capsys):
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    for text, what in (("{not json", "cannot read it as JSON"), (json.dumps({"thr_01": 0.9}), "does not fit")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        assert volumes.main(_argv(model_dir, tmp_path / "out", src, extra=["--hyperparams_file", str(bad)])) == 2
+        err = capsys.readouterr().err
+        assert str(bad) in err and what in err, err
+    assert not list((tmp_path / "out").glob("A_*"))

@@ -351,9 +351,16 @@ def resolve_hyperparams(method: base.SliceMethod, args: argparse.Namespace, out_
     output folder with the same settings, a new validation pass (saved as ``hyperparams.json``), or, with
     ``--num_batches_val 0`` and no file, the method's recorded values."""
     if args.hyperparams_file:
-        with open(args.hyperparams_file) as f:
-            hyper = json.load(f)
-        return method.check_hyperparams(hyper), f"file {os.path.abspath(args.hyperparams_file)}"
+        try:
+            with open(args.hyperparams_file) as f:
+                hyper = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--hyperparams_file {args.hyperparams_file}: cannot read it as JSON ({e})") from None
+        try:
+            return method.check_hyperparams(hyper), f"file {os.path.abspath(args.hyperparams_file)}"
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"--hyperparams_file {args.hyperparams_file} does not fit --method {args.method}: "
+                             f"{e}") from None
     if args.num_batches_val == 0:
         return method.hyperparams_without_validation(), "recorded values (--num_batches_val 0)"
     key = _fingerprint({"settings": method.settings(), "checkpoints": [_file_key(p) for p in method.checkpoints()],
