@@ -447,6 +447,15 @@ def test_validation_pass_is_run_once_and_reused(tmp_path, model_dir, monkeypatch
     record = json.loads((out / f"S00{volumes.RECORD_SUFFIX}").read_text())
     assert record["hyperparams"] == hyper and "validation pass" in record["hyperparams_source"]
     assert volumes.main(argv) == 0 and len(calls) == 1  # the second run reuses validation.json
+    # the same hyper-parameters as translation's validation pass with the same flags
+    from guided_diffusion.evaluation import translation
+
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "translation"))
+    translation.main(["--data_dir", str(tmp_path / "pre"), "--model_dir", str(model_dir), "--w", "2",
+                      "--forward_steps", "2", "--modality", "0", "3", "--batch_size", "4", "--num_batches", "1",
+                      "--batch_size_val", "4", "--num_batches_val", "-1", "--num_panels", "0", "--progress", "False",
+                      *_tiny_flags()])
+    assert json.loads((tmp_path / "translation" / "hyperparams.json").read_text()) == hyper
 
 
 def _free_port() -> int:
