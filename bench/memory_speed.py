@@ -3,7 +3,8 @@
     python bench/memory_speed.py                 # production config (128 px, 128 channels), CPU or CUDA
     python bench/memory_speed.py --small         # quick run
     python bench/memory_speed.py --per-block     # where the activation memory goes, per top-level block
-    python bench/memory_speed.py --budget-gib 70 # on CUDA: largest training batch that fits
+    python bench/memory_speed.py --budget-gib 70 # on CUDA: largest training batch that fits (and its step time)
+    python bench/memory_speed.py --translation-batch 64 --precisions fp32,bf16   # translation throughput
 
 Measured per variant, each in a fresh subprocess so nothing leaks from one to the next:
 
@@ -13,7 +14,12 @@ Measured per variant, each in a fresh subprocess so nothing leaks from one to th
   growth on CPU (``/proc`` high-water mark, reset before the call), ``max_memory_allocated``
   growth on CUDA;
 * training step time per sample (forward, backward, AdamW step; label dropout 0.1; train mode)
-  and inference forward time per sample.
+  and inference forward time per sample;
+* with ``--budget-gib`` (CUDA): the largest training batch whose step peaks under the budget, and the step time
+  at that batch;
+* with ``--translation-batch N``: translation throughput per precision (``--precisions``), i.e. slices per second
+  through one AnoFPDM forward step (one batched cond+null forward of 2N rows under ``torch.autocast``, as
+  translation runs it); a batch that does not fit is halved until it does (the batch used is reported).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from guided_diffusion import runtime  # noqa: E402
 from guided_diffusion.script_util import create_model  # noqa: E402
 
 VARIANTS = ("v2", "hae", "hae_lite", "hae_v2", "hae_v2_conservative")
@@ -161,8 +168,8 @@ def forward_fn(model, config, device, n):
     return fwd
 
 
-def max_train_batch(variant, config, device, budget_bytes, impl) -> int:
-    """Largest training batch whose step peaks under the budget (binary search, CUDA only)."""
+def max_train_batch(variant, config, device, budget_bytes, impl, repeats: int = 2) -> tuple[int, float]:
+    """(largest training batch whose step peaks under the budget, seconds per step at that batch); CUDA only."""
     model = build(variant, config, device, impl)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
@@ -185,11 +192,34 @@ def max_train_batch(variant, config, device, budget_bytes, impl) -> int:
     while fits(hi):
         lo, hi = hi, hi * 2
         if hi > 4096:
-            return lo
-    while hi - lo > 1:
+            break
+    while hi - lo > 1 and hi <= 4096:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    if lo == 0:
+        return 0, float("nan")
+    torch.cuda.empty_cache()
+    step = train_step_fn(model, config, device, lo)
+    wall, _ = timed(step, device, repeats)
+    return lo, wall
+
+
+def translation_throughput(model, config, device, n: int, precision: str, repeats: int) -> dict:
+    """Slices per second through one AnoFPDM forward step: a cond+null forward of 2n rows under autocast."""
+    while n >= 1:
+        try:
+            fwd = forward_fn(model, config, device, n)
+
+            def step():
+                with runtime.autocast(device, precision):
+                    fwd()
+
+            wall, _ = timed(step, device, repeats)
+            return {"batch": n, "step_s": wall, "slices_per_s": n / wall}
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            n //= 2
+    return {"batch": 0, "step_s": float("nan"), "slices_per_s": 0.0}
 
 
 def measure(variant: str, args) -> dict:
@@ -210,10 +240,14 @@ def measure(variant: str, args) -> dict:
     result["train_step_s_per_sample"], result["train_step_cpu_s_per_sample"] = wall / args.batch, cpu / args.batch
     wall, cpu = timed(forward_fn(model, config, device, args.batch), device, args.repeats)
     result["forward_s_per_sample"], result["forward_cpu_s_per_sample"] = wall / args.batch, cpu / args.batch
+    if args.translation_batch:
+        result["translation"] = {p: translation_throughput(model, config, device, args.translation_batch, p, args.repeats)
+                                 for p in args.precisions.split(",") if p}
     if device == "cuda" and args.budget_gib:
         del model
         torch.cuda.empty_cache()
-        result["max_train_batch"] = max_train_batch(variant, config, device, args.budget_gib * 2 ** 30, args.attention_impl)
+        result["max_train_batch"], result["max_batch_step_s"] = max_train_batch(
+            variant, config, device, args.budget_gib * 2 ** 30, args.attention_impl, args.repeats)
     return result
 
 
@@ -258,9 +292,24 @@ def main() -> None:
     parser.add_argument("--per-block", dest="per_block", action="store_true")
     parser.add_argument("--budget-gib", dest="budget_gib", type=float, default=0.0,
                         help="CUDA: find the largest training batch under this memory budget")
+    parser.add_argument("--translation-batch", dest="translation_batch", type=int, default=0,
+                        help="slices per translation batch for the throughput measurement (0: skip it)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="precisions of the translation throughput")
+    parser.add_argument("--child-timeout", dest="child_timeout", type=float, default=None,
+                        help="seconds per variant (a variant that takes longer is reported as failed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--render", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="print one table from --json files of earlier runs (measures nothing)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        runs = [json.loads(p.read_text()) for p in args.render if p.exists()]
+        if not runs:
+            parser.error("--render: none of the files exists")
+        print(f"# {runs[0]['machine']}")
+        report([r for run in runs for r in run["results"]], runs[0].get("budget_gib", 0.0),
+               runs[0].get("precisions", []), False)
+        return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -274,7 +323,11 @@ def main() -> None:
     results = []
     for variant in variants:
         cmd = [sys.executable, __file__, "--child", variant] + child_args(sys.argv[1:])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{variant}: timed out after {args.child_timeout} s", file=sys.stderr, flush=True)
+            continue
         if proc.returncode:
             print(f"{variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
@@ -282,10 +335,26 @@ def main() -> None:
         r = results[-1]
         print(f"  measured {variant}: {r['activation_MiB_per_sample']:.0f} MiB saved/sample", flush=True)
 
+    report(results, args.budget_gib, _precisions(args), args.per_block)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "small": args.small, "budget_gib": args.budget_gib,
+                                         "precisions": _precisions(args), "results": results}, indent=2))
+    if len(results) < len(variants):
+        sys.exit(1)  # a variant failed or timed out (reported above)
+
+
+def _precisions(args) -> list[str]:
+    return [p for p in args.precisions.split(",") if p] if args.translation_batch else []
+
+
+def report(results: list[dict], budget_gib: float = 0.0, precisions: list[str] = (), per_block: bool = False) -> None:
+    """The results table (markdown) and the Conservative ratios."""
     header = ("| variant | attention | params (M) | saved for backward (MiB/sample) | inference peak cond+null (MiB/sample) "
               "| train step wall / CPU (s/sample) | forward cond+null wall / CPU (s/sample) |")
     if any("max_train_batch" in r for r in results):
-        header += " max train batch |"
+        header += f" max train batch ({budget_gib:g} GiB) / step s |"
+    for p in precisions:
+        header += f" translation {p}: slices/s per forward step (batch) |"
     print()
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -293,8 +362,11 @@ def main() -> None:
         row = (f"| {r['variant']} | {r['attention_impl']} | {r['params_M']:.1f} | {r['activation_MiB_per_sample']:.0f} | "
                f"{r['inference_peak_MiB_per_sample']:.0f} | {r['train_step_s_per_sample']:.2f} / {r['train_step_cpu_s_per_sample']:.2f} | "
                f"{r['forward_s_per_sample']:.2f} / {r['forward_cpu_s_per_sample']:.2f} |")
-        if "max_train_batch" in r:
-            row += f" {r['max_train_batch']} |"
+        if any("max_train_batch" in x for x in results):
+            row += f" {r['max_train_batch']} / {r['max_batch_step_s']:.2f} |" if "max_train_batch" in r else " – |"
+        for p in precisions:
+            tr = r.get("translation", {}).get(p)
+            row += f" {tr['slices_per_s']:.3g} ({tr['batch']}) |" if tr else " – |"
         print(row)
     by = {r["variant"]: r for r in results}
     if "hae_v2" in by and "hae_v2_conservative" in by:
@@ -305,12 +377,10 @@ def main() -> None:
         if "v2" in by:
             print(f"Conservative / v2 UNet: activation memory "
                   f"{c['activation_MiB_per_sample'] / by['v2']['activation_MiB_per_sample']:.3f}")
-    if args.per_block:
+    if per_block:
         for r in results:
             top = list(r["per_block_MiB"].items())[:6]
             print(f"\n{r['variant']} largest blocks (MiB/sample): " + ", ".join(f"{k} {v:.0f}" for k, v in top))
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "small": args.small, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

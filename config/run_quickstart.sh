@@ -62,11 +62,11 @@ fi
 DEVICE=$("$PYTHON" -c 'import torch; print(f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU")')
 say "output folder $OUT_DIR; running on the $DEVICE"
 
-# shellcheck disable=SC2206  # MODALITY is a space-separated list on purpose
-MODEL_FLAGS=(--unet_ver hae_v2_conservative --use_hae True --image_size "$IMAGE_SIZE" --in_channels 4
-             --num_classes 2 --class_cond True --clf_free True --num_channels "$NUM_CHANNELS" --num_res_blocks 1
-             --channel_mult "$CHANNEL_MULT" --attention_resolutions "$ATTENTION" --learn_sigma False
-             --diffusion_steps 1000 --noise_schedule linear --rescale_timesteps False)
+source config/_common.sh       # CPU thread policy (OMP_WAIT_POLICY=PASSIVE unless set)
+# the model flags of the shared list (config/_model_flags.sh) at the quickstart's small size
+UNET_VER=hae_v2_conservative IN_CHANNELS=4 NUM_RES_BLOCKS=1 ATTENTION_RESOLUTIONS=$ATTENTION
+source config/_model_flags.sh
+model_flags
 
 # ---- 2. synthetic data (resumable: existing subjects are kept) ----
 say "synthetic data: $SUBJECTS subjects ($HEALTHY_FRACTION without tumour)"
@@ -95,12 +95,14 @@ fi
 # ---- 5. AnoFPDM: validation (thresholds), test, metrics, panels (resumable per batch) ----
 say "AnoFPDM: w=$W, $FORWARD_STEPS forward steps on the $RESPACING grid, modalities $MODALITY"
 RESULTS=$OUT_DIR/results
+# the model (and its EMA rate) comes from the training's config.json; the flags only for a folder without one
+if [ -f "$MODEL_DIR/config.json" ]; then FROM_FLAGS=(); else FROM_FLAGS=("${MODEL_FLAGS[@]}" --ema_rate "$EMA_RATE"); fi
 # shellcheck disable=SC2086
 OPENAI_LOGDIR=$RESULTS "$PYTHON" scripts/translation_FPDM_hae_v2_conservative.py --name brats \
-    --data_dir "$OUT_DIR/data" --model_dir "$MODEL_DIR" --model_num "$TRAIN_STEPS" --ema True --ema_rate "$EMA_RATE" \
+    --data_dir "$OUT_DIR/data" --model_dir "$MODEL_DIR" --model_num "$TRAIN_STEPS" --ema True \
     --w "$W" --forward_steps "$FORWARD_STEPS" --timestep_respacing "$RESPACING" --d_reverse True --null True \
     --modality $MODALITY --seed "$SEED" --batch_size "$EVAL_BATCH" --num_batches "$TEST_BATCHES" \
     --batch_size_val "$EVAL_BATCH" --num_batches_val "$VAL_BATCHES" --num_panels "$NUM_PANELS" \
-    --image_dir "$RESULTS" "${MODEL_FLAGS[@]}"
+    --image_dir "$RESULTS" "${FROM_FLAGS[@]}"
 
 "$PYTHON" -m guided_diffusion.quickstart report --results "$RESULTS" --seconds "$(( $(date +%s) - START ))"

@@ -1,18 +1,5 @@
 #!/usr/bin/env bash
-# Classifier-free guided training, ATLAS, UNet hae_v2. Runs on the CPU when no GPU is visible.
-# Override any variable from the environment, and add or override flags as arguments, e.g.
-#   CUDA_VISIBLE_DEVICES=0,1 NUM_GPUS=2 bash config/run_train_ATLAS_clf_free_guided_hae_v2.sh --max_steps 50000 --resume_checkpoint auto
-# (see config/_launch_train.sh for every variable and the flags it passes).
-UNET_VER=hae_v2
-DATASET=atlas
-SCRIPT=${SCRIPT:-scripts/train.py}
-MASTER_PORT=${MASTER_PORT:-12367}      # distinct per config, so two trainings can share a machine
-BATCH_PER_GPU=${BATCH_PER_GPU:-14}      # per process; upstream's value; 2798 MiB of activations per row (bench/memory_speed.py)
-
-# GPUs: which ones (a comma list; empty = none, train on the CPU) and how many processes to start.
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}
-NUM_GPUS=${NUM_GPUS:-}                 # empty: one process per visible GPU
-
-# NCCL options: see config/_common.sh (e.g. NCCL_P2P_DISABLE=1 when a multi-GPU run hangs at start-up).
-
+# Classifier-free guided training, ATLAS, UNet hae_v2; GPU if visible, else CPU.
+# Variables, flags, several GPUs or nodes, DRY_RUN=1: config/_launch_train.sh (NCCL options: config/_common.sh).
+UNET_VER=hae_v2 DATASET=atlas MASTER_PORT=${MASTER_PORT:-12367} SCRIPT=${SCRIPT:-scripts/train.py}
 source "$(dirname "${BASH_SOURCE[0]}")/_launch_train.sh"

@@ -108,13 +108,13 @@ class CSVOutputFormat(OutputFormat):
         with open(self.path, newline="") as f:
             old_rows = list(csv.reader(f))[1:]
         self.keys = self.keys + new_keys
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        from guided_diffusion import fileio
+
+        with fileio.atomic_write(self.path, "w", newline="") as f:  # a kill mid-rewrite keeps the old file
             w = csv.writer(f)
             w.writerow(self.keys)
             for row in old_rows:
                 w.writerow(row + [""] * (len(self.keys) - len(row)))
-        os.replace(tmp, self.path)
         self.file = open(self.path, "a", newline="")
 
     def close(self) -> None:

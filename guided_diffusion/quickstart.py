@@ -21,9 +21,13 @@ SETUPS = ("mixed", "unhealthy")
 
 
 def final_checkpoint_exists(model_dir: str, step: int, ema_rate: str) -> bool:
-    """True when training wrote its step-``step`` model and EMA checkpoints (names as in train_util)."""
-    names = [f"model{step:06d}.pt"] + [f"ema_{float(r)}_{step:06d}.pt" for r in str(ema_rate).split(",") if r.strip()]
-    return all(os.path.isfile(os.path.join(model_dir, n)) for n in names)
+    """True when training wrote complete (readable) step-``step`` model and EMA checkpoints."""
+    from guided_diffusion import fileio
+
+    rates = [r for r in str(ema_rate).split(",") if r.strip()]
+    paths = fileio.checkpoint_paths(model_dir, step, rates)
+    return all(fileio.checkpoint_problem(paths[key]) is None for key in ["model"] + [f"ema_{fileio.format_rate(r)}"
+                                                                                      for r in rates])
 
 
 def _pct(value: Optional[float]) -> str:
@@ -79,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "synth":
+        from guided_diffusion import runtime
         from guided_diffusion.data.synthetic import BRATS_SHAPE, make_synthetic_brats
+
+        runtime.configure_threads(args.workers)
 
         try:
             names: List[str] = make_synthetic_brats(

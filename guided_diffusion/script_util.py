@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Iterable, Tuple
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from guided_diffusion.models import unet
 from guided_diffusion.models.classifier import EncoderUNetModel
@@ -326,3 +327,185 @@ def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict) -
 
 def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict:
     return {k: getattr(args, k) for k in keys}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Flags given on the command line, and models built from a checkpoint folder's config.json (see fileio)
+
+# Flags that choose how a model computes or trains, not what its weights mean: a consumer may set them freely
+# whatever config.json records (e.g. translation runs the forward process on a respaced grid).
+RUNTIME_FLAGS = frozenset({"timestep_respacing", "use_checkpoint", "use_fp16", "classifier_use_fp16",
+                           "memory_optimization", "zero_threshold", "dropout"})
+
+
+class ConfigKind(NamedTuple):
+    defaults: Callable[[], Dict]  # lists the kind's flags (config.json records every one)
+    build: Callable[..., Tuple[Any, Any]]  # flags -> (model, diffusion)
+
+
+# the "kind" of a config.json -> its flags and factory
+CONFIG_KINDS = {
+    "diffusion": ConfigKind(model_and_diffusion_defaults, create_model_and_diffusion),
+    "classifier": ConfigKind(classifier_and_diffusion_defaults, create_classifier_and_diffusion),
+}
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> Set[str]:
+    """The ``dest`` names of the flags that ``argv`` (default ``sys.argv[1:]``) sets explicitly."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(given))
+
+
+def _comparable(key: str, value: Any, flags: Dict[str, Any]) -> Any:
+    """A value normalised for comparison: numbers as floats, lists without spaces, default channel_mult resolved."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).replace(" ", "")
+    try:
+        if key == "channel_mult":
+            return tuple(float(m) for m in parse_channel_mult(text, int(flags.get("image_size", 0))))
+        if key == "attention_resolutions":
+            return tuple(sorted({int(r) for r in text.split(",") if r}))
+    except ValueError:
+        pass
+    return text
+
+
+def config_conflicts(recorded: Dict[str, Any], flags: Dict[str, Any], keys: Optional[Iterable[str]] = None) -> List[str]:
+    """``--flag`` descriptions where ``flags`` contradicts ``recorded`` (runtime flags and unrecorded keys excluded)."""
+    out = []
+    context = {**recorded, **flags}  # e.g. the image size that resolves a default channel_mult
+    for key in sorted(keys if keys is not None else flags):
+        if key in RUNTIME_FLAGS or key not in recorded or key not in flags:
+            continue
+        if _comparable(key, flags[key], context) != _comparable(key, recorded[key], recorded):
+            out.append(f"--{key} {flags[key]!r} (config.json: {recorded[key]!r})")
+    return out
+
+
+def recorded_flags(model_dir: str, kind: str = "diffusion") -> Optional[Dict[str, Any]]:
+    """The flags in ``model_dir/config.json`` completed with today's defaults (keys added since), or None.
+
+    Raises ``fileio.RunConfigError`` when the file holds another kind of model or is malformed.
+    """
+    record = _read_record(model_dir, kind)
+    return None if record is None else record["flags"]
+
+
+def _read_record(model_dir: str, kind: str) -> Optional[Dict[str, Any]]:
+    """config.json with its flags completed by today's defaults (None without one)."""
+    from guided_diffusion import fileio
+
+    record = fileio.read_run_config(model_dir)
+    if record is None:
+        return None
+    path = fileio.config_path(model_dir)
+    if record["kind"] != kind:
+        raise fileio.RunConfigError(f"{path} describes a {record['kind']!r} model; this command needs a {kind!r} one")
+    defaults = CONFIG_KINDS[kind].defaults()
+    unknown = sorted(set(record["flags"]) - set(defaults))
+    if unknown:
+        warnings.warn(f"{path}: ignoring flags this code does not know: {', '.join(unknown)}")
+    return dict(record, flags={**defaults, **{k: v for k, v in record["flags"].items() if k in defaults}})
+
+
+def apply_run_config(args: argparse.Namespace, model_dir: str, explicit: Optional[Set[str]] = None,
+                     kind: str = "diffusion") -> Optional[Dict[str, Any]]:
+    """Take the model flags of ``args`` from ``model_dir/config.json``; returns the config record, or None without one.
+
+    A flag in ``explicit`` (see ``explicit_flags``; None: every flag whose value differs from its default) that
+    contradicts the recorded value raises ``fileio.RunConfigError`` naming the flag and both values; runtime flags
+    (``RUNTIME_FLAGS``) given explicitly are kept. Without config.json (an upstream checkpoint folder) ``args`` is
+    left as the flags made it. The EMA rate recorded by training becomes ``args.ema_rate`` unless given.
+    """
+    from guided_diffusion import fileio
+
+    record = _read_record(model_dir, kind)
+    if record is None:
+        return None
+    recorded = record["flags"]
+    defaults = CONFIG_KINDS[kind].defaults()
+    if explicit is None:
+        explicit = {k for k in defaults if hasattr(args, k) and _comparable(k, getattr(args, k), vars(args))
+                    != _comparable(k, defaults[k], defaults)}
+    given = {k: getattr(args, k) for k in defaults if k in explicit and hasattr(args, k)}
+    conflicts = config_conflicts(recorded, given)
+    if conflicts:
+        raise fileio.RunConfigError(
+            f"{fileio.config_path(model_dir)} records how the checkpoints in {model_dir} were built, and the command "
+            f"line contradicts it: {'; '.join(conflicts)}. Drop these flags (the recorded values are used), or point "
+            "--model_dir at the checkpoints you mean")
+    for key, value in recorded.items():
+        if hasattr(args, key) and not (key in RUNTIME_FLAGS and key in explicit):
+            setattr(args, key, value)
+    rates = str(record["training"].get("ema_rate", "")).split(",")
+    if hasattr(args, "ema_rate") and "ema_rate" not in explicit and rates[0].strip():
+        args.ema_rate = rates[0].strip()
+    return record
+
+
+def check_run_config(folder: str, flags: Dict[str, Any], kind: str = "diffusion") -> Optional[Dict[str, Any]]:
+    """Training: a ``fileio.RunConfigError`` when ``folder/config.json`` records other model flags than ``flags``
+    (the checkpoints there belong to another model); returns the recorded flags, or None without config.json."""
+    from guided_diffusion import fileio
+
+    recorded = recorded_flags(folder, kind)
+    if recorded is None:
+        return None
+    conflicts = config_conflicts(recorded, flags)
+    if conflicts:
+        raise fileio.RunConfigError(
+            f"{fileio.config_path(folder)} records the model whose checkpoints are in {folder}, and this run's flags "
+            f"contradict it: {'; '.join(conflicts)}. Use another log folder (OPENAI_LOGDIR) for another model, or "
+            "drop these flags")
+    return recorded
+
+
+def load_model_from_dir(
+    model_dir: str,
+    flags: Optional[Dict[str, Any]] = None,
+    *,
+    model_num: Any = None,
+    ema: bool = False,
+    ema_rate: Optional[str] = None,
+    device: Any = "cpu",
+    warn: Any = None,
+    kind: str = "diffusion",
+):
+    """(model in eval mode on ``device``, diffusion, checkpoint path) from a checkpoint folder.
+
+    ``flags`` are complete flags of ``kind`` (e.g. ``args_to_dict(args, model_and_diffusion_defaults())`` after
+    ``apply_run_config``); None: those recorded in ``model_dir/config.json`` (an error without one).
+    ``model_num`` picks the step (None/"": the newest readable checkpoint); ``ema`` loads
+    ``ema_{ema_rate}_{step}.pt`` (``ema_rate`` default: the one recorded by training, else 0.9999).
+    ``kind="classifier"`` builds a noisy-image classifier (``create_classifier_and_diffusion``).
+    """
+    from guided_diffusion import fileio
+
+    record = _read_record(model_dir, kind)
+    if flags is None:
+        if record is None:
+            raise fileio.RunConfigError(f"{model_dir} has no {fileio.CONFIG_NAME}: pass the model flags (an upstream "
+                                        "checkpoint folder)")
+        flags = record["flags"]
+    if ema and ema_rate is None:
+        ema_rate = str((record or {}).get("training", {}).get("ema_rate") or "0.9999").split(",")[0]
+    path = fileio.find_checkpoint(model_dir, model_num, ema_rate=ema_rate if ema else None, warn=warn)
+    model, diffusion = CONFIG_KINDS[kind].build(**flags)
+    defaults = CONFIG_KINDS[kind].defaults()
+    shown = ["unet_ver", "image_size", "in_channels"] + [k for k in defaults if k not in ("unet_ver", "image_size",
+                                                         "in_channels") and flags.get(k) != defaults[k]]
+    source = fileio.CONFIG_NAME if record is not None else "the flags"
+    hint = f"{source} ({', '.join(f'--{k} {flags[k]!r}' for k in shown[:12] if k in flags)})"
+    fileio.load_state_dict_into(model, path, hint=hint)
+    model.to(device).eval()
+    return model, diffusion, path

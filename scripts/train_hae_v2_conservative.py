@@ -1,4 +1,4 @@
-"""Upstream's train_hae_v2_conservative.py: scripts/train.py with --unet_ver fixed to hae_v2_conservative."""
+"""Upstream's train_hae_v2_conservative.py: scripts/train.py with --unet_ver hae_v2_conservative --use_hae True fixed."""
 
 from guided_diffusion.training.train_cli import main
 

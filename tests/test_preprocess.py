@@ -136,7 +136,7 @@ def test_resume_skips_done_subjects(brats):
     (root / "npy_train" / ".tmp-patient_X-deadbeef").mkdir()  # left by a killed run
     again = pp.preprocess(brats, image_size=8, workers=2, progress=False)
     assert some.stat().st_mtime_ns == mtime
-    assert not list(root.glob("npy_*/.tmp-*"))
+    assert not list(root.glob("npy_*/.*"))  # no temp folder, old or new scheme
     for split in pp.SPLITS:
         assert again["splits"][split]["skipped"] == first["splits"][split]["patients"]
         for k in ("patients", "healthy_slices", "unhealthy_slices"):
@@ -159,7 +159,7 @@ def test_failing_subject_leaves_no_partial_folder(brats, monkeypatch):
     assert len(summary["errors"]) == 1 and "disk full" in summary["errors"][0]
     assert sum(s["failed"] for s in summary["splits"].values()) == 1
     assert len(list(root.glob("npy_*/patient_*"))) == 19
-    assert not list(root.glob("npy_*/.tmp-*"))
+    assert not list(root.glob("npy_*/.*"))  # no temp folder, old or new scheme
     for d in root.glob("npy_*/patient_*"):
         assert len(list(d.iterdir())) == 5  # every written subject is complete
     monkeypatch.setattr(pp.np, "savez_compressed", real)
@@ -205,7 +205,7 @@ def test_bad_inputs_are_reported_and_others_survive(tmp_path):
     assert "README.txt" in "\n".join(summary["warnings"]) and "stray" in "\n".join(summary["warnings"])
     done = sorted(p.name for p in out.glob("npy_*/patient_*"))
     assert done == ["patient_S0", "patient_S7"]
-    assert not list(out.glob("npy_*/.tmp-*"))
+    assert not list(out.glob("npy_*/.*"))
     assert sum(s["failed"] for s in summary["splits"].values()) == 6, errors
 
 
@@ -283,3 +283,46 @@ def test_script_exit_codes(tmp_path):
     assert (tmp_path / "preprocessed_data_all_00_8" / "npy_train").is_dir()
     bad = subprocess.run(cmd[:-2] + ["--image_size", "0"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "--image_size" in bad.stderr
+
+
+def test_leftovers_of_a_killed_run_are_swept_at_start(brats, tmp_path):
+    out = tmp_path / "out"
+    (out / "npy_train").mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a writer that has died
+    stale = [out / f".preprocess_summary.json.partial-{proc.pid}-0000beef",
+             out / f".data_splits.partial-{proc.pid}-12345678",
+             out / "npy_train" / f".patient_BraTS2021_00001.partial-{proc.pid}-abcdef01"]
+    for p in stale[1:]:
+        p.mkdir()
+        (p / "slice_3.npz").write_bytes(b"half")
+    stale[0].write_text("{")
+    summary = pp.preprocess(brats, image_size=8, output=out, progress=False)
+    assert not any(p.exists() for p in stale)
+    assert summary["errors"] == [] and len(list(out.glob("npy_*/patient_*"))) == 20
+    assert not list(out.glob(".*")) and not list(out.glob("npy_*/.*"))
+
+
+def test_full_disk_stops_the_run_naming_the_subject(brats, tmp_path, monkeypatch):
+    import errno
+
+    from guided_diffusion import fileio
+
+    calls = {"n": 0}
+    real = np.savez_compressed
+
+    def fills_up(path, **kw):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the second subject, halfway
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, **kw)
+
+    monkeypatch.setattr(pp.np, "savez_compressed", fills_up)
+    out = tmp_path / "out"
+    with pytest.raises(fileio.DiskFullError, match=r"cannot write .*npy_\w+/patient_BraTS2021_\d+: the disk is full"):
+        pp.preprocess(brats, image_size=8, output=out, workers=1, progress=False)
+    assert len(list(out.glob("npy_*/patient_*"))) == 1  # the first subject; the second left nothing behind
+    assert not list(out.glob("npy_*/.*"))
+    monkeypatch.setattr(pp.np, "savez_compressed", real)  # space freed: the rerun completes
+    assert pp.preprocess(brats, image_size=8, output=out, workers=1, progress=False)["errors"] == []
+    assert len(list(out.glob("npy_*/patient_*"))) == 20

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from guided_diffusion.quickstart import final_checkpoint_exists, format_report, main
 
@@ -100,7 +101,9 @@ def test_report_formatting_and_cli(tmp_path, capsys):
     assert main(["report", "--results", str(tmp_path / "missing")]) == 2
     assert "cannot read" in capsys.readouterr().err
 
-    (tmp_path / "model000010.pt").write_bytes(b"")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "model000010.pt")
     assert main(["trained", "--model_dir", str(tmp_path), "--step", "10", "--ema_rate", "0.995"]) == 1
-    (tmp_path / "ema_0.995_000010.pt").write_bytes(b"")
+    (tmp_path / "ema_0.995_000010.pt").write_bytes(b"PK\x03\x04 truncated")  # a killed copy: not finished
+    assert main(["trained", "--model_dir", str(tmp_path), "--step", "10", "--ema_rate", "0.995"]) == 1
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ema_0.995_000010.pt")
     assert main(["trained", "--model_dir", str(tmp_path), "--step", "10", "--ema_rate", "0.995"]) == 0

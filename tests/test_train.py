@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, fileio, logger
 from guided_diffusion.diffusion.resample import ScheduleSampler
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.training.train_util import TrainLoop, get_rng_state, iterate_from, parse_ema_rates, parse_resume_step
@@ -145,7 +145,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     # the files on disk are plain state_dicts that load strictly into a fresh model
     model, _ = tiny_model("v2", dropout=0.1)
     model.load_state_dict(torch.load(tmp_path / "b" / "ema_0.99_000002.pt", weights_only=True))
-    assert not list((tmp_path / "b").glob("*.tmp*"))
+    assert not [f for f in os.listdir(tmp_path / "b") if fileio.is_temp_name(f)]  # no partial file left
 
 
 def test_iterate_from_skips_batches_without_changing_the_order():
@@ -427,4 +427,4 @@ def test_config_script_runs_on_cpu_with_torchrun_on_its_port(tmp_path):
 def test_config_scripts_are_valid_bash(config):
     assert subprocess.run(["bash", "-n", str(config)]).returncode == 0
     text = config.read_text()
-    assert "_launch_train.sh" in text and "MASTER_PORT" in text and "NCCL_P2P_DISABLE" in text
+    assert "_launch_train.sh" in text and "MASTER_PORT" in text

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from guided_diffusion import fileio
 from guided_diffusion.evaluation import translation
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -173,18 +174,19 @@ def test_reused_hyperparams_file_and_fallback(workspace, tmp_path, monkeypatch):
 
 def test_find_checkpoint(tmp_path):
     for name in ("model000100.pt", "model065000.pt", "ema_0.9999_065000.pt", "opt065000.pt", "ema_0.99_000100.pt"):
-        (tmp_path / name).write_bytes(b"")
-    assert translation.find_checkpoint(str(tmp_path)).endswith("model065000.pt")
-    assert translation.find_checkpoint(str(tmp_path), "65000").endswith("model065000.pt")
-    assert translation.find_checkpoint(str(tmp_path), "000100").endswith("model000100.pt")
-    assert translation.find_checkpoint(str(tmp_path), None, ema=True).endswith("ema_0.9999_065000.pt")
-    assert translation.find_checkpoint(str(tmp_path), "", ema=True, ema_rate="0.99").endswith("ema_0.99_000100.pt")
+        torch.save({"w": torch.zeros(1)}, tmp_path / name)
+    find = fileio.find_checkpoint
+    assert find(str(tmp_path)).endswith("model065000.pt")
+    assert find(str(tmp_path), "65000").endswith("model065000.pt")
+    assert find(str(tmp_path), "000100").endswith("model000100.pt")
+    assert find(str(tmp_path), None, ema_rate="0.9999").endswith("ema_0.9999_065000.pt")
+    assert find(str(tmp_path), "", ema_rate="0.99").endswith("ema_0.99_000100.pt")
     with pytest.raises(FileNotFoundError, match="available steps: \\[100, 65000\\]"):
-        translation.find_checkpoint(str(tmp_path), "210000")
+        find(str(tmp_path), "210000")
     with pytest.raises(ValueError, match="--model_num"):
-        translation.find_checkpoint(str(tmp_path), "abc")
+        find(str(tmp_path), "abc")
     with pytest.raises(FileNotFoundError, match="no EMA"):
-        translation.find_checkpoint(str(tmp_path), "", ema=True, ema_rate="0.5")
+        find(str(tmp_path), "", ema_rate="0.5")
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,9 @@ drop the first/last slices, binarise the label at 0.5, divide each channel by th
 kept slice (image and binary mask, so the saved mask is soft) to ``image_size``.
 
 Beyond upstream: stray entries and broken subjects are reported (naming the subject and file) and skipped without
-losing the others; each subject is written to a hidden temp folder and renamed into place (a killed run leaves no
-half-written subject); finished subjects are skipped on a rerun; subjects run in parallel worker processes.
+losing the others; each subject is written to a hidden temp folder and renamed into place (``fileio.atomic_dir``:
+a killed run leaves no half-written subject, and its leftovers are removed at the next start); finished subjects
+are skipped on a rerun; a full disk stops the run naming the subject; subjects run in parallel worker processes.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import sys
 import tempfile
 import traceback
-import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from guided_diffusion import fileio
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of --mod all
 SPLITS = ("train", "val", "test")
@@ -203,12 +204,6 @@ def discover_subjects(source: str | os.PathLike, name: str, mod: str,
 # Splits
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def make_splits(names: Sequence[str], splits_dir: Path, warnings: Optional[List[str]] = None) -> Dict[str, List[str]]:
     """Per-subject split as upstream (random.seed(10) shuffle of the sorted listing, 75% / 5% / rest).
 
@@ -233,11 +228,10 @@ def make_splits(names: Sequence[str], splits_dir: Path, warnings: Optional[List[
     n_val = int(len(indices) * SPLIT_FRACTIONS[1])
     parts = {"train": indices[:n_train], "val": indices[n_train:n_train + n_val], "test": indices[n_train + n_val:]}
     splits = {split: [names[i] for i in parts[split]] for split in SPLITS}
-    tmp = splits_dir.with_name(f".{splits_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
-    for split in SPLITS:
-        (tmp / split).mkdir(parents=True)
-        (tmp / split / "scans.csv").write_text("\n".join(splits[split]))
-    os.replace(tmp, splits_dir)
+    with fileio.atomic_dir(splits_dir) as tmp:
+        for split in SPLITS:
+            (tmp / split).mkdir(parents=True)
+            (tmp / split / "scans.csv").write_text("\n".join(splits[split]))
     return splits
 
 
@@ -391,20 +385,14 @@ def process_subject(subject: Subject, split_dir: Path, image_size: int = 128, fi
     prepared = prepare_slices(volume, mask, image_size, first, last, subject.name)
     x, y, start, stop = prepared.x, prepared.y, prepared.start, prepared.stop
 
-    tmp = split_dir / f".tmp-patient_{subject.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     healthy = unhealthy = 0
-    try:
+    with fileio.atomic_dir(final) as tmp:
         for i, z in enumerate(range(start, stop)):
             np.savez_compressed(tmp / f"slice_{z}.npz", x=x[i:i + 1], y=y[i:i + 1])
             if (y[i] > 0.5).any():
                 unhealthy += 1
             else:
                 healthy += 1
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return SubjectResult(subject.name, split, "done", healthy, unhealthy, slice_range=(start, stop))
 
 
@@ -414,6 +402,8 @@ def _run_one(subject: Subject, split_dir: Path, image_size: int, first: int, las
         return process_subject(subject, split_dir, image_size, first, last)
     except SubjectError as exc:
         return SubjectResult(subject.name, split_dir.name[4:], "failed", message=str(exc))
+    except fileio.DiskFullError:
+        raise  # every other subject would fail the same way: stop the run
     except Exception as exc:  # unexpected: keep the traceback's last line for the report
         tb = traceback.format_exc(limit=-1).strip().splitlines()[-1]
         return SubjectResult(subject.name, split_dir.name[4:], "failed",
@@ -473,10 +463,10 @@ def preprocess(
     if root.absolute().parent == Path(source).absolute():  # --output inside --source is not a subject
         subjects = [s for s in subjects if s.name != root.name]
     _check_writable(root)
+    fileio.sweep_temp_files(root)  # partial files and folders left behind by a killed run
     for split in SPLITS:
         _check_writable(root / f"npy_{split}")
-        for stale in (root / f"npy_{split}").glob(".tmp-*"):  # left behind by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        fileio.sweep_temp_files(root / f"npy_{split}")
 
     splits = make_splits([s.name for s in subjects], root / "data_splits", warnings)
     by_name = {s.name: s for s in subjects}
@@ -527,7 +517,7 @@ def preprocess(
             "healthy_slices": sum(r.healthy for r in ok),
             "unhealthy_slices": sum(r.unhealthy for r in ok),
         }
-    _atomic_write_text(root / SUMMARY_FILE, json.dumps(summary, indent=1))
+    fileio.write_text(root / SUMMARY_FILE, json.dumps(summary, indent=1))
     print(format_summary(summary), flush=True)
     return summary
 

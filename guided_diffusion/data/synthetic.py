@@ -14,9 +14,7 @@ nilearn is only needed here (``pip install -e .[demo]``); loading its templates 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from guided_diffusion import fileio
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 BRATS_SHAPE = (240, 240, 155)
@@ -226,16 +226,10 @@ def render_subject(
 
 def _write_subject(out_dir: Path, name: str, images: Dict[str, np.ndarray], seg: np.ndarray, affine: np.ndarray) -> None:
     """Write one subject atomically: everything goes to a hidden temp folder that is renamed into place."""
-    tmp = out_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with fileio.atomic_dir(out_dir / name) as tmp:
         for mod, vol in images.items():
             nib.save(nib.Nifti1Image(vol, affine), str(tmp / f"{name}_{mod}.nii.gz"))
         nib.save(nib.Nifti1Image(seg, affine), str(tmp / f"{name}_seg.nii.gz"))
-        os.replace(tmp, out_dir / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _make_one(out_dir: str, seed: int, index: int, healthy: bool, shape: Tuple[int, int, int], threads: int) -> str:
@@ -280,8 +274,7 @@ def make_synthetic_brats(
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as exc:
         raise OSError(f"cannot write to output folder {out_dir}: {exc}") from exc
-    for stale in out_dir.glob(".tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    fileio.sweep_temp_files(out_dir)  # left by a killed run
     load_templates()  # fail early (and clearly) if nilearn is missing
 
     healthy = set(healthy_indices(num_subjects, healthy_fraction, seed))

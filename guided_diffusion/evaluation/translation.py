@@ -2,7 +2,9 @@
 
 Flow (every step resumable; ``scripts/translation_FPDM.py`` is the command-line entry point):
 
-1. Load ``model{step:06d}.pt`` (or ``ema_{rate}_{step:06d}.pt`` with ``--ema True``) from ``--model_dir``.
+1. Load ``model{step:06d}.pt`` (or ``ema_{rate}_{step:06d}.pt`` with ``--ema True``) from ``--model_dir``, into
+   the model its ``config.json`` describes (written by training; explicit flags that contradict it are an error),
+   or, for an upstream folder without one, into the model the flags describe.
 2. Validation (``--num_batches_val`` batches of ``--batch_size_val`` slices, labels only): the forward
    process per slice, then the cosine threshold ``thr_01`` and ``M_max`` (``hyperparams.json``). With
    ``--num_batches_val 0`` the values come from ``--hyperparams_file`` or upstream's recorded fallbacks (only
@@ -31,6 +33,7 @@ import itertools
 import json
 import os
 import re
+import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -38,22 +41,24 @@ import numpy as np
 import torch
 
 from guided_diffusion.methods import anofpdm as af
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.evaluation.metrics import (
     AUPRC_POOLINGS,
     dice_iou_per_slice,
     evaluate_segmentation,
     foreground_mask,
 )
+from guided_diffusion.runtime import PRECISIONS
 from guided_diffusion.script_util import (
     UNET_VERSIONS,
     add_dict_to_argparser,
+    apply_run_config,
     args_to_dict,
-    create_model_and_diffusion,
+    explicit_flags,
+    load_model_from_dir,
     model_and_diffusion_defaults,
 )
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH_DIR = "batches"
 FILE_VERSION = 3  # 3: classification on the guided MSE in every map mode, pixel-count component filter
 
@@ -122,18 +127,24 @@ def create_argparser(description: Optional[str] = None) -> argparse.ArgumentPars
     return parser
 
 
-def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
-    """Validate and normalise flags in place; raises ValueError naming the flag."""
-    if args.unet_ver not in UNET_VERSIONS:
-        raise ValueError(f"unknown --unet_ver {args.unet_ver!r}; valid: {', '.join(UNET_VERSIONS)}")
-    if args.unet_ver != "v2" and not args.use_hae:
-        raise ValueError(f"--unet_ver {args.unet_ver} needs --use_hae True (as upstream's configs pass it)")
+def check_args(args: argparse.Namespace, world_size: int = 1, explicit: Optional[set] = None) -> None:
+    """Validate and normalise flags in place; raises ValueError naming the flag.
+
+    The model flags come from ``--model_dir``'s config.json when it has one (``explicit``: the flags given on the
+    command line, see ``script_util.apply_run_config``), else from the command line (upstream checkpoint folders).
+    """
     if not args.data_dir or not os.path.isdir(args.data_dir):
         raise ValueError(f"--data_dir {args.data_dir!r} is not a folder (expected the one holding npy_val/, npy_test/)")
     if not args.model_dir or not os.path.isdir(args.model_dir):
         raise ValueError(f"--model_dir {args.model_dir!r} is not a folder holding model*.pt / ema_*.pt checkpoints")
-    if args.num_classes < 1:
-        raise ValueError("AnoFPDM needs a class-conditional model: --num_classes must be >= 1 (2 in the configs)")
+    recorded = apply_run_config(args, args.model_dir, explicit)
+    if args.unet_ver not in UNET_VERSIONS:
+        raise ValueError(f"unknown --unet_ver {args.unet_ver!r}; valid: {', '.join(UNET_VERSIONS)}")
+    if args.unet_ver != "v2" and not args.use_hae:
+        raise ValueError(f"--unet_ver {args.unet_ver} needs --use_hae True (as upstream's configs pass it)")
+    if args.num_classes < 1 or (recorded is not None and not args.class_cond):
+        raise ValueError("AnoFPDM needs a class-conditional model: --num_classes must be >= 1 (2 in the configs)"
+                         + (f"; {fileio.config_path(args.model_dir)} records an unconditional one" if recorded else ""))
     args.class_cond = True  # upstream: num_classes > 0 means class-conditional
     if args.w < 0:
         raise ValueError(f"--w {args.w}: pass the guidance weight (>= 0; paper: BraTS 2, ATLAS 30). Upstream's "
@@ -161,8 +172,7 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
     if args.use_fp16 and args.precision == "fp32":
         args.precision = "fp16"  # upstream's flag, through autocast here
     args.use_fp16 = False
-    if args.precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
+    runtime.check_precision(args.precision)
     if args.auprc_pooling not in AUPRC_POOLINGS:
         raise ValueError(f"--auprc_pooling must be one of {', '.join(AUPRC_POOLINGS)}, got {args.auprc_pooling!r}")
     if not 0 <= args.quantile_a <= args.quantile_b <= 1:
@@ -201,52 +211,12 @@ def forward_config(args: argparse.Namespace) -> af.ForwardConfig:
 # ------------------------------------------------------------------------------------------------------
 
 
-def find_checkpoint(model_dir: str, model_num: Any = "", ema: bool = False, ema_rate: str = "0.9999") -> str:
-    """Path of ``model{step:06d}.pt`` or ``ema_{rate}_{step:06d}.pt``; the latest step when model_num is empty.
-
-    ``model_num`` may be given with or without zero padding (``65000`` or ``065000``).
-    """
-    rate = str(float(ema_rate)) if ema else None
-    pattern = re.compile(rf"ema_{re.escape(rate)}_(\d+)\.pt" if ema else r"model(\d+)\.pt")
-    try:
-        names = os.listdir(model_dir)
-    except OSError as e:
-        raise FileNotFoundError(f"--model_dir {model_dir!r} cannot be listed: {e}") from None
-    found = {int(m.group(1)): n for n in names if (m := pattern.fullmatch(n))}
-    kind = f"EMA (rate {rate}) checkpoints ema_{rate}_NNNNNN.pt" if ema else "checkpoints modelNNNNNN.pt"
-    if not found:
-        raise FileNotFoundError(f"no {kind} in --model_dir {model_dir}")
-    if model_num in (None, "", "None", "latest"):
-        step = max(found)
-    else:
-        try:
-            step = int(model_num)
-        except ValueError:
-            raise ValueError(f"--model_num must be a step number, got {model_num!r}") from None
-        if step not in found:
-            raise FileNotFoundError(f"--model_num {model_num}: no such {kind} in {model_dir}; "
-                                    f"available steps: {sorted(found)}")
-    return os.path.join(model_dir, found[step])
-
-
 def load_model(args: argparse.Namespace, device: torch.device):
-    """(model in eval mode on ``device``, diffusion, checkpoint path)."""
-    path = find_checkpoint(args.model_dir, args.model_num, args.ema, args.ema_rate)
-    model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
-    state = dist_util.load_state_dict(path, map_location="cpu")
-    if isinstance(state, dict) and state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}  # saved from a DDP wrapper
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(
-            f"checkpoint {path} does not fit the model built from the flags (--unet_ver {args.unet_ver}, "
-            f"--use_hae {args.use_hae}, --num_channels {args.num_channels}, --channel_mult {args.channel_mult!r}, "
-            f"--attention_resolutions {args.attention_resolutions}, --in_channels {args.in_channels}, "
-            f"--image_size {args.image_size}): {_shorten(str(e))}"
-        ) from None
-    model.to(device).eval()
-    return model, diffusion, path
+    """(model in eval mode on ``device``, diffusion, checkpoint path): ``--model_num`` (empty: the newest readable
+    checkpoint), ``--ema``, built from the model flags (``check_args`` took them from config.json if there is one)."""
+    return load_model_from_dir(args.model_dir, args_to_dict(args, model_and_diffusion_defaults().keys()),
+                               model_num=args.model_num, ema=args.ema, ema_rate=args.ema_rate, device=device,
+                               warn=logger.warn)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -265,17 +235,6 @@ def batch_path(log_dir: str, split: str, world_size: int, rank: int, index: int)
 def _batch_index(path: str) -> int:
     """The batch number k of a result file name (``..._b{k:05d}.npz``)."""
     return int(re.search(r"_b(\d+)\.npz$", path).group(1))
-
-
-def save_npz_atomic(path: str, arrays: Dict[str, np.ndarray]) -> None:
-    """``np.savez_compressed`` to a temp file in the same folder, then rename: a killed run leaves no half file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_batch(path: str, fingerprint: Optional[str] = None) -> Optional[Dict[str, np.ndarray]]:
@@ -423,7 +382,7 @@ class Translation:
                 res = self._run_forward(x, "val", k, a.batch_size_val, with_maps=False, bar=inner)
                 data = {"fingerprint": np.array(key), "label": lab.cpu().numpy().astype(np.int64),
                         **res.stats.to_numpy()}
-                save_npz_atomic(path, data)
+                fileio.save_npz(path, data)
                 self.summary["computed"]["val"] += 1
             else:
                 self.summary["reused"]["val"] += 1
@@ -484,7 +443,7 @@ class Translation:
                 data[f"threshold_{i}"] = seg["threshold"].cpu().numpy()
                 data[f"anomaly_map_{i}"] = seg["anomaly_map"].cpu().float().numpy()
                 data[f"mask_{i}"] = seg["mask"].cpu().numpy().astype(bool)
-            save_npz_atomic(path, data)
+            fileio.save_npz(path, data)
             self.summary["computed"]["test"] += 1
             outer.update(1)
         inner.close()
@@ -603,13 +562,16 @@ class Translation:
                 parts[k].append(d[src])
         arrays = {k: np.concatenate(v) for k, v in parts.items()}
         arrays["pred_mask"] = arrays["pred_mask_all"] & (arrays["pred_label"] == 1)[:, None, None, None]
-        save_npz_atomic(os.path.join(self.image_dir, "per_slice_arrays.npz"), arrays)
+        fileio.save_npz(os.path.join(self.image_dir, "per_slice_arrays.npz"), arrays)
 
     # -- driver ---------------------------------------------------------------------------------------
 
     def run(self) -> Dict[str, Any]:
         a = self.args
         t0 = time.time()
+        if self.rank == 0:  # before any rank writes: partial files of a killed run go
+            for folder in {self.log_dir, os.path.join(self.log_dir, BATCH_DIR), self.image_dir}:
+                fileio.sweep_temp_files(folder, warn=logger.warn)
         if not a.resume and self.rank == 0:
             for f in glob.glob(os.path.join(self.log_dir, BATCH_DIR, "*.npz")):
                 os.remove(f)
@@ -661,20 +623,12 @@ class _ResultBatches:
             yield batch
 
 
-def _shorten(text: str, limit: int = 1200) -> str:
-    return text if len(text) <= limit else text[:limit] + f" ... ({len(text) - limit} more characters)"
-
-
 def _fmt(v: Any) -> str:
     return "null" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    fileio.write_json(path, obj, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:
@@ -686,33 +640,39 @@ def _json_default(o: Any) -> Any:
 
 
 def _write_csv_atomic(path: str, cols: Sequence[str], rows: Sequence[dict]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with fileio.atomic_write(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(cols))
         writer.writeheader()
         for r in rows:
             writer.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
-    os.replace(tmp, path)
 
 
 def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None) -> Dict[str, Any]:
     """Command-line entry point; ``unet_ver`` fixes the variant (for the per-variant alias scripts)."""
     parser = create_argparser()
     args = parser.parse_args(argv)
-    if unet_ver is not None:
+    explicit = explicit_flags(parser, argv)
+    if unet_ver is not None:  # the alias scripts fix the variant (a choice as explicit as a flag)
         args.unet_ver = unet_ver
-        args.use_hae = unet_ver != "v2"
+        args.use_hae = unet_ver.startswith("hae")
+        explicit |= {"unet_ver", "use_hae"}
     dist_util.setup_dist()
     try:
         try:
-            check_args(args, dist_util.get_world_size())
+            check_args(args, dist_util.get_world_size(), explicit)
+        except fileio.RunConfigError as e:  # not a usage problem: no usage dump
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
         except ValueError as e:
             parser.error(str(e))
         logger.configure()
+        runtime.configure_threads()
         logger.log(f"args: {vars(args)}")
-        from guided_diffusion.training.train_util import seed_everything
-
-        seed_everything(args.seed)
-        return Translation(args).run()
+        logger.log(runtime.thread_summary())
+        runtime.seed_everything(args.seed)
+        try:
+            return Translation(args).run()
+        except (fileio.UnreadableCheckpointError, fileio.DiskFullError) as e:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
     finally:
         dist_util.cleanup_dist()

@@ -7,11 +7,12 @@ the ground truth). A caption states the slice labels and the Dice.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from guided_diffusion import fileio
 
 TILE_TITLES = ("input", "ground truth", "anomaly map", "prediction")
 
@@ -95,8 +96,6 @@ def save_panels(
         rows.append(row_img)
     width = max(r.shape[1] for r in rows)
     sheet = np.concatenate([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(sheet).save(tmp)
-    os.replace(tmp, path)
+    with fileio.atomic_write(path) as f:
+        Image.fromarray(sheet).save(f, format="PNG")
     return path

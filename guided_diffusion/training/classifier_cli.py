@@ -17,17 +17,19 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.runtime import seed_everything
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
+    check_run_config,
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
 )
 from guided_diffusion.training.objectives import ClassifierObjective
 from guided_diffusion.training.train_cli import check_common_args
-from guided_diffusion.training.train_util import TrainLoop, find_latest_checkpoint, seed_everything
+from guided_diffusion.training.train_util import TrainLoop, parse_ema_rates
 
 
 def classifier_train_defaults() -> dict:
@@ -99,15 +101,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(e))
     try:
         return train(args, classifier, diffusion)
+    except (fileio.RunConfigError, fileio.UnreadableCheckpointError, fileio.DiskFullError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
     finally:
         dist_util.cleanup_dist()
 
 
 def train(args: argparse.Namespace, classifier, diffusion) -> int:
     logger.configure(sync_ranks=True)
+    log_dir = logger.get_dir()
+    if dist_util.get_rank() == 0:  # partial files of a killed run (only rank 0 writes here)
+        for folder in {log_dir, args.image_dir or os.path.join(log_dir, "images")}:
+            fileio.sweep_temp_files(folder, warn=logger.warn)
+    flags = args_to_dict(args, classifier_and_diffusion_defaults().keys())
+    check_run_config(log_dir, flags, kind="classifier")  # the checkpoints there belong to the model it describes
     if args.resume_checkpoint == "auto":
-        args.resume_checkpoint = find_latest_checkpoint(logger.get_dir()) or ""
+        args.resume_checkpoint = fileio.latest_training_checkpoint(
+            log_dir, parse_ema_rates(args.ema_rate), warn=logger.warn) or ""
+    runtime.configure_threads()
     logger.log(f"args: {vars(args)}")
+    logger.log(runtime.thread_summary())
     n_params = sum(p.numel() for p in classifier.parameters())
     logger.log(f"Classifier params: {n_params / 1024 ** 2:.2f} M; device {dist_util.dev()}, "
                f"{dist_util.get_world_size()} process(es), precision {args.precision}")
@@ -155,6 +169,11 @@ def train(args: argparse.Namespace, classifier, diffusion) -> int:
         eval_interval=args.eval_interval,
         val_batches=args.val_batches,
     )
+    if dist_util.get_rank() == 0 and not os.path.exists(fileio.config_path(log_dir)):
+        # after a resume has loaded (the flags fit the weights), before the first step
+        fileio.write_run_config(log_dir, "classifier", flags, training={
+            k: getattr(args, k) for k in ("ema_rate", "name", "data_dir", "batch_size", "lr", "noised", "precision",
+                                          "seed")})
     step = loop.run_loop()
     logger.log(f"classifier training finished at step {step}")
     return step

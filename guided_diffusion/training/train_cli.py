@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import List, Optional, Sequence
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.diffusion.noise import check_noise_type, make_noise_fn
 from guided_diffusion.diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.runtime import seed_everything
 from guided_diffusion.script_util import (
     UNET_VERSIONS,
     add_dict_to_argparser,
     args_to_dict,
+    check_run_config,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
 from guided_diffusion.training.objectives import DiffusionObjective
-from guided_diffusion.training.train_util import PRECISIONS, TrainLoop, find_latest_checkpoint, parse_ema_rates, seed_everything
+from guided_diffusion.training.train_util import TrainLoop, parse_ema_rates
 
 DEFAULT_THRESHOLD = 0.1  # classifier-free label drop (upstream's default -1 crashed class-conditional training)
 
@@ -113,8 +116,7 @@ def check_common_args(args: argparse.Namespace, world_size: int) -> None:
                          f"processes ({world_size})")
     if args.microbatch > 0 and args.microbatch > args.batch_size // world_size:
         raise ValueError(f"--microbatch {args.microbatch} exceeds the per-process batch {args.batch_size // world_size}")
-    if args.precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
+    runtime.check_precision(args.precision)
     for flag in ("use_fp16", "classifier_use_fp16"):  # upstream's flags: mixed precision now goes through autocast
         if getattr(args, flag, False):
             setattr(args, flag, False)
@@ -176,8 +178,9 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
 def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None) -> int:
     parser = create_argparser()
     args = parser.parse_args(argv)
-    if unet_ver is not None:  # train_<ver>.py aliases fix the variant, as upstream's copies did
+    if unet_ver is not None:  # train_<ver>.py aliases fix the variant, as upstream's copies did, HAE blocks included
         args.unet_ver = unet_ver
+        args.use_hae = unet_ver.startswith("hae")
     dist_util.setup_dist()
     try:
         check_args(args, dist_util.get_world_size())
@@ -186,15 +189,27 @@ def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None) -
         parser.error(str(e))
     try:
         return train(args)
+    except (fileio.RunConfigError, fileio.UnreadableCheckpointError, fileio.DiskFullError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
     finally:
         dist_util.cleanup_dist()
 
 
 def train(args: argparse.Namespace) -> int:
     logger.configure(sync_ranks=True)
+    log_dir = logger.get_dir()
+    if dist_util.get_rank() == 0:  # partial files of a killed run (only rank 0 writes here)
+        for folder in {log_dir, args.image_dir or os.path.join(log_dir, "images")}:
+            fileio.sweep_temp_files(folder, warn=logger.warn)
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    check_run_config(log_dir, flags)  # the checkpoints in the folder belong to the model config.json describes
     if args.resume_checkpoint == "auto":
-        args.resume_checkpoint = find_latest_checkpoint(logger.get_dir()) or ""
+        args.resume_checkpoint = fileio.latest_training_checkpoint(log_dir, parse_ema_rates(args.ema_rate),
+                                                                   warn=logger.warn) or ""
+    runtime.configure_threads()
     logger.log(f"args: {vars(args)}")
+    logger.log(runtime.thread_summary())
     seed_everything(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
     n_params = sum(p.numel() for p in model.parameters())
@@ -250,6 +265,11 @@ def train(args: argparse.Namespace) -> int:
         find_unused_parameters=args.find_unused_parameters,
         ddpm_previews=args.ddpm_sampling,
     )
+    if dist_util.get_rank() == 0 and not os.path.exists(fileio.config_path(log_dir)):
+        # after a resume has loaded (the flags fit the weights), before the first step
+        fileio.write_run_config(log_dir, "diffusion", flags, training={
+            k: getattr(args, k) for k in ("ema_rate", "name", "data_dir", "batch_size", "lr", "threshold", "noise_type",
+                                          "precision", "seed")})
     step = loop.run_loop()
     logger.log(f"training finished at step {step}")
     return step

@@ -11,8 +11,8 @@ checkpoints in the log folder) driven by epochs as upstream AnoFPDM, with these 
   every rank's RNG states (torch, CUDA, numpy, python), the grad-scaler state. With it a resumed run
   continues exactly as the uninterrupted one would have. Without it (upstream checkpoints) the epoch
   and position are derived from the step and the RNGs are re-seeded.
-- every file is written atomically (temp file + ``os.replace``); ``model*.pt`` is written last, so its
-  presence means the set is complete.
+- every file is written atomically (``fileio``: temp file, fsync, rename); ``model*.pt`` is written last, so
+  its presence means the set is complete.
 - mixed precision with ``torch.autocast`` (bf16, or fp16 with ``torch.amp.GradScaler``), optional
   gradient clipping, and a stop with a clear message on a non-finite loss (on all ranks together).
 - microbatches are weighted by their size, so the gradient is the mean over the batch whatever the
@@ -27,7 +27,6 @@ import contextlib
 import math
 import os
 import random
-import re
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -35,12 +34,10 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.diffusion.resample import ScheduleSampler
+from guided_diffusion.runtime import PRECISIONS, seed_everything  # noqa: F401  (PRECISIONS: kept importable here)
 from guided_diffusion.training.objectives import DiffusionObjective, TrainingObjective
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_MODEL_FILE = re.compile(r"model(\d+)\.pt$")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,46 +64,10 @@ def parse_ema_rates(ema_rate: "str | float | Sequence[float]") -> List[float]:
 
 def parse_resume_step(path: str) -> int:
     """The step in a checkpoint name such as ``.../model005000.pt``."""
-    match = _MODEL_FILE.search(os.path.basename(path))
-    if match is None:
+    parsed = fileio.parse_checkpoint_name(path)
+    if parsed is None or parsed.kind != "model":
         raise ValueError(f"--resume_checkpoint must name a model file like model005000.pt, got {path!r}")
-    return int(match.group(1))
-
-
-def find_latest_checkpoint(folder: str) -> Optional[str]:
-    """The ``model{step}.pt`` with the highest step in ``folder`` (None if there is none)."""
-    if not folder or not os.path.isdir(folder):
-        return None
-    found = [(int(m.group(1)), f) for f in os.listdir(folder) if (m := re.fullmatch(r"model(\d+)\.pt", f))]
-    return os.path.join(folder, max(found)[1]) if found else None
-
-
-def checkpoint_paths(folder: str, step: int, ema_rates: Sequence[float]) -> Dict[str, str]:
-    """File names of one checkpoint set (guided-diffusion names plus our ``state``)."""
-    paths = {
-        "model": os.path.join(folder, f"model{step:06d}.pt"),
-        "opt": os.path.join(folder, f"opt{step:06d}.pt"),
-        "state": os.path.join(folder, f"state{step:06d}.pt"),
-    }
-    for rate in ema_rates:
-        paths[f"ema_{rate}"] = os.path.join(folder, f"ema_{rate}_{step:06d}.pt")
-    return paths
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    return parsed.step
 
 
 def get_rng_state(device: torch.device) -> Dict[str, Any]:
@@ -201,10 +162,8 @@ def save_image_grid(images: torch.Tensor, path: str, ncols: Optional[int] = None
             (tile + 1) / 2
         )
     array = (canvas * 255).round().to(torch.uint8).numpy()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    Image.fromarray(array, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with fileio.atomic_write(path) as f:
+        Image.fromarray(array, mode="L").save(f, format="PNG")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,8 +233,7 @@ class TrainLoop:
         val_batches: int = 1,
         ddpm_previews: bool = False,
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        runtime.check_precision(precision)
         self.rank, self.world_size = dist_util.get_rank(), dist_util.get_world_size()
         if batch_size % self.world_size:
             raise ValueError(
@@ -335,13 +293,14 @@ class TrainLoop:
         step = parse_resume_step(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"--resume_checkpoint {path} does not exist")
-        paths = checkpoint_paths(os.path.dirname(path), step, self.ema_rates)
+        paths = fileio.checkpoint_paths(os.path.dirname(path), step, self.ema_rates)
         logger.log(f"resuming from {path} (step {step})")
-        self.model.load_state_dict(dist_util.load_state_dict(path, map_location=self.device))
+        fileio.load_state_dict_into(self.model, path, map_location=self.device,
+                                    hint="this run's flags (resume with the flags the checkpoint was trained with)")
         for rate, ema in zip(self.ema_rates, self.ema_params):
-            ema_path = paths[f"ema_{rate}"]
+            ema_path = paths[f"ema_{fileio.format_rate(rate)}"]
             if os.path.exists(ema_path):
-                sd = dist_util.load_state_dict(ema_path, map_location=self.device)
+                sd = fileio.load_checkpoint(ema_path, map_location=self.device)
                 for e, n in zip(ema, self.param_names):
                     e.copy_(sd[n])
             else:
@@ -349,12 +308,12 @@ class TrainLoop:
                 for e, p in zip(ema, self.params):
                     e.copy_(p.detach())
         if os.path.exists(paths["opt"]):
-            self.opt.load_state_dict(dist_util.load_state_dict(paths["opt"], map_location=self.device))
+            self.opt.load_state_dict(fileio.load_checkpoint(paths["opt"], map_location=self.device))
         else:
             logger.warn(f"no {paths['opt']}: the optimizer state starts fresh")
         self.step = self._last_saved = step
         if os.path.exists(paths["state"]):
-            state = dist_util.load_state_dict(paths["state"], map_location="cpu")
+            state = fileio.load_checkpoint(paths["state"], map_location="cpu")
             self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
             if state.get("grad_scaler"):
                 self.scaler.load_state_dict(state["grad_scaler"])
@@ -419,8 +378,7 @@ class TrainLoop:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _autocast(self):
-        dtype = PRECISIONS[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return runtime.autocast(self.device, self.precision)
 
     def _planned_steps(self) -> Optional[int]:
         limits = [s for s in (self.max_steps, self.lr_anneal_steps) if s > 0]
@@ -533,7 +491,7 @@ class TrainLoop:
                 f"non-finite training loss at step {self.step + 1} (epoch {self.epoch}, precision {self.precision}, "
                 f"loss on this rank {loss.item()}). Lower --lr, set --grad_clip (e.g. 1.0), try --precision "
                 f"bf16 or fp32, check the data for NaN/inf, and resume from the last checkpoint "
-                f"(--resume_checkpoint {self.log_dir}/model{max(self._last_saved, 0):06d}.pt)"
+                f"(--resume_checkpoint {os.path.join(self.log_dir, fileio.checkpoint_name('model', max(self._last_saved, 0)))})"
             )
 
     @torch.no_grad()
@@ -622,19 +580,19 @@ class TrainLoop:
             sd = dict(out["model"])
             for n, e in zip(self.param_names, ema):
                 sd[n] = e.to(sd[n].dtype)
-            out[f"ema_{rate}"] = sd
+            out[f"ema_{fileio.format_rate(rate)}"] = sd  # the keys of fileio.checkpoint_paths
         return out
 
     def save(self) -> None:
         """Write the checkpoint set for ``self.step`` (rank 0), then previews; all ranks must call it."""
         rng_states = dist_util.gather_objects(get_rng_state(self.device))  # collective
         if self.rank == 0:
-            paths = checkpoint_paths(self.log_dir, self.step, self.ema_rates)
+            paths = fileio.checkpoint_paths(self.log_dir, self.step, self.ema_rates)
             sds = self.state_dicts()
             for key, sd in sds.items():
                 if key != "model":
-                    atomic_torch_save(sd, paths[key])
-            atomic_torch_save(
+                    fileio.torch_save(sd, paths[key])
+            fileio.torch_save(
                 {
                     "step": self.step,
                     "epoch": self.epoch,
@@ -646,7 +604,7 @@ class TrainLoop:
                 },
                 paths["state"],
             )
-            atomic_torch_save(sds["model"], paths["model"])  # last: its presence means the set is complete
+            fileio.torch_save(sds["model"], paths["model"])  # last: its presence means the set is complete
             logger.log(f"saved checkpoint {paths['model']}")
             self.save_previews()
         self._last_saved = self.step
