@@ -34,12 +34,14 @@ if [ -z "${MODEL_DIR:-}" ]; then
 fi
 # fixed hyper-parameters: the point is the time, not the quality (a validation pass is timed by the quickstart)
 echo '{"thr_01": 0.99, "diff_max": [0.01, 0.01], "source": "bench"}' > "$OUT/hyperparams.json"
+SEGMENT_MODEL_FLAGS=("${MODEL_FLAGS[@]}")
+if [ -f "$MODEL_DIR/config.json" ]; then SEGMENT_MODEL_FLAGS=(); fi  # training recorded the model
 mapfile -t INPUTS < <(find "$OUT/raw" -mindepth 1 -maxdepth 1 -type d | sort | head -n "$SEGMENT_SUBJECTS")
 START=$(date +%s)
 "$PYTHON" scripts/segment.py --input "${INPUTS[@]}" --output "$OUT/segment" --model_dir "$MODEL_DIR" --ema True \
     --ema_rate 0.995 --w 2 --forward_steps 30 --timestep_respacing ddim100 --d_reverse True --null True \
     --modality 0 3 --batch_size "$BATCH" --hyperparams_file "$OUT/hyperparams.json" --resume False \
-    --progress False "${MODEL_FLAGS[@]}"
+    --progress False "${SEGMENT_MODEL_FLAGS[@]}"
 echo "wall $(( $(date +%s) - START )) s for ${#INPUTS[@]} subject(s) (model loading included)"
 "$PYTHON" - "$OUT/segment" <<'EOF'
 import json, pathlib, sys

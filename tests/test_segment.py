@@ -368,31 +368,74 @@ def test_run_file_mismatch_is_an_error(tmp_path, model_dir, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-def test_killed_write_leaves_nothing_half_written(tmp_path, model_dir, monkeypatch):
+class _FailingFile:
+    """Accepts half of what a writer sends, then fails with ``err`` (a full disk, an I/O error)."""
+
+    def __init__(self, path, err):
+        self.real, self.err = open(path, "wb"), err
+
+    def write(self, data):
+        self.real.write(bytes(data[: len(data) // 2]))
+        raise OSError(self.err, os.strerror(self.err))
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _failing_open(suffix, err):
+    import guided_diffusion.fileio as fileio
+
+    real = fileio._open
+
+    def opener(path, mode, **kw):
+        # temp name: .<final name>.partial-<pid>-<hex>
+        if os.path.basename(path).split(".partial-")[0].endswith(suffix):
+            return _FailingFile(path, err)
+        return real(path, mode, **kw)
+
+    return opener
+
+
+def test_failed_write_leaves_nothing_half_written(tmp_path, model_dir, monkeypatch, capsys):
+    import errno
+
+    import guided_diffusion.fileio as fileio
+
     src = tmp_path / "raw"
     _write_subject(src, "A", 0)
+    _write_subject(src, "B", 1)
     out = tmp_path / "out"
     argv = _argv(model_dir, out, src, extra=["--hyperparams_file", str(_hyper_file(tmp_path))])
-    real = nifti._write_bytes_atomic
-    calls = []
+    real = fileio._open
 
-    def dies_on_mask(path, data):
-        calls.append(path.name)
-        if path.name.endswith(volumes.MASK_SUFFIX):
-            with open(path.with_name(f".{path.name}.tmp{os.getpid()}"), "wb") as f:
-                f.write(data[: len(data) // 2])  # half written ...
-            raise OSError("No space left on device (simulated)")  # ... then the writer dies
-        return real(path, data)
-
-    monkeypatch.setattr(nifti, "_write_bytes_atomic", dies_on_mask)
+    # an I/O error while writing A's mask: A fails by name, B goes on, nothing partial under a final name
+    monkeypatch.setattr(fileio, "_open", _failing_open(f"A{volumes.MASK_SUFFIX}", errno.EIO))
     assert volumes.main(argv) == 1
     assert not (out / f"A{volumes.MASK_SUFFIX}").exists() and not (out / f"A{volumes.RECORD_SUFFIX}").exists()
+    assert (out / f"B{volumes.RECORD_SUFFIX}").exists()
     summary = json.loads((out / volumes.SUMMARY_FILE).read_text())
-    assert "No space left" in summary["failed"][0]["message"] and summary["failed"][0]["id"] == "A"
-    monkeypatch.setattr(nifti, "_write_bytes_atomic", real)
-    assert volumes.main(argv) == 0  # the rerun completes it
-    assert (out / f"A{volumes.RECORD_SUFFIX}").exists()
+    assert summary["failed"][0]["id"] == "A" and f"A{volumes.MASK_SUFFIX}" in summary["failed"][0]["message"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+    # a full disk stops the run (every further write would fail) naming the file; finished subjects are kept
+    # (A's map from the first attempt is a complete file and stays as it was: the rename never happened)
+    kept = {p.name: p.read_bytes() for p in out.glob("[AB]_*")}
+    monkeypatch.setattr(fileio, "_open", _failing_open(f"A{volumes.MAP_SUFFIX}", errno.ENOSPC))
+    capsys.readouterr()
+    assert volumes.main(argv + ["--resume", "True"]) == 1
+    err = capsys.readouterr().err
+    assert f"A{volumes.MAP_SUFFIX}" in err and "disk is full" in err, err
+    assert {p.name: p.read_bytes() for p in out.glob("[AB]_*")} == kept
+    assert not (out / f"A{volumes.RECORD_SUFFIX}").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+    # a writer killed outright leaves a hidden partial file: swept at the next start, which completes A
+    (out / f".A{volumes.MAP_SUFFIX}.partial-999999-deadbeef").write_bytes(b"half")
+    monkeypatch.setattr(fileio, "_open", real)
+    assert volumes.main(argv) == 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert nib.load(str(out / f"A{volumes.MASK_SUFFIX}")).shape == SHAPE
+    assert json.loads((out / volumes.SUMMARY_FILE).read_text())["skipped"] == 1  # B kept
 
 
 def test_explicit_files_csv_and_flag_errors(tmp_path, model_dir):
@@ -588,6 +631,16 @@ def test_config_launcher(tmp_path, model_dir):
     missing = subprocess.run(["bash", str(REPO / "config" / "run_segment.sh")], env={**env, "MODEL_DIR": "/nope"},
                              cwd="/", capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "MODEL_DIR=/nope" in missing.stderr
+    # a training folder with config.json gets no model flags from the launcher (DRY_RUN prints the command)
+    from guided_diffusion import fileio
+
+    fileio.write_run_config(tmp_path, "diffusion", {"image_size": SIZE})
+    dry = subprocess.run(["bash", str(REPO / "config" / "run_segment.sh")], cwd="/", capture_output=True, text=True,
+                         env={**env, "MODEL_DIR": str(tmp_path), "DRY_RUN": "1", "NUM_GPUS": "2", "NNODES": "2"},
+                         timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert "--nnodes 2" in dry.stdout and "--nproc-per-node 2" in dry.stdout and "scripts/segment.py" in dry.stdout
+    assert "--image_size" not in dry.stdout and f"--model_dir {tmp_path}" in dry.stdout
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -698,3 +751,31 @@ def test_bad_hyperparameter_files_are_named(tmp_path, model_dir, capsys):
         err = capsys.readouterr().err
         assert str(bad) in err and what in err, err
     assert not list((tmp_path / "out").glob("A_*"))
+
+
+def test_model_from_the_checkpoint_folders_config(tmp_path, model_dir, capsys):
+    """A training folder's config.json says which model it holds: no model flags needed; a contradicting one is an
+    error naming both values."""
+    from guided_diffusion import fileio
+
+    folder = tmp_path / "trained"
+    shutil.copytree(model_dir, folder)
+    flags = model_and_diffusion_defaults()
+    flags.update(TINY, clf_free=True)
+    fileio.write_run_config(folder, "diffusion", flags, {"ema_rate": "0.9999"})
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    hyper = ["--hyperparams_file", str(_hyper_file(tmp_path))]
+    argv = _argv(folder, tmp_path / "out", src, extra=hyper)
+    for flag in _tiny_flags()[::2]:  # drop every model flag
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    assert "--image_size" not in argv and volumes.main(argv) == 0
+    a = np.asanyarray(nib.load(str(tmp_path / "out" / f"A{volumes.MAP_SUFFIX}")).dataobj)
+    assert volumes.main(_argv(model_dir, tmp_path / "flags", src, extra=hyper)) == 0  # same model from flags
+    np.testing.assert_array_equal(a, np.asanyarray(nib.load(str(tmp_path / "flags" / f"A{volumes.MAP_SUFFIX}")).dataobj))
+    with pytest.raises(SystemExit) as e:
+        volumes.main(argv + ["--num_channels", "64"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--num_channels 64" in err and "config.json: 32" in err, err

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import os
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -70,20 +69,11 @@ def nifti_bytes(img, path: str | os.PathLike) -> bytes:
     return gzip.compress(raw, compresslevel=6, mtime=0) if str(path).endswith(".gz") else raw
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    # stand-in until the shared atomic writer exists (fileio.write_bytes on the glue branch)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_like(path: str | os.PathLike, data: np.ndarray, reference, dtype, description: str = "") -> None:
-    """Write ``data`` on the reference's grid (``like_reference``) to ``path`` atomically."""
-    path = Path(path)
-    _write_bytes_atomic(path, nifti_bytes(like_reference(data, reference, dtype, description), path))
+    """Write ``data`` on the reference's grid (``like_reference``) to ``path`` atomically (``fileio``)."""
+    from guided_diffusion import fileio
+
+    fileio.write_bytes(path, nifti_bytes(like_reference(data, reference, dtype, description), path))
 
 
 def slices_to_volume(slices: np.ndarray, prepared: PreparedSlices) -> np.ndarray:

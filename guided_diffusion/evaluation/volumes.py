@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.data import nifti
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.evaluation import metrics as M
@@ -122,8 +122,12 @@ def channel_names(args: argparse.Namespace) -> Tuple[str, ...]:
     return pp.MODALITIES if args.mod == "all" else (args.mod,)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Validate the flags in place; a ValueError names the flag."""
+def check_args(args: argparse.Namespace, explicit: Optional[set] = None) -> None:
+    """Validate the flags in place; a ValueError names the flag.
+
+    The model flags come from ``--model_dir``'s config.json when it has one (``explicit``: the flags given on the
+    command line; one that contradicts the record is a ``fileio.RunConfigError``), else from the command line
+    (upstream checkpoint folders)."""
     if args.name not in pp.DATASETS:
         raise ValueError(f"--name must be one of {', '.join(pp.DATASETS)}, got {args.name!r}")
     if args.mod not in ("all",) + pp.MODALITIES:
@@ -141,7 +145,9 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.model_dir or not os.path.isdir(args.model_dir):
         raise ValueError(f"--model_dir {args.model_dir!r} is not a folder holding the checkpoints")
     base.method_class(args.method)  # a ValueError listing the known methods
-    from guided_diffusion.script_util import UNET_VERSIONS
+    from guided_diffusion.script_util import UNET_VERSIONS, apply_run_config
+
+    apply_run_config(args, args.model_dir, explicit)
 
     if args.unet_ver not in UNET_VERSIONS:
         raise ValueError(f"unknown --unet_ver {args.unet_ver!r}; valid: {', '.join(UNET_VERSIONS)}")
@@ -168,7 +174,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.use_fp16 and args.precision == "fp32":
         args.precision = "fp16"
     args.use_fp16 = False
-    base.autocast_dtype(args.precision)  # a ValueError naming --precision
+    runtime.check_precision(args.precision)
     if args.panel_modality == -1:
         args.panel_modality = args.modality[0]
     if not 0 <= args.panel_modality < args.in_channels:
@@ -341,8 +347,7 @@ def _file_key(path: Optional[str]) -> Optional[list]:
     return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+_fingerprint = translation._fingerprint  # sha1 of the sorted JSON: the run's cache keys
 
 
 def resolve_hyperparams(method: base.SliceMethod, args: argparse.Namespace, out_dir: Path,
@@ -725,6 +730,7 @@ def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -
     subjects = collect_subjects(args) if subjects is None else subjects
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        fileio.sweep_temp_files(out_dir, warn=logger.warn)  # partial files of a killed run
     dist_util.barrier()
     method = base.build_method(args.method, args, device)
     hyper, source = resolve_hyperparams(method, args, out_dir, device)
@@ -762,6 +768,8 @@ def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -
         except pp.SubjectError as e:
             statuses.append({"id": subject.name, "status": "failed", "message": str(e)})
             logger.error(f"ERROR: {e}")
+        except fileio.DiskFullError:
+            raise  # every further subject would fail the same way; finished ones are kept
         except Exception as e:  # an unexpected failure of one subject must not take the others down
             msg = f"subject {subject.name}: {type(e).__name__}: {e}"
             statuses.append({"id": subject.name, "status": "failed", "message": msg})
@@ -802,13 +810,18 @@ def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; the exit code is 0 when every subject was segmented, 1 when some failed."""
+    from guided_diffusion.script_util import explicit_flags
+
     parser = create_argparser()
     args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv)
     dist_util.setup_dist()
     try:
         try:
-            check_args(args)
+            check_args(args, explicit)
             subjects = collect_subjects(args)  # bad --input / --files / --subjects_csv: before any model is loaded
+        except fileio.RunConfigError as e:  # not a usage problem: no usage dump
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
         except (ValueError, OSError) as e:
             parser.error(str(e))
         rank = dist_util.get_rank()
@@ -816,12 +829,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             logger.configure(dir=args.output, format_strs=["stdout", "log"] if rank == 0 else ["log"])
         except OSError as e:
             parser.error(f"--output {args.output} cannot be written: {e}")
+        runtime.configure_threads()
         logger.log(f"args: {vars(args)}")
-        from guided_diffusion.training.train_util import seed_everything
-
-        seed_everything(args.seed)
+        logger.log(runtime.thread_summary())
+        runtime.seed_everything(args.seed)
         try:
             summary = run(args, subjects)
+        except fileio.DiskFullError as e:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+            return 1
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
             return 2
