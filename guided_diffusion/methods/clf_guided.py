@@ -96,24 +96,19 @@ def load_classifier(args: argparse.Namespace, device: torch.device):
     """(classifier in eval mode, checkpoint path) from ``--clf_dir``/``--clf_num`` and the classifier flags."""
     import os
 
-    from guided_diffusion import dist_util
-    from guided_diffusion.evaluation.translation import _shorten, find_checkpoint
+    from guided_diffusion import fileio
     from guided_diffusion.script_util import classifier_defaults, create_classifier
 
     if not args.clf_dir or not os.path.isdir(args.clf_dir):
         raise ValueError(f"--clf_dir {args.clf_dir!r} is not a folder holding the classifier's model*.pt checkpoints")
-    path = find_checkpoint(args.clf_dir, args.clf_num, ema=False)
+    path = fileio.find_checkpoint(args.clf_dir, args.clf_num)
     flags = {k: getattr(args, k) for k in classifier_defaults() if k != "unet_ver"}
     classifier = create_classifier(**flags)
-    state = dist_util.load_state_dict(path, map_location="cpu")
-    if isinstance(state, dict) and state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    shown = " ".join(f"--{k} {v}" for k, v in flags.items())
     try:
-        classifier.load_state_dict(state, strict=True)
+        fileio.load_state_dict_into(classifier, path, hint=f"the classifier flags ({shown})")
     except RuntimeError as e:
-        shown = " ".join(f"--{k} {v}" for k, v in flags.items())
-        raise RuntimeError(f"classifier checkpoint {path} does not fit the classifier built from the flags ({shown}): "
-                           f"{_shorten(str(e))}") from None
+        raise RuntimeError(f"classifier {e}") from None
     return classifier.to(device).eval(), path
 
 
