@@ -266,8 +266,12 @@ def interleave_ranks(parts: Sequence[Dict[str, np.ndarray]], keys: Sequence[str]
 # ------------------------------------------------------------------------------------------------------
 
 
-def eval_batches(args: argparse.Namespace, split: str, global_batch: int, num_batches: int) -> Iterator:
-    """This rank's batches ``(x, gt_mask, label)`` of ``split``: at most ``num_batches`` (-1 = all)."""
+def eval_batches(args: argparse.Namespace, split: str, global_batch: int, num_batches: int,
+                 with_files: bool = False) -> Iterator:
+    """This rank's batches ``(x, gt_mask, label)`` of ``split``: at most ``num_batches`` (-1 = all).
+
+    ``with_files``: ``(x, gt_mask, label, files)``, files the batch's slices as ``patient_<P>/slice_<z>.npz``.
+    """
     from guided_diffusion.data.loaders import get_data_iter
 
     per_rank = global_batch // dist_util.get_world_size()  # val/test loaders take the per-rank batch
@@ -284,9 +288,13 @@ def eval_batches(args: argparse.Namespace, split: str, global_batch: int, num_ba
     )
     if isinstance(loader, tuple):
         loader = loader[0]
+    order = list(loader.sampler) if with_files else []  # the sampler's order is fixed: batch i is its i-th chunk
     for i, batch in enumerate(loader):
         if 0 <= num_batches <= i:
             break
+        if with_files:
+            rows = order[i * per_rank:(i + 1) * per_rank]
+            batch = (*batch, [f"{loader.dataset.items[j].parent.name}/{loader.dataset.items[j].name}" for j in rows])
         yield batch
 
 
@@ -446,7 +454,7 @@ class Translation:
         paths = []
         outer = self._progress(None if a.num_batches < 0 else a.num_batches, "test batches")
         inner = self._progress(self.method.steps_per_batch("test"), "steps", leave=False)
-        for k, (x, gt, lab) in enumerate(eval_batches(a, "test", a.batch_size, a.num_batches)):
+        for k, (x, gt, lab, files) in enumerate(eval_batches(a, "test", a.batch_size, a.num_batches, True)):
             path = batch_path(self.log_dir, "test", self.world, self.rank, k)
             paths.append(path)
             if a.resume and load_batch(path, key) is not None:
@@ -459,6 +467,7 @@ class Translation:
             x_np = x.cpu().float().numpy()
             data = {
                 "fingerprint": np.array(key),
+                "slice_file": np.array(files),  # patient and z: per-volume metrics
                 "label": lab.cpu().numpy().astype(np.int64),
                 "gt": gt.cpu().numpy() > 0.5,
                 "foreground": foreground_mask(x_np),
@@ -513,6 +522,14 @@ class Translation:
                                "world_size": self.world, "auprc_pooling": a.auprc_pooling}
         if len(results) > 1:
             metrics[f"by_{m.variant_key}"] = {str(r[m.variant_key]): r for r in results}
+        from guided_diffusion.evaluation.volumes import test_split_volumes
+
+        per_volume = test_split_volumes(_ResultBatches(paths, 0), paths, a.data_dir,
+                                        os.path.join(self.log_dir, "per_volume.csv"))
+        if per_volume is not None:
+            metrics["per_volume"] = per_volume
+            logger.log(f"per volume: {per_volume['n_volumes']} complete test patient(s), Dice "
+                       f"{(per_volume.get('with_lesion') or {}).get('dice')} (with a lesion; per_volume.csv)")
         fileio.write_json(os.path.join(self.log_dir, "metrics.json"), metrics, default=_json_default)
         self._write_metrics_csv(results)
         self._write_per_slice(paths)
@@ -666,10 +683,13 @@ class _ResultBatches:
     def __iter__(self) -> Iterator[dict]:
         for _, group in itertools.groupby(self.paths, key=_batch_index):
             ds = [load_batch(p) for p in group]
-            yield {name: np.concatenate([d[src] for d in ds]) for name, src in (
+            batch = {name: np.concatenate([d[src] for d in ds]) for name, src in (
                 ("label", "label"), ("pred_label", f"pred_label_{self.i}"), ("gt", "gt"),
                 ("pred_mask", f"mask_{self.i}"), ("anomaly_map", f"anomaly_map_{self.i}"),
                 ("foreground", "foreground"))}
+            if all("slice_file" in d for d in ds):
+                batch["slice_file"] = np.concatenate([d["slice_file"] for d in ds])
+            yield batch
 
 
 def _fmt(v: Any) -> str:
