@@ -114,14 +114,14 @@ def test_anofpdm_through_the_driver_equals_the_forward_process_pipeline(ws, tmp_
     process = af.ForwardProcess(model, diffusion, cfg)
     stats, labels = [], []
     for k, (x, _gt, lab) in enumerate(_batches(args, "val", 4)):
-        gen = torch.Generator().manual_seed(translation._batch_seed(args, "val", k))
+        gen = torch.Generator().manual_seed(translation.batch_seed(args, "val", k))
         stats.append(process.run(x, with_maps=False, generator=gen, noise_rows=(4, 0, 1)).stats)
         labels.append(lab)
     hyper = af.fit_hyperparams(af.StepStats.cat(stats), torch.cat(labels))
     assert {**hyper.to_dict(), "pixel_labels_used": False} == hyper_run
 
     for k, (x, _gt, _lab) in enumerate(_batches(args, "test", 3)):
-        gen = torch.Generator().manual_seed(translation._batch_seed(args, "test", k))
+        gen = torch.Generator().manual_seed(translation.batch_seed(args, "test", k))
         res = process.run(x, with_maps=True, generator=gen, noise_rows=(3, 0, 1))
         with np.load(log_dir / "batches" / f"test_ws1_r0_b{k:05d}.npz") as ref:
             for i, ratio in enumerate((1.0, 1.5)):

@@ -481,17 +481,24 @@ def test_validation_pass_is_run_once_and_reused(tmp_path, model_dir, monkeypatch
     out = tmp_path / "out"
     argv = _argv(model_dir, out, src / "S00", src / "S01", extra=[
         "--data_dir", str(tmp_path / "pre"), "--batch_size_val", "4", "--num_batches_val", "-1"])
-    calls = []
-    real = volumes.fit_on_validation
-    monkeypatch.setattr(volumes, "fit_on_validation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from guided_diffusion.evaluation import translation
+
+    computed = []  # validation batches computed (not reused) by each run
+    real = translation.Translation.validation
+
+    def spy(self):
+        hyper = real(self)
+        computed.append(self.summary["computed"]["val"])
+        return hyper
+
+    monkeypatch.setattr(translation.Translation, "validation", spy)
     assert volumes.main(argv) == 0
-    hyper = json.loads((out / volumes.HYPER_FILE).read_text())
+    hyper = json.loads((out / volumes.VALIDATION_DIR / "hyperparams.json").read_text())
     assert hyper["n_val"] == 6 and len(hyper["diff_max"]) == 2  # one val subject, 6 brain slices
     record = json.loads((out / f"S00{volumes.RECORD_SUFFIX}").read_text())
     assert record["hyperparams"] == hyper and "validation pass" in record["hyperparams_source"]
-    assert volumes.main(argv) == 0 and len(calls) == 1  # the second run reuses validation.json
+    assert volumes.main(argv) == 0 and computed == [2, 0]  # the second run reuses the validation batches
     # the same hyper-parameters as translation's validation pass with the same flags
-    from guided_diffusion.evaluation import translation
 
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "translation"))
     translation.main(["--data_dir", str(tmp_path / "pre"), "--model_dir", str(model_dir), "--w", "2",
@@ -627,7 +634,7 @@ def test_config_launcher(tmp_path, model_dir):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "out" / f"A{volumes.RECORD_SUFFIX}").read_text())
-    assert record["settings"]["forward"]["forward_steps"] == 2 and record["settings"]["forward"]["w"] == 2.0
+    assert record["settings"]["forward_steps"] == 2 and record["settings"]["w"] == 2.0
     missing = subprocess.run(["bash", str(REPO / "config" / "run_segment.sh")], env={**env, "MODEL_DIR": "/nope"},
                              cwd="/", capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "MODEL_DIR=/nope" in missing.stderr
@@ -701,7 +708,7 @@ def test_translation_reports_per_volume_metrics_of_its_test_split(tmp_path, monk
             for i, name in enumerate(z["slice_file"]):
                 with np.load(tmp_path / "data" / "npy_test" / str(name)) as s:  # the file is the slice of that row
                     np.testing.assert_array_equal(s["y"][0] > 0.5, z["gt"][i])
-                mixed = z["mask_0"][i] & bool(z["pred_label"][i])
+                mixed = z["mask_0"][i] & bool(z["pred_label_0"][i])
                 parts.setdefault(str(name).split("/")[0][8:], []).append(
                     (mixed, z["gt"][i], z["anomaly_map_0"][i], z["foreground"][i]))
     assert {k: len(v) for k, v in parts.items()} == {"test0": 4, "test1": 4}
@@ -744,7 +751,7 @@ def test_atlas_layouts_flattened_and_bids(tmp_path):
 def test_bad_hyperparameter_files_are_named(tmp_path, model_dir, capsys):
     src = tmp_path / "raw"
     _write_subject(src, "A", 0)
-    for text, what in (("{not json", "cannot read it as JSON"), (json.dumps({"thr_01": 0.9}), "does not fit")):
+    for text, what in (("{not json", "cannot be read as JSON"), (json.dumps({"thr_01": 0.9}), "do not fit")):
         bad = tmp_path / "bad.json"
         bad.write_text(text)
         assert volumes.main(_argv(model_dir, tmp_path / "out", src, extra=["--hyperparams_file", str(bad)])) == 2

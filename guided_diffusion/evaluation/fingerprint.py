@@ -27,6 +27,11 @@ CACHE_VERSION = 1
 RACY_SECONDS = 2.0
 
 
+def json_digest(obj: Any) -> str:
+    """SHA-1 of ``obj`` as sorted JSON: the key of a cached result from the settings it depends on."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def file_digest(path: str) -> str:
     """SHA-256 of a file's bytes (hex)."""
     h = hashlib.sha256()

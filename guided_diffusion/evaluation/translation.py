@@ -30,7 +30,6 @@ matches. The log folder must be visible to every rank (one machine, or a shared 
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import hashlib
 import itertools
@@ -221,9 +220,6 @@ def load_model(args: argparse.Namespace, device: torch.device):
 # ------------------------------------------------------------------------------------------------------
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
 
 def batch_path(log_dir: str, split: str, world_size: int, rank: int, index: int) -> str:
     return os.path.join(log_dir, BATCH_DIR, f"{split}_ws{world_size}_r{rank}_b{index:05d}.npz")
@@ -298,7 +294,7 @@ def eval_batches(args: argparse.Namespace, split: str, global_batch: int, num_ba
         yield batch
 
 
-def _batch_seed(args: argparse.Namespace, split: str, index: int) -> int:
+def batch_seed(args: argparse.Namespace, split: str, index: int) -> int:
     return (args.seed * 1_000_003 + (0 if split == "val" else 500_009) + index) % 2**63
 
 
@@ -314,31 +310,32 @@ ARRAY = "arr__{}"  # per-slice array kept with --save_data
 class Translation:
     """One run of ``args.method`` (see the module docstring). ``run()`` returns a summary dict."""
 
-    def __init__(self, args: argparse.Namespace, method: Optional[SliceMethod] = None):
+    def __init__(self, args: argparse.Namespace, method: Optional[SliceMethod] = None, log_dir: Optional[str] = None):
         self.args = args
         self.rank = dist_util.get_rank()
         self.world = dist_util.get_world_size()
         self.device = dist_util.dev()
-        self.log_dir = logger.get_dir() or os.getenv("OPENAI_LOGDIR") or "."
+        self.log_dir = log_dir or logger.get_dir() or os.getenv("OPENAI_LOGDIR") or "."
         self.image_dir = args.image_dir or self.log_dir
         self.method = method if method is not None else build_method(args.method, args, self.device)
         self.checkpoint = (self.method.checkpoints() or [""])[0]
         self.summary: Dict[str, Any] = {"computed": {"val": 0, "test": 0}, "reused": {"val": 0, "test": 0}}
-        self.content = self._content_fingerprints()
+        self._content: Dict[str, Any] = {}
 
     # -- fingerprints ---------------------------------------------------------------------------------
 
-    def _content_fingerprints(self) -> dict:
-        """Digests of the checkpoints and manifests of the splits this run reads (rank 0 hashes, all ranks agree)."""
-        a = self.args
-        content = None
-        if self.rank == 0:
-            cache = fp.DigestCache(os.path.join(self.log_dir, DIGESTS_FILE))
-            splits = ["test"] + (["val"] if a.num_batches_val != 0 else [])
-            content = {"checkpoints": fp.checkpoints_fingerprint(self.method.checkpoints(), cache),
-                       **{s: fp.split_fingerprint(a.data_dir, s, cache) for s in splits}}
-            cache.save()
-        return dist_util.broadcast_object(content)
+    def content(self, what: str) -> Any:
+        """Digests of the checkpoints (``what="checkpoints"``) or the manifest of a split this run reads, computed
+        on first use (rank 0 hashes, every rank gets the same value: call it on every rank)."""
+        if what not in self._content:
+            value = None
+            if self.rank == 0:
+                cache = fp.DigestCache(os.path.join(self.log_dir, DIGESTS_FILE))
+                value = (fp.checkpoints_fingerprint(self.method.checkpoints(), cache) if what == "checkpoints"
+                         else fp.split_fingerprint(self.args.data_dir, what, cache))
+                cache.save()
+            self._content[what] = dist_util.broadcast_object(value)
+        return self._content[what]
 
     def _key(self, split: str, batch: int) -> dict:
         a = self.args
@@ -348,8 +345,8 @@ class Translation:
             "split": split,
             "method": self.method.name,
             "settings": self.method.settings(),
-            "checkpoints": self.content["checkpoints"],
-            "data": self.content[split],
+            "checkpoints": self.content("checkpoints"),
+            "data": self.content(split),
             "order": (a.name, a.seed, a.use_weighted_sampler, batch, self.world),
             "model": model_flags,
             "diffusion": args_to_dict(a, diffusion_defaults()),
@@ -357,7 +354,7 @@ class Translation:
         }
 
     def _test_key(self, hyper: dict) -> str:
-        return _fingerprint({
+        return fp.json_digest({
             **self._key("test", self.args.batch_size),
             "hyper": {k: v for k, v in hyper.items() if k != "source"},
             "store": self.args.save_data,
@@ -376,11 +373,12 @@ class Translation:
         # global batch, see data.ShardedOrderSampler), so each slice sees the same noise for any number of processes.
         bar.reset(total=self.method.steps_per_batch(split))
         bar.set_description(f"{split} batch {index} steps")
-        gen = torch.Generator().manual_seed(_batch_seed(self.args, split, index))
+        gen = torch.Generator().manual_seed(batch_seed(self.args, split, index))
         return BatchContext(gen, rows=(global_batch // self.world) * self.world, rank=self.rank, world=self.world,
                             progress=bar.update)
 
-    def _read_hyperparams(self) -> dict:
+    def read_hyperparams(self) -> dict:
+        """``--hyperparams_file``, else the method's recorded values (``--num_batches_val 0``), checked."""
         a = self.args
         if a.hyperparams_file:
             try:
@@ -396,13 +394,14 @@ class Translation:
         try:
             return self.method.check_hyperparams(hyper)
         except ValueError as e:
-            raise ValueError(f"hyper-parameters from {hyper.get('source', '?')}: {e}") from None
+            raise ValueError(f"hyper-parameters from {hyper.get('source', '?')} do not fit --method "
+                             f"{self.method.name}: {e}") from None
 
     def validation(self) -> dict:
         a = self.args
         if a.num_batches_val == 0:
-            return self._read_hyperparams()
-        key = _fingerprint(self._key("val", a.batch_size_val))
+            return self.read_hyperparams()
+        key = fp.json_digest(self._key("val", a.batch_size_val))
         pixel = self.method.uses_pixel_labels
         paths: List[str] = []
         outer = self._progress(None if a.num_batches_val < 0 else a.num_batches_val, "validation batches")
@@ -428,7 +427,7 @@ class Translation:
         hyper = None
         if self.rank == 0:  # every rank's batches are in the shared log folder: fit once, tell the others
             hyper = self._fit(all_paths, key)
-            fileio.write_json(os.path.join(self.log_dir, "hyperparams.json"), hyper, default=_json_default)
+            fileio.write_json(os.path.join(self.log_dir, "hyperparams.json"), hyper)
         return dist_util.broadcast_object(hyper)
 
     def _fit(self, paths: List[str], key: str) -> dict:
@@ -530,7 +529,7 @@ class Translation:
             metrics["per_volume"] = per_volume
             logger.log(f"per volume: {per_volume['n_volumes']} complete test patient(s), Dice "
                        f"{(per_volume.get('with_lesion') or {}).get('dice')} (with a lesion; per_volume.csv)")
-        fileio.write_json(os.path.join(self.log_dir, "metrics.json"), metrics, default=_json_default)
+        fileio.write_json(os.path.join(self.log_dir, "metrics.json"), metrics)
         self._write_metrics_csv(results)
         self._write_per_slice(paths)
         if a.num_panels > 0:
@@ -553,7 +552,7 @@ class Translation:
                                                        "n_slices")}}
                 row.update({k: r[k] for k in lead})
                 rows.append(row)
-        _write_csv_atomic(os.path.join(self.log_dir, "metrics.csv"), cols, rows)
+        fileio.write_csv(os.path.join(self.log_dir, "metrics.csv"), cols, rows)
 
     @staticmethod
     def _columns(d: Dict[str, np.ndarray], i: int = 0) -> Dict[str, np.ndarray]:
@@ -586,7 +585,7 @@ class Translation:
                 row.update(self._flat_columns(extra, n))
                 cols.extend(c for c in row if c not in cols)
                 rows.append(row)
-        _write_csv_atomic(os.path.join(self.log_dir, "per_slice.csv"), cols, rows)
+        fileio.write_csv(os.path.join(self.log_dir, "per_slice.csv"), cols, rows)
 
     def _write_panels(self, paths: List[str]) -> None:
         from guided_diffusion.evaluation.visualize import save_panels
@@ -701,26 +700,6 @@ def _short(v: Any) -> str:
     if v.ndim:
         return str([_short(x) for x in v.tolist()]).replace("'", "")
     return f"{v.item():.4g}" if np.issubdtype(v.dtype, np.floating) else str(v.item())
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    fileio.write_json(path, obj, default=_json_default)
-
-
-def _write_csv_atomic(path: str, cols: Sequence[str], rows: Sequence[dict]) -> None:
-    with fileio.atomic_write(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(cols))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
 
 
 def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None,

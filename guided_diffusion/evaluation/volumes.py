@@ -45,6 +45,7 @@ import torch
 from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.data import nifti
 from guided_diffusion.data import preprocess as pp
+from guided_diffusion.evaluation import fingerprint as fp
 from guided_diffusion.evaluation import metrics as M
 from guided_diffusion.evaluation import translation
 from guided_diffusion.methods import base
@@ -56,8 +57,6 @@ MASK_SUFFIX = "_anomaly_mask.nii.gz"
 RECORD_SUFFIX = "_segmentation.json"
 OVERLAY_SUFFIX = "_overlay.png"
 RUN_FILE = "segment_run.json"
-VALIDATION_FILE = "validation.json"
-HYPER_FILE = "hyperparams.json"
 CSV_FILE = "subjects.csv"
 SUMMARY_FILE = "summary.json"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -305,95 +304,39 @@ def model_input(prepared: pp.PreparedSlices) -> torch.Tensor:
 # Hyper-parameters
 
 
-def fit_on_validation(method: base.SliceMethod, args: argparse.Namespace, device: torch.device,
-                      progress: bool = True) -> dict:
-    """The validation pass of translation (same slices, batches and noise for the same flags) on ``--data_dir``:
-    ``method.validation_batch`` per batch, gathered over the processes, then ``method.fit``."""
-    from tqdm.auto import tqdm
-
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    rows = (args.batch_size_val // world) * world
-    if rows < 1:
-        raise ValueError(f"--batch_size_val {args.batch_size_val} is global and must be >= the number of processes "
-                         f"({world})")
-    parts, labels, gts = [], [], []
-    total = None if args.num_batches_val < 0 else args.num_batches_val
-    bar = tqdm(total=total, desc="validation batches", disable=not (progress and rank == 0), dynamic_ncols=True)
-    for k, (x, gt, lab) in enumerate(translation.eval_batches(args, "val", args.batch_size_val, args.num_batches_val)):
-        gen = torch.Generator().manual_seed(translation._batch_seed(args, "val", k))
-        ctx = base.BatchContext(gen, rows=rows, rank=rank, world=world)
-        parts.append(method.validation_batch(x.to(device).float(), ctx))
-        labels.append(lab.cpu().numpy().astype(np.int64))
-        if method.uses_pixel_labels:
-            gts.append(gt.cpu().numpy() > 0.5)
-        bar.update(1)
-    bar.close()
-    mine = {"records": {k: np.concatenate([p[k] for p in parts]) for k in (parts[0] if parts else {})},
-            "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
-            "gts": np.concatenate(gts) if gts else None}
-    gathered = [g for g in dist_util.gather_objects(mine) if g["labels"].size]
-    if not gathered:
-        raise ValueError(f"the validation split of --data_dir {args.data_dir} gave no slices")
-    records = {k: np.concatenate([g["records"][k] for g in gathered]) for k in gathered[0]["records"]}
-    all_labels = np.concatenate([g["labels"] for g in gathered])
-    all_gts = np.concatenate([g["gts"] for g in gathered]) if method.uses_pixel_labels else None
-    return method.fit(records, all_labels, all_gts)
+VALIDATION_DIR = "validation"  # the driver's validation batches and hyperparams.json (reused on a rerun)
 
 
-def _file_key(path: Optional[str]) -> Optional[list]:
-    if not path or not os.path.exists(path):
-        return None
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
-
-
-_fingerprint = translation._fingerprint  # sha1 of the sorted JSON: the run's cache keys
-
-
-def resolve_hyperparams(method: base.SliceMethod, args: argparse.Namespace, out_dir: Path,
-                        device: torch.device) -> Tuple[dict, str]:
-    """``(hyper-parameters, where they come from)``: ``--hyperparams_file``, an earlier validation pass of this
-    output folder with the same settings, a new validation pass (saved as ``hyperparams.json``), or, with
-    ``--num_batches_val 0`` and no file, the method's recorded values."""
+def resolve_hyperparams(method: base.SliceMethod, args: argparse.Namespace, out_dir: Path) -> Tuple[dict, str]:
+    """``(hyper-parameters, where they come from)``: ``--hyperparams_file``, or the method's recorded values with
+    ``--num_batches_val 0``, or translation's validation pass on ``--data_dir`` (the same code, slices, batches and
+    noise as a translation run with the same flags; its content-keyed batch files in ``<output>/validation/`` are
+    reused on a rerun)."""
+    driver = translation.Translation(args, method, log_dir=str(out_dir / VALIDATION_DIR))
     if args.hyperparams_file:
-        try:
-            with open(args.hyperparams_file) as f:
-                hyper = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--hyperparams_file {args.hyperparams_file}: cannot read it as JSON ({e})") from None
-        try:
-            return method.check_hyperparams(hyper), f"file {os.path.abspath(args.hyperparams_file)}"
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"--hyperparams_file {args.hyperparams_file} does not fit --method {args.method}: "
-                             f"{e}") from None
+        return driver.read_hyperparams(), f"file {os.path.abspath(args.hyperparams_file)}"
     if args.num_batches_val == 0:
-        return method.hyperparams_without_validation(), "recorded values (--num_batches_val 0)"
-    key = _fingerprint({"settings": method.settings(), "checkpoints": [_file_key(p) for p in method.checkpoints()],
-                        "data": [os.path.abspath(args.data_dir), args.name, args.seed, args.use_weighted_sampler,
-                                 args.batch_size_val, args.num_batches_val]})
-    path = out_dir / VALIDATION_FILE
-    if args.resume and path.exists():
-        try:
-            saved = json.loads(path.read_text())
-            if saved.get("fingerprint") == key:
-                return saved["hyperparams"], f"validation pass on {args.data_dir} (reused from {path})"
-        except (OSError, ValueError, KeyError):
-            pass
-    hyper = fit_on_validation(method, args, device, progress=args.progress)
-    if dist_util.get_rank() == 0:
-        translation._write_json_atomic(str(out_dir / HYPER_FILE), hyper)
-        translation._write_json_atomic(str(path), {"fingerprint": key, "hyperparams": hyper})
-    return hyper, f"validation pass on {args.data_dir}"
+        return driver.read_hyperparams(), "recorded values (--num_batches_val 0)"
+    return driver.validation(), f"validation pass on {args.data_dir}"
+
+
+def _digests(paths: Sequence[Optional[str]], out_dir: Path) -> List[Optional[str]]:
+    """Content digests of files (None for a missing one), remembered in the output folder between runs."""
+    cache = fp.DigestCache(str(out_dir / translation.DIGESTS_FILE))
+    digests = [cache.digest(p) if p and os.path.exists(p) else None for p in paths]
+    cache.save()
+    return digests
 
 
 # ------------------------------------------------------------------------------------------------------------
 # One subject
 
 
-def _input_key(subject: pp.Subject) -> list:
+def _input_key(subject: pp.Subject, out_dir: Path) -> list:
     files = {**{m: str(p) if p else None for m, p in subject.images.items()},
              "seg": str(subject.mask) if subject.mask else None}
-    return [[k, _file_key(v)] for k, v in sorted(files.items())]
+    names = sorted(files)
+    return [[k, d] for k, d in zip(names, _digests([files[k] for k in names], out_dir))]
 
 
 def output_paths(out_dir: Path, name: str) -> Dict[str, Path]:
@@ -408,7 +351,7 @@ def finished_record(out_dir: Path, subject: pp.Subject, run_key: str, overlay: b
         record = json.loads(paths["record"].read_text())
     except (OSError, ValueError):
         return None
-    if record.get("fingerprint") != _fingerprint([run_key, _input_key(subject)]):
+    if record.get("fingerprint") != fp.json_digest([run_key, _input_key(subject, out_dir)]):
         return None
     needed = ["anomaly_map", "anomaly_mask"] + (["overlay"] if overlay else [])
     return record if all(paths[k].exists() for k in needed) else None
@@ -506,7 +449,7 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
     clock.lap("write")
     record = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "id": subject.name,
-        "fingerprint": _fingerprint([run_key, _input_key(subject)]),
+        "fingerprint": fp.json_digest([run_key, _input_key(subject, out_dir)]),
         "inputs": {**{m: str(p) for m, p in subject.images.items()},
                    "seg": str(subject.mask) if gt_labels is not None else None},
         "reference": str(ref_path),
@@ -523,7 +466,7 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
         "seconds": clock.total(),
         "timing": clock.laps,
     }
-    translation._write_json_atomic(str(paths["record"]), record)  # last: marks the subject as finished
+    fileio.write_json(paths["record"], record)  # last: marks the subject as finished
     return record
 
 
@@ -611,7 +554,7 @@ def test_split_volumes(batches, paths: Sequence[str], data_dir: str, csv_path: s
         return summary
     per = M.per_volume_metrics(_ByPatient(batches), volumes=complete)
     rows = [{"patient": v, **per[v]} for v in complete]
-    translation._write_csv_atomic(csv_path, VOLUME_CSV_COLUMNS, rows)
+    fileio.write_csv(csv_path, VOLUME_CSV_COLUMNS, rows)
     lesion = [r for r in rows if r["gt_voxels"] > 0]
     for group, rs in (("with_lesion", lesion), ("all", rows)):
         summary[group] = {k: M.mean_sd(r[k] for r in rs) for k in ("dice", "iou", "auprc")}
@@ -689,11 +632,11 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_settings(method: base.SliceMethod, args: argparse.Namespace, hyper: dict) -> dict:
+def run_settings(method: base.SliceMethod, args: argparse.Namespace, hyper: dict, out_dir: Path) -> dict:
     """Everything that determines a subject's outputs besides its input files."""
     return {
         "format_version": FORMAT_VERSION, "method": args.method, "settings": method.settings(),
-        "checkpoints": [_file_key(p) for p in method.checkpoints()], "hyperparams": hyper,
+        "checkpoints": _digests(method.checkpoints(), out_dir), "hyperparams": hyper,
         "preprocessing": {"name": args.name, "mod": args.mod, "first": args.first, "last": args.last,
                           "image_size": args.image_size},
         "batch_size": args.batch_size, "seed": args.seed, "zero_healthy_slices": args.zero_healthy_slices,
@@ -714,7 +657,7 @@ def _check_run_file(out_dir: Path, settings: dict, resume: bool) -> Optional[str
             diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
             return (f"--output {out_dir} holds results of a run with other settings (differing: {', '.join(diff)}; "
                     f"see {path}). Use another --output, or --resume False to recompute every subject there")
-    translation._write_json_atomic(str(path), settings)
+    fileio.write_json(path, settings)
     return None
 
 
@@ -733,10 +676,10 @@ def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -
         fileio.sweep_temp_files(out_dir, warn=logger.warn)  # partial files of a killed run
     dist_util.barrier()
     method = base.build_method(args.method, args, device)
-    hyper, source = resolve_hyperparams(method, args, out_dir, device)
+    hyper, source = resolve_hyperparams(method, args, out_dir)
     logger.log(f"{args.method}: {method.describe(hyper)}")
-    settings = run_settings(method, args, hyper)
-    run_key = _fingerprint(settings)
+    settings = run_settings(method, args, hyper, out_dir)
+    run_key = fp.json_digest(settings)
     problem = _check_run_file(out_dir, settings, args.resume) if rank == 0 else None
     problem = dist_util.broadcast_object(problem)  # every rank stops, not only rank 0
     if problem:
@@ -796,12 +739,12 @@ def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -
     rows = [_csv_row(r) for r in records] + [{"id": f["id"], "status": "failed", "message": f["message"]}
                                              for f in failures]
     rows.sort(key=lambda r: r["id"])
-    translation._write_csv_atomic(str(out_dir / CSV_FILE), CSV_COLUMNS, rows)
+    fileio.write_csv(str(out_dir / CSV_FILE), CSV_COLUMNS, rows)
     summary = summarize(records, failures)
     summary.update(method=args.method, settings=method.settings(), hyperparams=hyper, hyperparams_source=source,
                    checkpoint=checkpoint, computed=sum(s["status"] == "done" for s in gathered),
                    skipped=sum(s["status"] == "skipped" for s in gathered), seconds=time.time() - t0)
-    translation._write_json_atomic(str(out_dir / SUMMARY_FILE), summary)
+    fileio.write_json(out_dir / SUMMARY_FILE, summary)
     logger.log(format_summary(summary))
     logger.log(f"results: {out_dir} ({CSV_FILE}, {SUMMARY_FILE}, <id>{MAP_SUFFIX}, <id>{MASK_SUFFIX}, "
                f"<id>{RECORD_SUFFIX}, <id>{OVERLAY_SUFFIX})")
