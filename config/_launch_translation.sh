@@ -10,8 +10,9 @@
 #   DRY_RUN=1 bash config/run_translation_brats_fpdm.sh                                 # print the command
 # (SLURM: sbatch config/slurm.sbatch config/run_translation_brats_fpdm.sh). The output folder must be shared by
 # the nodes. A killed run resumes when started again with the same OPENAI_LOGDIR (finished batches are kept).
-# A new method's config sets METHOD, SCRIPT, MASTER_PORT, BATCH_PER_GPU and defines `method_flags W` (filling the
-# array METHOD_FLAGS for guidance weight W; the default below is AnoFPDM's), then sources this file.
+# A new method's config sets METHOD, SCRIPT, MASTER_PORT, BATCH_PER_GPU and defines `method_flags VALUE` (filling the
+# array METHOD_FLAGS for one value of SWEEP, by default the guidance weights W; the default below is AnoFPDM's), then
+# sources this file. The baselines (METHOD anoddpm, clf_guided, ddib) are defined in config/_baselines.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -24,7 +25,8 @@ MASTER_PORT=${MASTER_PORT:-12358}      # rendezvous port, really passed to torch
 # Test slices per process and batch: the inference budget of hae_v2 at 14 slices (14 x 2784 MiB) divided by each
 # variant's cond+null forward peak per slice (bench/memory_speed.py): v2 112 MiB -> 348 (256), hae_v2_conservative
 # 160 -> 243 (224); hae, hae_lite and hae_v2 peak at about 2784 MiB (14).
-case "$UNET_VER" in v2) DEFAULT_BATCH=256 ;; hae_v2_conservative) DEFAULT_BATCH=224 ;; *) DEFAULT_BATCH=14 ;; esac
+# v1 (the baselines' UNet, plain self-attention, one forward per step) is taken as v2 (not benchmarked).
+case "$UNET_VER" in v1 | v2) DEFAULT_BATCH=256 ;; hae_v2_conservative) DEFAULT_BATCH=224 ;; *) DEFAULT_BATCH=14 ;; esac
 BATCH_PER_GPU=${BATCH_PER_GPU:-$DEFAULT_BATCH}
 VAL_BATCH_PER_GPU=${VAL_BATCH_PER_GPU:-$BATCH_PER_GPU}
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}  # GPUs to use (comma list); empty: none, run on the CPU
@@ -35,7 +37,8 @@ CPU_PROCS=${CPU_PROCS:-1}              # processes without GPU (1: plain python,
 # ---- data, model, output ----
 DATA_ROOT=${DATA_ROOT:-./data}
 LOG_ROOT=${LOG_ROOT:-./logs}
-if [ "$UNET_VER" = v2 ]; then SUFFIX=""; else SUFFIX="_$UNET_VER"; fi
+if [ "$UNET_VER" = v2 ] || [ "$UNET_VER" = v1 ]; then SUFFIX=""; else SUFFIX="_$UNET_VER"; fi
+case "$METHOD" in anoddpm | clf_guided | ddib) source config/_baselines.sh ;; esac
 if [ "$DATASET" = brats ]; then
     DATA_DIR=${DATA_DIR:-$DATA_ROOT/BraTS21_training/preprocessed_data_all_00_128}
     MODEL_DIR=${MODEL_DIR:-$LOG_ROOT/clf_free_guided$SUFFIX}          # the training configs' OPENAI_LOGDIR
@@ -67,6 +70,8 @@ UGP_MODE=${UGP_MODE:-null}             # upstream: healthy-conditional UGP (repr
 LEGACY_DDIM_ENCODING=${LEGACY_DDIM_ENCODING:-False}  # True: upstream's off-by-one DDIM encoding
 PRECISION=${PRECISION:-fp32}           # bf16 is faster on recent GPUs
 OUT_DIR=${OUT_DIR:-}                   # results folder (OPENAI_LOGDIR of the run); empty: one per w under $LOG_ROOT
+SWEEP=${SWEEP:-$W}                     # one run per value (AnoFPDM: the guidance weights W)
+SWEEP_NAME=${SWEEP_NAME:-w}
 
 source config/_common.sh       # the working directory is the repository root (cd above)
 source config/_model_flags.sh
@@ -107,15 +112,16 @@ if ! declare -F method_flags >/dev/null; then
     }
 fi
 
-for w in $W; do
-    if [ -n "$OUT_DIR" ] && [ "$(echo "$W" | wc -w)" -gt 1 ]; then
-        OPENAI_LOGDIR=$OUT_DIR/w_$w
+for w in $SWEEP; do
+    if [ -n "$OUT_DIR" ] && [ "$(echo "$SWEEP" | wc -w)" -gt 1 ]; then
+        OPENAI_LOGDIR=$OUT_DIR/${SWEEP_NAME}_$w
     else
-        OPENAI_LOGDIR=${OUT_DIR:-$LOG_ROOT/logs_${DATASET}_aba$SUFFIX/translation_${METHOD}${SUFFIX}_${w}_${MODEL_NUM:-latest}_${FORWARD_STEPS}_${ROUND}_x1}
+        OPENAI_LOGDIR=${OUT_DIR:-$LOG_ROOT/logs_${DATASET}_aba$SUFFIX/translation_${METHOD}${SUFFIX}_${w}_${MODEL_NUM:-latest}_${RUN_TAG:-$FORWARD_STEPS}_${ROUND}_x1}
     fi
     export OPENAI_LOGDIR
     if [ "$DRY_RUN" != 1 ]; then mkdir -p "$OPENAI_LOGDIR"; fi
     method_flags "$w"
+    if declare -F baseline_flags >/dev/null; then baseline_flags; fi
     FLAGS=(
         --name "$DATASET" --data_dir "$DATA_DIR" --model_dir "$MODEL_DIR" --image_dir "$OPENAI_LOGDIR"
         --ema "$EMA" --seed "$SEED" --precision "$PRECISION"
@@ -124,6 +130,6 @@ for w in $W; do
         "${METHOD_FLAGS[@]}" "${MODEL_FLAGS[@]}"
     )
     if [ -n "$MODEL_NUM" ]; then FLAGS+=(--model_num "$MODEL_NUM"); fi
-    echo "$METHOD ($UNET_VER) on $DATASET, w=$w: $NNODES node(s) x $NPROC process(es), test $BATCH_SIZE x $NUM_BATCHES, val $BATCH_SIZE_VAL x $NUM_BATCHES_VAL -> $OPENAI_LOGDIR" >&2
+    echo "$METHOD ($UNET_VER) on $DATASET, $SWEEP_NAME=$w: $NNODES node(s) x $NPROC process(es), test $BATCH_SIZE x $NUM_BATCHES, val $BATCH_SIZE_VAL x $NUM_BATCHES_VAL -> $OPENAI_LOGDIR" >&2
     launch "$SCRIPT" "${FLAGS[@]}" "$@"
 done

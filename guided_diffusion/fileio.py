@@ -237,9 +237,27 @@ def write_text(path: PathLike, text: str) -> None:
         f.write(text)
 
 
-def write_json(path: PathLike, obj: Any, default: Optional[Callable[[Any], Any]] = None) -> None:
-    """``obj`` as indented JSON with a final newline."""
+def json_default(o: Any) -> Any:
+    """JSON for numpy scalars and arrays (results often hold them); anything else as its string."""
+    if hasattr(o, "tolist") and hasattr(o, "dtype"):  # numpy scalar or array, without importing numpy here
+        return o.tolist()
+    return str(o)
+
+
+def write_json(path: PathLike, obj: Any, default: Optional[Callable[[Any], Any]] = json_default) -> None:
+    """``obj`` as indented JSON with a final newline (numpy values converted)."""
     write_text(path, json.dumps(obj, indent=2, default=default) + "\n")
+
+
+def write_csv(path: PathLike, columns: Sequence[str], rows: Sequence[Dict[str, Any]]) -> None:
+    """A CSV table with a header; a missing or None cell is empty."""
+    import csv
+
+    with atomic_write(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
 
 
 def torch_save(obj: Any, path: PathLike) -> None:

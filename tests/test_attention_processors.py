@@ -204,3 +204,35 @@ def test_hae_designs_are_a_table_of_choices():
     block = MultiScaleSparseTransformer(32, "hae", dropout=0.0)
     assert hasattr(block, "patch_projections") and not hasattr(block, "shared_patch_embed")
     assert MultiScaleSparseTransformer(32, "hae_v2", dropout=0.0).mlp.mlp[0].out_features == 8
+
+
+@pytest.mark.parametrize("length_hw", [(8, 8), (24, 24)])  # 64+4+1 = 69 tokens (dense path), 576+36+9 = 621 (kernel)
+def test_fused_hae_processor_inference_paths_equal_upstreams_call(length_hw, monkeypatch):
+    """Without autograd the fused HAE processor runs short sequences through SDPA with the dense mask and long ones
+    through the block-sparse kernel; both give nn.MultiheadAttention's masked output (upstream's call)."""
+    from guided_diffusion.models import hae, sparse_attention
+
+    torch.manual_seed(0)
+    block = MultiScaleSparseTransformer(32, "hae_v2", dropout=0.1).eval()
+    h, w = length_hw
+    seq = block.tokens(torch.randn(3, 32, h, w))
+    length = seq.shape[1]
+    expected = block.multihead_attn(seq, seq, seq, attn_mask=block.mask(length, seq.device))[0]  # upstream
+    used = []
+    for name in ("dense_inference_attention", "multihead_self_attention"):
+        real = getattr(hae, name)
+        monkeypatch.setattr(hae, name, lambda *a, _r=real, _n=name, **k: used.append(_n) or _r(*a, **k))
+    with torch.no_grad():
+        got = hae.SparseMaskedAttentionProcessor()(block, seq)
+        kernel = hae.SparseMaskedAttentionProcessor(dense_max_length=0)(block, seq)
+    assert used == (["dense_inference_attention"] if length <= 512 else ["multihead_self_attention"]) + [
+        "multihead_self_attention"]
+    assert (got - expected).abs().max() < 1e-5 and (kernel - expected).abs().max() < 1e-5
+    # with autograd the kernel always runs: nothing L×L is saved for backward
+    used.clear()
+    hae.SparseMaskedAttentionProcessor()(block, seq.requires_grad_())
+    assert used == ["multihead_self_attention"]
+    # the dense path bounds its temporary scores by splitting the batch (here one row per chunk)
+    small = sparse_attention.dense_inference_attention(block.multihead_attn, seq.detach(), block.mask(length, "cpu"),
+                                                       max_chunk_bytes=1)
+    assert (small - expected).abs().max() < 1e-5

@@ -80,7 +80,8 @@ def test_every_config_prints_a_command_on_its_own_port(config):
     port = text.split("MASTER_PORT:-")[1].split("}")[0]
     assert option(cmd, "--master-port") == port and option(cmd, "--nproc-per-node") == "8"
     variant = text.split("UNET_VER=")[1].split()[0]
-    assert variant in config or (variant == "v2" and "hae" not in config)
+    baseline_v1 = variant == "v1" and ("anoddpm" in config or "clf_guided" in config)  # the baselines' own UNet
+    assert variant in config or (variant == "v2" and "hae" not in config) or baseline_v1
     assert len(text.splitlines()) <= 6  # a short wrapper: the launcher holds the rest
 
 
@@ -113,3 +114,30 @@ def test_slurm_example_starts_one_torchrun_per_node(tmp_path):
 def test_launcher_files_parse():
     for f in list((REPO / "config").glob("*.sh")) + [REPO / "config" / "slurm.sbatch"]:
         assert subprocess.run(["bash", "-n", str(f)]).returncode == 0, f
+
+
+@pytest.mark.parametrize("config, method, flags", [
+    ("run_translation_brats_anoddpm.sh", "anoddpm", {"--sample_steps": "200", "--noise_type": "simplex",
+                                                     "--use_ddpm": "True", "--num_classes": "0",
+                                                     "--class_cond": "False", "--unet_ver": "v1"}),
+    ("run_translation_ATLAS_clf_guided.sh", "clf_guided", {"--classifier_scale": "500", "--sample_steps": "200",
+                                                          "--clf_free": "False", "--learn_sigma": "True",
+                                                          "--in_channels": "1", "--modality": "0"}),
+    ("run_translation_brats_ddib.sh", "ddib", {"--w": "1.1", "--sample_steps": "450", "--legacy_ddib": "False",
+                                              "--unet_ver": "v2", "--clf_free": "True"}),
+    ("run_translation_ATLAS_ddib.sh", "ddib", {"--w": "1.3", "--sample_steps": "300"}),
+])
+def test_baseline_configs_pass_upstreams_settings(config, method, flags):
+    (cmd,), err = dry_run(config, NUM_GPUS="1")
+    script = {"anoddpm": "scripts/translation_HEALTHY.py", "clf_guided": "scripts/translation_CLF.py",
+              "ddib": "scripts/translation_DDIB.py"}[method]
+    assert script in cmd
+    for flag, value in flags.items():
+        assert option(cmd, flag) == value, flag
+    assert option(cmd, "--num_batches_val") != "0"  # the threshold is tuned on validation slices
+    if method == "clf_guided":
+        assert option(cmd, "--clf_dir").endswith("atlas_clf")
+    sweep, _ = dry_run(config, NUM_GPUS="1", SWEEP="3 5")  # one run per value of the swept setting
+    name = {"anoddpm": "--sample_steps", "clf_guided": "--classifier_scale", "ddib": "--w"}[method]
+    assert [option(c, name) for c in sweep] == ["3", "5"]
+    assert len({option(c, "--image_dir") for c in sweep}) == 2

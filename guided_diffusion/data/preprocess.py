@@ -109,23 +109,42 @@ def _listing(source: Path, warnings: List[str], warn_files: bool = True) -> List
     return dirs
 
 
+def _brats_subject(d: Path, mods: Sequence[str]) -> Subject:
+    """BraTS 2021: ``<P>/<P>_{flair,t1,t1ce,t2,seg}.nii.gz``."""
+    images = {m: _nifti(d / f"{d.name}_{m}.nii.gz") for m in mods}
+    return Subject(d.name, images, _nifti(d / f"{d.name}_seg.nii.gz"))
+
+
 def _brats_subjects(source: Path, mods: Sequence[str], warnings: List[str]) -> List[Subject]:
-    subjects = []
-    for d in _listing(source, warnings):
-        images = {m: _nifti(d / f"{d.name}_{m}.nii.gz") for m in mods}
-        subjects.append(Subject(d.name, images, _nifti(d / f"{d.name}_seg.nii.gz")))
-    return subjects
+    return [_brats_subject(d, mods) for d in _listing(source, warnings)]
 
 
-def _atlas_subjects(source: Path, warnings: List[str]) -> List[Subject]:
+def _atlas_flat_subject(d: Path) -> Subject:
+    """ATLAS as upstream flattened it: ``<P>/<P>_T1w.nii.gz``, ``<P>/<P>_mask.nii.gz``."""
+    return Subject(d.name, {"t1": _nifti(d / f"{d.name}_T1w.nii.gz")}, _nifti(d / f"{d.name}_mask.nii.gz"))
+
+
+def _bids_subject(d: Path, warnings: List[str], require_mask: bool = True) -> Subject:
+    """One ``sub-*`` folder of the official ATLAS BIDS tree (``ses-*/anat/*_T1w.nii.gz`` + ``*_mask.nii.gz``)."""
+    t1s = sorted(p for p in d.rglob("*_T1w.nii*") if p.name.endswith((".nii", ".nii.gz")))
+    masks = sorted(p for p in d.rglob("*_mask.nii*") if p.name.endswith((".nii", ".nii.gz")))
+    problem = None
+    if not t1s:
+        problem = f"subject {d.name}: no *_T1w.nii.gz file under {d}"
+    elif not masks and require_mask:
+        problem = f"subject {d.name}: no lesion *_mask.nii.gz file under {d}"
+    elif len(t1s) > 1:
+        _warn(f"subject {d.name}: {len(t1s)} T1w files, using {t1s[0]}", warnings)
+    return Subject(d.name, {"t1": t1s[0] if t1s else d / f"{d.name}_T1w.nii.gz"}, masks[0] if masks else None,
+                   problem)
+
+
+def _atlas_subjects(source: Path, warnings: List[str], require_mask: bool = True) -> List[Subject]:
     top = _listing(source, [], warn_files=False)
     flattened = [d for d in top if _nifti(d / f"{d.name}_T1w.nii.gz").exists()]
     if flattened:  # upstream's layout: <P>/<P>_T1w.nii.gz, <P>/<P>_mask.nii.gz
         _listing(source, warnings)  # now warn about stray files
-        return [
-            Subject(d.name, {"t1": _nifti(d / f"{d.name}_T1w.nii.gz")}, _nifti(d / f"{d.name}_mask.nii.gz"))
-            for d in top
-        ]
+        return [_atlas_flat_subject(d) for d in top]
     # Official BIDS release: [Training/][R0xx/]sub-*/ses-*/anat/*_T1w.nii.gz + *_label-L_desc-T1lesion_mask.nii.gz
     sub_dirs: List[Path] = []
     for root, dirs, _files in os.walk(source):
@@ -137,26 +156,37 @@ def _atlas_subjects(source: Path, warnings: List[str]) -> List[Subject]:
             dirs[:] = []
     subjects: Dict[str, Subject] = {}
     for d in sorted(sub_dirs, key=lambda p: p.name):
-        t1s = sorted(p for p in d.rglob("*_T1w.nii*") if p.name.endswith((".nii", ".nii.gz")))
-        masks = sorted(p for p in d.rglob("*_mask.nii*") if p.name.endswith((".nii", ".nii.gz")))
-        problem = None
-        if not t1s:
-            problem = f"subject {d.name}: no *_T1w.nii.gz file under {d}"
-        elif not masks:
-            problem = f"subject {d.name}: no lesion *_mask.nii.gz file under {d}"
-        elif len(t1s) > 1:
-            _warn(f"subject {d.name}: {len(t1s)} T1w files, using {t1s[0]}", warnings)
+        subject = _bids_subject(d, warnings, require_mask)
         if d.name in subjects:
             _warn(f"duplicate subject {d.name} at {d}; keeping {subjects[d.name].images['t1'].parent}", warnings)
             continue
-        subjects[d.name] = Subject(d.name, {"t1": t1s[0] if t1s else d / f"{d.name}_T1w.nii.gz"},
-                                   masks[0] if masks else None, problem)
+        subjects[d.name] = subject
     return list(subjects.values())
 
 
+def subject_from_folder(folder: str | os.PathLike, name: str, mod: str, warnings: Optional[List[str]] = None,
+                        require_mask: bool = True) -> Subject:
+    """The subject of one folder in the layout of dataset `name` (a BraTS subject folder, an ATLAS ``<P>/`` folder
+    or a BIDS ``sub-*`` folder), as ``discover_subjects`` would list it."""
+    warnings = [] if warnings is None else warnings
+    d = Path(folder)
+    if not d.is_dir():
+        raise NotADirectoryError(f"subject folder {d} is not a folder")
+    if name == "brats":
+        return _brats_subject(d, MODALITIES if mod == "all" else (mod,))
+    if name == "atlas":
+        if _nifti(d / f"{d.name}_T1w.nii.gz").exists():
+            return _atlas_flat_subject(d)
+        return _bids_subject(d, warnings, require_mask)
+    raise ValueError(f"--name must be one of {DATASETS}, got {name!r}")
+
+
 def discover_subjects(source: str | os.PathLike, name: str, mod: str,
-                      warnings: Optional[List[str]] = None) -> List[Subject]:
-    """Subjects under `source` (sorted by name) for dataset `name` and modality choice `mod`."""
+                      warnings: Optional[List[str]] = None, require_mask: bool = True) -> List[Subject]:
+    """Subjects under `source` (sorted by name) for dataset `name` and modality choice `mod`.
+
+    ``require_mask=False`` (segmentation of new scans): a BIDS subject without a lesion mask is not a problem.
+    """
     warnings = [] if warnings is None else warnings
     source = Path(source)
     if not source.exists():
@@ -166,7 +196,7 @@ def discover_subjects(source: str | os.PathLike, name: str, mod: str,
     if name == "brats":
         subjects = _brats_subjects(source, MODALITIES if mod == "all" else (mod,), warnings)
     elif name == "atlas":
-        subjects = _atlas_subjects(source, warnings)
+        subjects = _atlas_subjects(source, warnings, require_mask)
     else:
         raise ValueError(f"--name must be one of {DATASETS}, got {name!r}")
     subjects = [s for s in subjects if _is_subject(s, warnings)]
@@ -374,6 +404,86 @@ def _count_existing(patient_dir: Path) -> Tuple[int, int]:
     return healthy, unhealthy
 
 
+def load_subject(subject: Subject, require_mask: bool = True) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(volume [C, H, W, S] float64 in the channel order of subject.images, mask [H, W, S] or None)``.
+
+    Raises SubjectError naming the subject and file for a missing, corrupt or all-zero file and for shapes that
+    differ between modalities and mask. ``require_mask=False``: a subject without a mask file gives None.
+    """
+    if subject.problem:
+        raise SubjectError(subject.problem)
+    channels = [load_volume(p, subject.name, m) for m, p in subject.images.items()]
+    has_mask = subject.mask is not None and Path(subject.mask).exists()
+    mask = load_volume(subject.mask, subject.name, "mask/seg") if (has_mask or require_mask) else None
+    shapes = {str(p): c.shape for p, c in zip(subject.images.values(), channels)}
+    if mask is not None:
+        shapes[str(subject.mask)] = mask.shape
+    if len(set(shapes.values())) > 1:
+        listing = ", ".join(f"{Path(p).name}: {s}" for p, s in shapes.items())
+        raise SubjectError(f"subject {subject.name}: modalities and mask differ in shape ({listing})")
+    for (m, p), c in zip(subject.images.items(), channels):
+        if not (c > 0).any():
+            raise SubjectError(f"subject {subject.name}: {m} file {p} is all zero (no voxel > 0)")
+    return np.stack(channels), mask
+
+
+def resize_slices(slices: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, C, *size]``: bilinear, half-pixel centres, no antialias (upstream's resize).
+
+    The same call inverts it (segmentation maps back to the scan's grid), so both directions share one geometry.
+    """
+    return F.interpolate(slices, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+@dataclass
+class PreparedSlices:
+    """What preprocessing keeps of one volume: the slices the model sees, and where they came from.
+
+    ``x`` float64 ``[N, C, S, S]`` (per-channel 99th-percentile scaling, then the resize), ``y`` float32
+    ``[N, 1, S, S]`` (the binarised mask resized: soft) or None. Slice i is z = ``start + i`` of the volume after
+    ``trim_slices`` (the ``slice_<z>.npz`` name), i.e. z = ``first + start + i`` of the original volume, whose shape
+    is ``shape`` (H, W, Z).
+    """
+
+    x: np.ndarray
+    y: Optional[np.ndarray]
+    start: int
+    stop: int
+    first: int
+    shape: Tuple[int, int, int]
+
+    @property
+    def original_z(self) -> range:
+        """The kept slices' indices along the last axis of the original volume."""
+        return range(self.first + self.start, self.first + self.stop)
+
+
+def prepare_slices(volume: np.ndarray, mask: Optional[np.ndarray], image_size: int, first: int = 0, last: int = 0,
+                   subject: str = "?") -> PreparedSlices:
+    """Volume ``[C, H, W, Z]`` (+ mask ``[H, W, Z]``) -> the kept, normalised, resized slices (see module docstring).
+
+    This is the one definition of what training data are: preprocessing writes its result, segmentation of new
+    scans feeds it to the model. ``volume`` is modified in place (normalised).
+    """
+    shape = tuple(int(n) for n in volume.shape[1:])
+    volume = trim_slices(volume, first, last)  # [C, H, W, S]
+    labels = None if mask is None else (trim_slices(mask, first, last) > 0.5).astype(np.float32)  # all classes -> 1
+    volume = normalise_percentile(volume)
+    start, stop = brain_slice_range(volume)
+    if stop <= start:
+        raise SubjectError(f"subject {subject}: no slice has brain tissue (channel-mean slice sum > 0.5)")
+
+    # Resize all kept slices at once: [S, C, H, W] -> [S, C, size, size]; bilinear, no antialias, as upstream.
+    size = (image_size, image_size)
+    x = torch.from_numpy(np.ascontiguousarray(volume[..., start:stop].transpose(3, 0, 1, 2)))
+    x = resize_slices(x, size).numpy()
+    y = None
+    if labels is not None:
+        y = torch.from_numpy(np.ascontiguousarray(labels[None, ..., start:stop].transpose(3, 0, 1, 2)))
+        y = resize_slices(y, size).numpy()
+    return PreparedSlices(x, y, start, stop, max(first, 0), shape)
+
+
 def process_subject(subject: Subject, split_dir: Path, image_size: int = 128, first: int = 0,
                     last: int = 0) -> SubjectResult:
     """Preprocess one subject into ``split_dir/patient_<name>`` atomically; skip it if already there."""
@@ -382,33 +492,9 @@ def process_subject(subject: Subject, split_dir: Path, image_size: int = 128, fi
     if final.is_dir():
         healthy, unhealthy = _count_existing(final)
         return SubjectResult(subject.name, split, "skipped", healthy, unhealthy)
-    if subject.problem:
-        raise SubjectError(subject.problem)
-
-    channels = [load_volume(p, subject.name, m) for m, p in subject.images.items()]
-    mask = load_volume(subject.mask, subject.name, "mask/seg")
-    shapes = {str(p): c.shape for p, c in zip(subject.images.values(), channels)}
-    shapes[str(subject.mask)] = mask.shape
-    if len(set(shapes.values())) > 1:
-        listing = ", ".join(f"{Path(p).name}: {s}" for p, s in shapes.items())
-        raise SubjectError(f"subject {subject.name}: modalities and mask differ in shape ({listing})")
-    for (m, p), c in zip(subject.images.items(), channels):
-        if not (c > 0).any():
-            raise SubjectError(f"subject {subject.name}: {m} file {p} is all zero (no voxel > 0)")
-
-    volume = trim_slices(np.stack(channels), first, last)  # [C, H, W, S]
-    labels = (trim_slices(mask, first, last) > 0.5).astype(np.float32)  # all tumour classes -> 1
-    volume = normalise_percentile(volume)
-    start, stop = brain_slice_range(volume)
-    if stop <= start:
-        raise SubjectError(f"subject {subject.name}: no slice has brain tissue (channel-mean slice sum > 0.5)")
-
-    # Resize all kept slices at once: [S, C, H, W] -> [S, C, size, size]; bilinear, no antialias, as upstream.
-    x = torch.from_numpy(np.ascontiguousarray(volume[..., start:stop].transpose(3, 0, 1, 2)))
-    y = torch.from_numpy(np.ascontiguousarray(labels[None, ..., start:stop].transpose(3, 0, 1, 2)))
-    size = (image_size, image_size)
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).numpy()
-    y = F.interpolate(y, size=size, mode="bilinear", align_corners=False).numpy()
+    volume, mask = load_subject(subject)
+    prepared = prepare_slices(volume, mask, image_size, first, last, subject.name)
+    x, y, start, stop = prepared.x, prepared.y, prepared.start, prepared.stop
 
     healthy = unhealthy = 0
     with fileio.atomic_dir(final) as tmp:

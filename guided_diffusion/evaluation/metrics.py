@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -314,3 +314,83 @@ def evaluate_segmentation(
         "auprc_pooling": auprc_pooling,
         "n_batches": n_batches,
     }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-volume metrics (whole-volume segmentation, guided_diffusion/evaluation/volumes.py)
+
+
+def volume_metrics(pred, gt, scores=None, foreground=None, voxel_ml: float = 1.0) -> dict:
+    """3-D metrics of one subject: the whole volume is one sample.
+
+    ``pred`` / ``gt`` binary volumes of one shape; ``scores`` the anomaly map (AUPRC, over the ``foreground``
+    voxels when given); ``voxel_ml`` the volume of one voxel in millilitres. Dice and IoU use the slices' 1e-6
+    smoothing (a subject without lesion and an empty prediction scores 1). Returns ``dice``, ``iou``, ``auprc``
+    (None without a lesion voxel), voxel ``precision``/``recall``, voxel counts and volumes in ml.
+    """
+    pred, gt = _as_bool(pred), _as_bool(gt)
+    dice, iou = dice_iou_per_slice(pred[None], gt[None])
+    pr = precision_recall(pred, gt)
+    ap = None
+    if scores is not None:
+        scores = np.asarray(scores)
+        if scores.shape != gt.shape:
+            raise ValueError(f"anomaly map shape {scores.shape} differs from ground-truth shape {gt.shape}")
+        fg = np.ones(gt.shape, bool) if foreground is None else _as_bool(foreground)
+        ap = auprc(scores[fg], gt[fg]) if gt[fg].any() else None
+    n_pred, n_gt = int(pred.sum()), int(gt.sum())
+    return {"dice": float(dice[0]), "iou": float(iou[0]), "auprc": ap, "precision": pr["precision"],
+            "recall": pr["recall"], "pred_voxels": n_pred, "gt_voxels": n_gt, "pred_ml": n_pred * voxel_ml,
+            "gt_ml": n_gt * voxel_ml}
+
+
+def mean_sd(values: Iterable[Optional[float]]) -> dict:
+    """``{"mean", "sd", "n"}`` of the defined values (None/NaN left out); sd is the sample standard deviation
+    (n - 1), None for fewer than two values; mean None for none."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
+    return {"mean": float(v.mean()) if v.size else None, "sd": float(v.std(ddof=1)) if v.size > 1 else None,
+            "n": int(v.size)}
+
+
+def per_volume_metrics(batches: Iterable[Mapping[str, np.ndarray]], key: str = "volume",
+                       volumes: Optional[Iterable[str]] = None) -> dict:
+    """3-D metrics per volume from slice results spread over batches, each slice naming its volume in ``b[key]``.
+
+    All slices of a volume together are one sample (as ``volume_metrics``): Dice / IoU (1e-6 smoothing),
+    precision / recall from the voxel counts of the mixed-setup mask (slices predicted healthy are empty), and the
+    exact AUPRC of the anomaly map over the volume's foreground pixels, in two passes over ``batches`` (a list or
+    a re-iterable; memory O(lesion pixels)). Batches are ``evaluate_segmentation``'s plus ``key``. ``volumes``
+    restricts the result to those ids. Returns ``{id: {dice, iou, auprc, precision, recall, pred_voxels,
+    gt_voxels, n_slices}}``.
+    """
+    wanted = None if volumes is None else set(volumes)
+    counts: Dict[str, np.ndarray] = {}  # tp, predicted, true, slices
+    counters: Dict[str, RankCounter] = {}
+
+    def groups(b: Mapping[str, np.ndarray]):
+        ids = np.asarray(b[key]).astype(str).ravel()
+        _, mixed = _setup_pixels(b)["mixed"]
+        gt, fg = _as_bool(b["gt"]), _as_bool(b["foreground"])
+        amap = np.asarray(b["anomaly_map"], dtype=np.float32)
+        for v in np.unique(ids):
+            if wanted is None or v in wanted:
+                sel = ids == v
+                yield v, mixed[sel], gt[sel], fg[sel], amap[sel]
+
+    for b in batches:
+        for v, pred, gt, fg, amap in groups(b):
+            c = counts.setdefault(v, np.zeros(4, np.int64))
+            c += (int((pred & gt).sum()), int(pred.sum()), int(gt.sum()), pred.shape[0])
+            counters.setdefault(v, RankCounter()).add_positives(amap[fg & gt])
+    for c in counters.values():
+        c.freeze()
+    for b in batches:
+        for v, _pred, gt, fg, amap in groups(b):
+            counters[v].add(amap[fg], gt[fg])
+    out = {}
+    for v in sorted(counts):
+        tp, p, g, n = (int(x) for x in counts[v])
+        out[v] = {"dice": (2 * tp + SMOOTH) / (p + g + SMOOTH), "iou": (tp + SMOOTH) / (p + g - tp + SMOOTH),
+                  "auprc": counters[v].average_precision(), "precision": _ratio(tp, p), "recall": _ratio(tp, g),
+                  "pred_voxels": p, "gt_voxels": g, "n_slices": n}
+    return out

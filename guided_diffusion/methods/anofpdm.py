@@ -649,3 +649,185 @@ def segment_batch(
         "anomaly_map": amap,
         "mask": mask,
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# AnoFPDM behind the evaluation driver (methods/base.py)
+# --------------------------------------------------------------------------------------------------------
+
+from guided_diffusion.methods.base import BatchContext, SliceMethod, SliceOutput, require_classifier_free  # noqa: E402
+
+
+def anofpdm_flags() -> dict:
+    """Upstream ``translation_FPDM.py`` flags of the method (``--w``, ``--modality``, ``--t_e_ratio`` are the
+    driver's), then this project's additions."""
+    return dict(
+        forward_steps=600,
+        null=True,  # paper: encode with the null embedding (upstream's default False crashed); False: healthy label
+        d_reverse=True,
+        last_only=False,
+        subset_interval=-1,
+        use_gradient_sam=False,
+        use_gradient_para_sam=False,
+        # additions
+        ugp_mode="null",
+        legacy_ddim_encoding=False,
+        include_t_e=False,
+        quantile_a=A_QUANTILE,
+        quantile_b=B_QUANTILE,
+    )
+
+
+def forward_config_from_args(args) -> ForwardConfig:
+    sub = "gradient" if args.use_gradient_sam else ("gradient_para" if args.use_gradient_para_sam else "input")
+    return ForwardConfig(
+        w=args.w,
+        forward_steps=args.forward_steps,
+        modality=list(args.modality),
+        ddim=args.d_reverse,
+        ugp_mode=args.ugp_mode,
+        encode_null=args.null,
+        legacy_ddim_encoding=args.legacy_ddim_encoding,
+        sub_anomaly=sub,
+        last_only=args.last_only,
+        interval=args.subset_interval if args.subset_interval > 0 else 1,
+        include_end=args.include_t_e,
+        store_maps=any(r != 1 for r in args.t_e_ratio),
+    )
+
+
+class AnoFPDM(SliceMethod):
+    """AnoFPDM as a slice method: validation records are the per-step curves ``StepStats`` ``[B, T, M]``;
+    ``fit`` selects ``thr_01`` and ``M_max`` from slice labels only; ``test_batch`` runs ``segment_batch`` for every
+    ``--t_e_ratio`` (the first is the main result, the others are ``variants``)."""
+
+    name = "anofpdm"
+    uses_pixel_labels = False
+    variant_key = "t_e_ratio"
+    caption_columns = ("end_step",)
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        diffusion,
+        cfg: ForwardConfig,
+        *,
+        checkpoint: Optional[str] = None,
+        t_e_ratio: Sequence[float] = (1.0,),
+        median_kernel: int = 5,
+        cc_max_size: int = 40,
+        a: float = A_QUANTILE,
+        b: float = B_QUANTILE,
+        precision: str = "fp32",
+        dataset: str = "brats",
+    ):
+        from guided_diffusion.methods.base import autocast_dtype
+
+        cfg.validate()
+        if len(t_e_ratio) == 0:
+            raise ValueError("--t_e_ratio needs at least one value")
+        if any(r != 1 for r in t_e_ratio) and not cfg.store_maps:
+            raise ValueError("t_e_ratio != 1 needs the per-step maps: build the ForwardConfig with store_maps=True")
+        self.model, self.diffusion, self.cfg = model, diffusion, cfg
+        self.checkpoint, self.t_e_ratio = checkpoint, [float(r) for r in t_e_ratio]
+        self.median_kernel, self.cc_max_size, self.a, self.b = median_kernel, cc_max_size, a, b
+        self.precision, self.dataset = precision, dataset
+        self.process = ForwardProcess(model, diffusion, cfg, autocast_dtype(precision))
+
+    @classmethod
+    def flag_defaults(cls) -> dict:
+        return anofpdm_flags()
+
+    @classmethod
+    def check_args(cls, args, grid_steps: int, explicit: Optional[set] = None) -> None:
+        require_classifier_free(args, "AnoFPDM")
+        if args.w < 0:
+            raise ValueError(f"--w {args.w}: pass the guidance weight (>= 0; paper: BraTS 2, ATLAS 30). Upstream's "
+                             "default -1 silently disabled guidance")
+        if args.forward_steps < 1 or args.forward_steps > grid_steps:
+            raise ValueError(f"--forward_steps must lie in [1, {grid_steps}] (the diffusion's steps"
+                             f"{', respaced' if args.timestep_respacing else ''}), got {args.forward_steps}")
+        if args.use_gradient_sam and args.use_gradient_para_sam:
+            raise ValueError("--use_gradient_sam and --use_gradient_para_sam are exclusive")
+        if not 0 <= args.quantile_a <= args.quantile_b <= 1:
+            raise ValueError(f"need 0 <= --quantile_a ({args.quantile_a}) <= --quantile_b ({args.quantile_b}) <= 1")
+        forward_config_from_args(args).validate(args.in_channels)
+
+    @classmethod
+    def from_args(cls, args, device: torch.device) -> "AnoFPDM":
+        from guided_diffusion.evaluation import translation  # the driver's model loading (tests may replace it)
+
+        require_classifier_free(args, "AnoFPDM")
+        model, diffusion, path = translation.load_model(args, device)
+        cc = args.cc_filter_size if args.cc_filter_size >= 0 else int(round(40 * (args.image_size / 128) ** 2))
+        return cls(model, diffusion, forward_config_from_args(args), checkpoint=path, t_e_ratio=args.t_e_ratio,
+                   median_kernel=5 if args.median_filter else 1, cc_max_size=cc, a=args.quantile_a,
+                   b=args.quantile_b, precision=args.precision, dataset=args.name)
+
+    def settings(self) -> dict:
+        c = self.cfg
+        return {"method": self.name, "w": c.w, "forward_steps": c.forward_steps, "modality": list(c.modality),
+                "d_reverse": c.ddim, "ugp_mode": c.ugp_mode, "null": c.encode_null,
+                "legacy_ddim_encoding": c.legacy_ddim_encoding, "sub_anomaly": c.sub_anomaly,
+                "clip_denoised": c.clip_denoised, "healthy_label": c.healthy_label, "last_only": c.last_only,
+                "subset_interval": c.interval, "include_t_e": c.include_end, "t_e_ratio": self.t_e_ratio,
+                "median_kernel": self.median_kernel, "cc_max_size": self.cc_max_size, "quantile_a": self.a,
+                "quantile_b": self.b, "precision": self.precision}
+
+    def checkpoints(self) -> list:
+        return [self.checkpoint] if self.checkpoint else []
+
+    def steps_per_batch(self, split: str) -> int:
+        return self.cfg.forward_steps
+
+    def variants(self) -> list:
+        return list(self.t_e_ratio)
+
+    def _run(self, x: torch.Tensor, ctx: BatchContext, with_maps: bool) -> ForwardResult:
+        return self.process.run(x.float(), with_maps=with_maps, generator=ctx.generator, progress=ctx.progress,
+                                noise_rows=ctx.noise_rows(x.shape[0]))
+
+    def validation_batch(self, x: torch.Tensor, ctx: BatchContext) -> dict:
+        return self._run(x, ctx, with_maps=False).stats.to_numpy()
+
+    def fit(self, records: dict, labels: np.ndarray, gt_masks: Optional[np.ndarray]) -> dict:
+        # slice labels only: the driver passes no pixel labels to a method that does not declare them
+        stats = StepStats.from_numpy(records)
+        return fit_hyperparams(stats, torch.as_tensor(np.asarray(labels)).long()).to_dict()
+
+    def hyperparams_without_validation(self) -> dict:
+        hyper = upstream_fallback_hyperparams(self.dataset, self.cfg.forward_steps, len(self.cfg.modality), self.cfg)
+        return hyper.to_dict()
+
+    def check_hyperparams(self, hyper: dict) -> dict:
+        missing = [k for k in ("thr_01", "diff_max") if k not in hyper]
+        if missing:
+            raise ValueError(f"AnoFPDM hyper-parameters need {' and '.join(missing)}")
+        h = Hyperparams.from_dict(hyper)
+        if len(h.diff_max) != len(self.cfg.modality):
+            raise ValueError(f"{len(h.diff_max)} modalities in diff_max; --modality gives {len(self.cfg.modality)}")
+        return dict(hyper, **{k: getattr(h, k) for k in ("thr_01", "diff_max", "diff_min", "source")})
+
+    def describe(self, hyper: dict) -> str:
+        h = Hyperparams.from_dict(hyper)
+        return (f"thr_01 {h.thr_01:.8f}, diff_max {h.diff_max}, diff_min {h.diff_min}, val errors {h.n_errors} of "
+                f"{h.n_val} ({h.n_val_unhealthy} unhealthy), val accuracy {h.val_accuracy} ({h.source})")
+
+    def test_batch(self, x: torch.Tensor, hyper: dict, ctx: BatchContext) -> SliceOutput:
+        h = Hyperparams.from_dict(hyper)
+        res = self._run(x, ctx, with_maps=True)
+        outputs = []
+        for ratio in self.t_e_ratio:
+            seg = segment_batch(res, h, self.cfg, t_e_ratio=ratio, median_kernel=self.median_kernel,
+                                cc_max_size=self.cc_max_size, a=self.a, b=self.b)
+            outputs.append(SliceOutput(
+                anomaly_map=seg["anomaly_map"].float(),
+                mask=seg["mask"].bool(),
+                pred_label=seg["pred_label"].long(),
+                columns={"similarity": seg["similarity"].cpu().numpy(), "threshold": seg["threshold"].cpu().numpy(),
+                         "end_step": seg["end_step"].cpu().numpy(), "quantile": seg["quantile"].cpu().numpy()},
+            ))
+        main = outputs[0]
+        main.arrays = res.stats.to_numpy()  # mse_guided, mse_unguided, divergence, sam_mean [B, T, M]
+        main.variants = outputs[1:]
+        return main

@@ -1,0 +1,125 @@
+"""DDIB / classifier-free DDIM reconstruction ("DDIM clf-free", Sanchez et al.) on the AnoFPDM checkpoint.
+
+Upstream ``scripts/translation_DDIB.py`` (after Su et al.'s dual diffusion implicit bridges): encode x0 by DDIM
+inversion with the null embedding, then decode with DDIM (η = 0) and classifier-free guidance toward healthy,
+ε̃ = (1 + w) ε(x, t, y = 0) − w ε(x, t, ∅), ``--w`` (upstream BraTS 1.1, ATLAS 1.3), from ``--sample_steps`` S.
+
+Here (default) the inversion is exact in its levels: from the clean image (ᾱ = 1) to step 0, then step by step to
+S-1, each step using ε at the latent's own level (``diffusion.ddim_reverse_sample_loop``), without clipping x̂0
+(the inversion follows the model's ODE; clipping would move the latent off it); the decoding starts at S-1, the
+level of the latent, and clips x̂0 as every sampler here does. S encoding steps (1 forward each) and S decoding
+steps (one batched forward of conditional and null rows each).
+
+Upstream (``--legacy_ddib True``): the input is taken as the latent of step 0, S inversion steps with x̂0 clipped
+lead to level S, and decoding starts at step S-1, one level below (spec upstream-baselines §3, §8). With upstream's
+full 1000-step grid the level mismatch is one step in S (ᾱ differs by about 1 %); on a respaced grid it is one coarse
+step, so the flag matters for reproducing old numbers mostly there.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from guided_diffusion.methods.base import (
+    BatchContext,
+    autocast_dtype,
+    autocast_model,
+    has_null_embedding,
+    model_fn,
+    require_classifier_free,
+)
+from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model
+
+HEALTHY = 0
+
+
+def ddib_flags() -> Dict[str, Any]:
+    return dict(legacy_ddib=False)
+
+
+def ddib_encode(null_model, diffusion, x0: torch.Tensor, sample_steps: int, ctx: Optional[BatchContext] = None,
+                *, legacy: bool = False) -> torch.Tensor:
+    """The DDIM latent of ``x0`` decoded from step ``sample_steps - 1`` (see the module docstring).
+
+    ``null_model(x, t)`` returns the null-embedding eps.
+    """
+    if not legacy:
+        latent = None
+        for latent in diffusion.ddim_encode_latents(null_model, x0, sample_steps, clip_denoised=False):
+            if ctx is not None:
+                ctx.step()
+        return latent
+    latent = x0
+    for i in range(sample_steps):  # upstream: x0 as the level-0 latent, S steps to level S, x̂0 clipped
+        with torch.no_grad():
+            eps = diffusion.p_mean_variance(null_model, latent, i, clip_denoised=True)["eps"]
+            latent = diffusion.ddim_reverse_step_from_eps(latent, i, eps)
+        if ctx is not None:
+            ctx.step()
+    return latent
+
+
+class DDIB(ReconstructionMethod):
+    name = "ddib"
+
+    @classmethod
+    def flag_defaults(cls) -> Dict[str, Any]:
+        return {**super().flag_defaults(), **ddib_flags()}
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
+        super().check_args(args, grid_steps, explicit)
+        require_classifier_free(args, "ddib")
+        if args.w < 0:
+            raise ValueError(f"--w {args.w}: pass the healthy guidance weight (>= 0; upstream BraTS 1.1, ATLAS 1.3)")
+
+    def __init__(self, model: torch.nn.Module, diffusion, *, sample_steps: int, w: float, legacy_ddib: bool = False,
+                 checkpoint: Optional[str] = None, precision: str = "fp32", healthy_label: int = HEALTHY,
+                 **common: Any):
+        super().__init__(**common)
+        if not has_null_embedding(model):
+            raise ValueError(
+                "ddib needs the classifier-free guided model (AnoFPDM's checkpoint: class-conditional with a null "
+                "embedding, --num_classes 2 --clf_free True)"
+                f"{'; ' + checkpoint if checkpoint else ''} is "
+                f"{'unconditional' if getattr(model, 'num_classes', None) is None else 'class-conditional without a null embedding (--clf_free False)'}")
+        if w < 0:
+            raise ValueError(f"--w must be >= 0 (the healthy guidance weight; upstream BraTS 1.1, ATLAS 1.3), got {w}")
+        check_sample_steps(sample_steps, diffusion)
+        self.model, self.diffusion = model, diffusion
+        self.sample_steps, self.w, self.legacy, self.healthy_label = sample_steps, float(w), bool(legacy_ddib), healthy_label
+        self.checkpoint, self.precision = checkpoint, precision
+        dtype = autocast_dtype(precision)
+        self._null = model_fn(model, null=True, dtype=dtype)
+        self._model = autocast_model(model, dtype)  # called with cond and null rows by the guided sampler
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: torch.device) -> "DDIB":
+        require_classifier_free(args, "ddib")
+        model, diffusion, path = loaded_model(args, device, what="ddib (--model_dir)")
+        return cls(model, diffusion, sample_steps=args.sample_steps, w=args.w, legacy_ddib=args.legacy_ddib,
+                   checkpoint=path, precision=getattr(args, "precision", "fp32"), **cls.common_kwargs(args))
+
+    def settings(self) -> Dict[str, Any]:
+        return {**self.common_settings(), "sample_steps": self.sample_steps, "w": self.w,
+                "legacy_ddib": self.legacy, "healthy_label": self.healthy_label, "precision": self.precision}
+
+    def checkpoints(self) -> List[str]:
+        return [self.checkpoint] if self.checkpoint else []
+
+    def steps_per_batch(self, split: str) -> int:
+        return 2 * self.sample_steps
+
+    def reconstruct(self, x0: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        x0 = x0.float()
+        latent = ddib_encode(self._null, self.diffusion, x0, self.sample_steps, ctx, legacy=self.legacy)
+        y = torch.full((x0.shape[0],), self.healthy_label, dtype=torch.long, device=x0.device)
+        out = None
+        for out in self.diffusion.ddim_sample_loop_progressive(self._model, x0.shape, noise=latent, clip_denoised=True,
+                                                               t_start=self.sample_steps - 1, eta=0.0,
+                                                               model_kwargs={"y": y}, guidance_w=self.w):
+            ctx.step()
+        return out["sample"]

@@ -1,0 +1,196 @@
+"""What the reconstruction baselines share: anomaly map, threshold, component filter, slice label.
+
+A reconstruction method maps a slice x0 to a "healthy" reconstruction x̂ (AnoDDPM: noise and denoise;
+classifier-guided DDIM; DDIB). As upstream (``obtain_hyperpara.get_mask_batch`` and ``evaluate``):
+
+* anomaly map = 5×5 median (reflect padding) of the mean over the ``--modality`` channels of (x0 − x̂)²;
+* mask = map ≥ threshold, then 8-connected components of at most ``--cc_filter_size`` pixels are removed
+  (the test pass of every upstream baseline filters; AnoFPDM's filter, ``anofpdm.remove_small_components``);
+* predicted slice label = 1 if the mask has any pixel *before* the component filter (upstream's ``pred_lab``);
+  there is no classification gate: the mixed and unhealthy setups score the same mask (an empty mask after the
+  filter on a slice labelled 1 is scored as empty either way);
+* the threshold is tuned on pixel-labelled validation slices (``threshold.search_threshold``), so every output of
+  these methods says ``pixel_labels_used``.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from guided_diffusion.methods import threshold as thr_search
+from guided_diffusion.methods.base import BatchContext, Hyper, Records, SliceMethod, SliceOutput
+
+# upstream's recorded thresholds for --num_batches_val 0 (they belong to upstream's checkpoints and settings)
+UPSTREAM_THRESHOLDS = {
+    "anoddpm": "0.08 (BraTS, DDPM, S=200, simplex; upstream used it for ATLAS too; 0.27 for ATLAS is commented out)",
+    "clf_guided": "0.24 (BraTS, S=200, s=1000); 0.63 for ATLAS (S=200, s=500)",
+    "ddib": "0.22 (BraTS, S=450, w=1.1, model 210000); 0.52 (ATLAS, S=300, w=1.3, model 290000)",
+}
+
+
+def reconstruction_map(x0: torch.Tensor, x_hat: torch.Tensor, modality: Sequence[int],
+                       median_kernel: int = 5) -> torch.Tensor:
+    """Median-filtered mean over ``modality`` of (x0 − x̂)²: ``[B, C, H, W]`` x2 -> float32 ``[B, 1, H, W]``."""
+    from guided_diffusion.methods.anofpdm import median_filter2d
+
+    mod = list(modality)
+    err = ((x0[:, mod].float() - x_hat[:, mod].float()) ** 2).mean(1, keepdim=True)
+    return median_filter2d(err, median_kernel)
+
+
+def threshold_map(amap: torch.Tensor, threshold: float, cc_max_size: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask after the component filter [B,1,H,W] bool, predicted label [B] int64 from the mask before it)``.
+
+    The comparison is in the map's dtype (float32), as upstream's ``tensor >= python float``.
+    """
+    from guided_diffusion.methods.anofpdm import remove_small_components
+
+    raw = amap >= torch.tensor(threshold, dtype=amap.dtype, device=amap.device)
+    pred_label = raw.flatten(1).any(1).long()
+    mask = remove_small_components(raw, cc_max_size) if cc_max_size > 0 else raw
+    return mask, pred_label
+
+
+def reconstruction_flags() -> Dict[str, Any]:
+    """Flags every reconstruction method reads (upstream's names where upstream had them)."""
+    return dict(sample_steps=1000, opt_thr=-1.0, threshold_grid="0.01,0.7,0.01")
+
+
+def parse_grid(text: str) -> tuple[float, float, float]:
+    try:
+        start, stop, step = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--threshold_grid must be 'start,stop,step' (upstream 0.01,0.7,0.01), got {text!r}") from None
+    thr_search.threshold_grid(start, stop, step)  # validates
+    return start, stop, step
+
+
+class ReconstructionMethod(SliceMethod):
+    """A baseline that reconstructs each slice; subclasses implement ``reconstruct`` and ``settings``."""
+
+    uses_pixel_labels = True
+    caption_columns = ("threshold",)
+
+    @classmethod
+    def flag_defaults(cls) -> Dict[str, Any]:
+        return reconstruction_flags()
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
+        if not 1 <= args.sample_steps <= grid_steps:
+            raise ValueError(f"--sample_steps must lie in [1, {grid_steps}] (the diffusion's steps"
+                             f"{', respaced' if args.timestep_respacing else ''}), got {args.sample_steps}")
+        parse_grid(args.threshold_grid)
+
+    def __init__(self, *, modality: Sequence[int], median_kernel: int = 5, cc_max_size: int = 40,
+                 grid: Sequence[float] = thr_search.UPSTREAM_GRID, opt_thr: float = -1.0):
+        if len(modality) == 0 or len(set(modality)) != len(modality):
+            raise ValueError(f"--modality must list distinct channel indices, got {list(modality)}")
+        self.modality = list(modality)
+        self.median_kernel = median_kernel
+        self.cc_max_size = cc_max_size
+        self.grid = tuple(float(g) for g in grid)
+        self.opt_thr = opt_thr
+
+    @staticmethod
+    def common_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+        cc = getattr(args, "cc_filter_size", -1)
+        if cc < 0:  # upstream's 40 px at 128², scaled with the image area
+            cc = int(round(40 * (args.image_size / 128) ** 2))
+        return dict(modality=list(args.modality), median_kernel=5 if getattr(args, "median_filter", True) else 1,
+                    cc_max_size=cc, grid=parse_grid(getattr(args, "threshold_grid", "0.01,0.7,0.01")),
+                    opt_thr=getattr(args, "opt_thr", -1.0))
+
+    def common_settings(self) -> Dict[str, Any]:
+        return {"method": self.name, "modality": self.modality, "median_kernel": self.median_kernel,
+                "cc_max_size": self.cc_max_size}
+
+    @abc.abstractmethod
+    def reconstruct(self, x0: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """The healthy reconstruction x̂ ``[B, C, H, W]`` of ``x0``."""
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or any(not 0 <= m < x.shape[1] for m in self.modality):
+            raise ValueError(f"{self.name}: --modality {self.modality} does not fit a batch of shape {tuple(x.shape)}")
+
+    def anomaly_map(self, x: torch.Tensor, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_input(x)
+        x_hat = self.reconstruct(x, ctx)
+        return reconstruction_map(x, x_hat, self.modality, self.median_kernel), x_hat
+
+    def validation_batch(self, x: torch.Tensor, ctx: BatchContext) -> Records:
+        amap, _ = self.anomaly_map(x, ctx)
+        return {"anomaly_map": amap.cpu().numpy()}
+
+    def fit(self, records: Records, labels: np.ndarray, gt_masks: Optional[np.ndarray]) -> Hyper:
+        if gt_masks is None:
+            raise ValueError(f"{self.name} tunes its threshold on pixel labels: the validation masks are needed")
+        grid = thr_search.threshold_grid(*self.grid)
+        best, dice, curve = thr_search.search_threshold(records["anomaly_map"], gt_masks, grid, self.cc_max_size)
+        labels = np.asarray(labels).reshape(-1)
+        return {"threshold": best, "val_dice": dice, "n_val": int(labels.size),
+                "n_val_unhealthy": int((labels == 1).sum()), "grid": list(self.grid),
+                "val_dice_by_threshold": [float(d) for d in curve], "source": "validation (pixel labels)"}
+
+    def hyperparams_without_validation(self) -> Hyper:
+        if self.opt_thr >= 0:
+            return {"threshold": float(self.opt_thr), "source": "--opt_thr"}
+        raise ValueError(
+            f"{self.name}: --num_batches_val 0 needs a threshold: pass --opt_thr T or --hyperparams_file (the "
+            f"hyperparams.json of an earlier run), or run a validation pass (--num_batches_val N). Upstream's "
+            f"recorded value, for its own checkpoints: {UPSTREAM_THRESHOLDS.get(self.name, 'none')}")
+
+    def check_hyperparams(self, hyper: Hyper) -> Hyper:
+        t = hyper.get("threshold")
+        if not isinstance(t, (int, float)) or not np.isfinite(t):
+            raise ValueError(f"{self.name} hyper-parameters need a finite 'threshold', got {t!r}")
+        return hyper
+
+    def describe(self, hyper: Hyper) -> str:
+        extra = f", validation mixed Dice {hyper['val_dice']:.4f}" if "val_dice" in hyper else ""
+        return f"threshold {hyper['threshold']:.4g} ({hyper.get('source', '?')}){extra}"
+
+    def test_batch(self, x: torch.Tensor, hyper: Hyper, ctx: BatchContext) -> SliceOutput:
+        self.check_hyperparams(hyper)
+        amap, x_hat = self.anomaly_map(x, ctx)
+        mask, pred_label = threshold_map(amap, float(hyper["threshold"]), self.cc_max_size)
+        b = x.shape[0]
+        return SliceOutput(
+            anomaly_map=amap,
+            mask=mask,
+            pred_label=pred_label,
+            columns={"threshold": np.full(b, float(hyper["threshold"])),
+                     "recon_error": amap.flatten(1).mean(1).cpu().numpy()},
+            arrays={"reconstruction": x_hat.float().cpu().numpy()},
+        )
+
+
+def sample_steps_grid(diffusion) -> int:
+    return int(diffusion.num_timesteps)
+
+
+def check_sample_steps(sample_steps: int, diffusion, flag: str = "--sample_steps") -> None:
+    grid = sample_steps_grid(diffusion)
+    if not 1 <= sample_steps <= grid:
+        raise ValueError(f"{flag} must lie in [1, {grid}] (the diffusion's steps, respaced if --timestep_respacing "
+                         f"is set), got {sample_steps}")
+
+
+def loaded_model(args: argparse.Namespace, device: torch.device, *, what: str):
+    """(model in eval mode, diffusion, checkpoint path) from ``--model_dir``/``--model_num``/``--ema``, through the
+    driver's ``load_model``; errors say which of the method's models failed."""
+    from guided_diffusion.evaluation import translation
+
+    try:
+        return translation.load_model(args, device)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        raise type(e)(f"{what}: {e}") from None
+
+
+__all__: List[str] = ["reconstruction_map", "threshold_map", "ReconstructionMethod", "reconstruction_flags",
+                      "UPSTREAM_THRESHOLDS", "check_sample_steps", "loaded_model", "parse_grid"]
