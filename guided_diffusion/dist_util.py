@@ -39,7 +39,9 @@ def _env_from_mpi() -> None:
     try:
         from mpi4py import MPI
     except ImportError as e:
-        raise RuntimeError(
+        from guided_diffusion.errors import SetupError
+
+        raise SetupError(
             "this process was started by an MPI launcher (mpiexec/mpirun) but mpi4py is not installed; "
             "install it (pip install 'guided_diffusion[mpi]') or launch with torchrun instead"
         ) from e

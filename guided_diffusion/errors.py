@@ -42,6 +42,14 @@ class HyperparameterError(UserError, ValueError):
     """Validation data that cannot determine a method's hyper-parameter."""
 
 
+class SetupError(UserError, RuntimeError):
+    """The launcher, the machine or the data cannot run the command as asked (e.g. mpiexec without mpi4py)."""
+
+
+class DivergedError(UserError, FloatingPointError):
+    """Training produced a non-finite loss (the message says which flags to change and where to resume)."""
+
+
 def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from guided_diffusion.errors import HyperparameterError
 from guided_diffusion.methods import anofpdm as af
 
 
@@ -114,7 +115,8 @@ def test_classification_threshold_prefers_fewest_errors():
 
 def test_classification_threshold_guards():
     sim = torch.tensor([0.9, 0.8])
-    assert af.select_classification_threshold(sim, torch.tensor([1, 1]))[0] == 0.5
+    with pytest.raises(HyperparameterError, match="thr_01 cannot be chosen: the 2 validation slice.*no healthy"):
+        af.select_classification_threshold(sim, torch.tensor([1, 1]))  # upstream: 0.5, unrelated to the data
     healthy = torch.linspace(0, 1, 101)
     thr, _ = af.select_classification_threshold(healthy, torch.zeros(101).long())
     assert thr == pytest.approx(0.05)
@@ -136,7 +138,8 @@ def test_divergence_range_and_fit_hyperparams():
     labels = torch.tensor([1, 1, 0, 0])
     dmax, dmin = af.select_divergence_range(div, labels)
     assert dmax == pytest.approx([0.2, 0.3]) and dmin == pytest.approx([0.05, 0.1])
-    assert af.select_divergence_range(div, torch.zeros(4).long()) == ([1.0, 1.0], [0.0, 0.0])
+    with pytest.raises(HyperparameterError, match="M_max .* cannot be estimated: the 4 validation slice.*no unhealthy"):
+        af.select_divergence_range(div, torch.zeros(4).long())  # upstream: ones, and every test mask came out empty
 
     # guided MSE proportional to unguided MSE for healthy slices (cos 1), orthogonal-ish for unhealthy
     T = 5

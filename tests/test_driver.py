@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,9 +170,10 @@ def test_cache_is_reused_and_keyed_by_content(ws, tmp_path, monkeypatch):
     assert replaced["computed"] == {"val": 2, "test": 2}
 
 
-def test_baseline_without_validation_needs_a_threshold(ws, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="--opt_thr T or --hyperparams_file.*0.08"):
+def test_baseline_without_validation_needs_a_threshold(ws, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:  # a user error: one message, exit code 2
         _run(ws, tmp_path / "a", monkeypatch, "anoddpm", extra="--num_batches_val 0")
+    assert exc.value.code == 2 and re.search("--opt_thr T or --hyperparams_file.*0.08", capsys.readouterr().err)
     out = _run(ws, tmp_path / "b", monkeypatch, "anoddpm", extra="--num_batches_val 0 --opt_thr 0.3 --num_panels 0")
     assert out["computed"] == {"val": 0, "test": 2} and out["hyperparams"]["threshold"] == 0.3
     hp = tmp_path / "hp.json"

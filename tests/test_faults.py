@@ -553,3 +553,136 @@ def test_entry_point_reports_user_errors_once_and_lets_bugs_through(monkeypatch,
     with pytest.raises(SystemExit):
         main(ValueError("bad"))
     assert "[rank 1] " in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Through the evaluation driver: data regenerated in place, checkpoints replaced in place, damaged cache and
+# hyper-parameter files, a validation split that cannot determine a hyper-parameter, data that does not fit
+
+
+@pytest.fixture()
+def evaluation(tmp_path, monkeypatch):
+    """A tiny random v2 checkpoint (no config.json: the flags describe it) and val/test splits of 8 slices each."""
+    from test_translation import _tiny_flags, _write_checkpoint, _write_dataset
+
+    _write_dataset(tmp_path / "data")
+    _write_checkpoint(tmp_path / "model", "v2")
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "logs"))
+    argv = (f"--data_dir {tmp_path / 'data'} --model_dir {tmp_path / 'model'} --w 2 --forward_steps 2 --null True "
+            "--batch_size 4 --num_batches -1 --batch_size_val 4 --num_batches_val -1 --modality 0 3 --num_panels 0 "
+            "--progress False").split() + _tiny_flags("v2")
+    return tmp_path, argv
+
+
+def _translate(argv):
+    from guided_diffusion.evaluation import translation
+
+    try:
+        return translation.main(argv)
+    finally:
+        logger.reset()
+
+
+def _rewrite_in_place(path: Path, change) -> None:
+    """New content under the same name, size and modification time (what a regenerated data set looks like)."""
+    st = path.stat()
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            arrays = {k: z[k].copy() for k in z.files}
+        change(arrays)
+        np.savez(path, **arrays)
+    else:
+        state = torch.load(path, weights_only=True)
+        torch.save(change(state), path)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_driver_cache_follows_content_through_faults(evaluation):
+    root, argv = evaluation
+    for f in (root / "data").glob("npy_*/*/slice_*.npz"):  # uncompressed, so in-place rewrites keep the size
+        with np.load(f) as z:
+            arrays = {k: z[k] for k in z.files}
+        np.savez(f, **arrays)
+    ckpt = root / "model" / "model000010.pt"
+    torch.save(dict(torch.load(ckpt, weights_only=True)), ckpt)  # saved as the replacement below will be
+    first = _translate(argv)
+    assert first["computed"] == {"val": 2, "test": 2}
+    batches = root / "logs" / "batches"
+    # a truncated cached batch and a garbage digest cache: that batch alone is recomputed, the result is the same
+    cached = batches / "test_ws1_r0_b00001.npz"
+    cached.write_bytes(cached.read_bytes()[:200])
+    (root / "logs" / "file_digests.json").write_text("{garbage")
+    again = _translate(argv)
+    assert again["computed"] == {"val": 0, "test": 1} and again["reused"] == {"val": 2, "test": 1}
+    assert again["metrics"]["mixed"] == first["metrics"]["mixed"]
+    # a validation slice regenerated in place: validation is recomputed (its manifest changed), and the test
+    # batches too exactly when the fitted hyper-parameters changed
+    val_slice = sorted((root / "data" / "npy_val").glob("*/slice_*.npz"))[1]
+
+    def brighter(arrays):
+        arrays["x"][..., 4:12, 4:12] += 0.7
+
+    _rewrite_in_place(val_slice, brighter)
+    regenerated = _translate(argv)
+    assert regenerated["computed"]["val"] == 2
+    changed_hyper = regenerated["hyperparams"] != first["hyperparams"]
+    assert regenerated["computed"]["test"] == (2 if changed_hyper else 0)
+    # the checkpoint replaced in place by other weights of the same size and modification time: all recomputed
+    _rewrite_in_place(ckpt, lambda sd: {k: v + 0.01 if v.is_floating_point() else v for k, v in sd.items()})
+    replaced = _translate(argv)
+    assert replaced["computed"] == {"val": 2, "test": 2}
+    assert replaced["metrics"]["mixed"] != regenerated["metrics"]["mixed"]
+
+
+def test_a_validation_split_without_unhealthy_slices_says_why_and_what_to_do(evaluation, capsys):
+    root, argv = evaluation
+    for f in (root / "data" / "npy_val").glob("*/slice_*.npz"):  # every validation subject healthy
+        with np.load(f) as z:
+            np.savez_compressed(f, x=z["x"], y=np.zeros_like(z["y"]))
+    err = _user_error(capsys, _translate, argv)
+    assert "M_max (diff_max) cannot be estimated" in err and "every test mask would come out empty" in err
+    assert f"Validation had 8 slice(s), 0 unhealthy, in 2 batch(es) from {root / 'data' / 'npy_val'}" in err
+    for remedy in ("--num_batches_val -1", "--hyperparams_file", "--min_val_lesion_subjects 1"):
+        assert remedy in err
+    logs = root / "logs"
+    assert not (logs / "hyperparams.json").exists() and not (logs / "metrics.json").exists()  # nothing taken for done
+    assert len(list((logs / "batches").glob("val_*.npz"))) == 2  # the validation work is kept
+    # with hyper-parameters from a file (e.g. another run's) the same folder completes, reusing nothing stale
+    hp = root / "hp.json"
+    hp.write_text(json.dumps({"thr_01": 0.9, "diff_max": [0.01, 0.02]}))
+    out = _translate(argv + ["--num_batches_val", "0", "--hyperparams_file", str(hp)])
+    assert out["computed"]["test"] == 2 and out["hyperparams"]["thr_01"] == 0.9
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{\"thr_01\": 0.9, ", "cannot be read as JSON"),
+    ("[0.9, 0.1]", "must hold a JSON object"),
+    ('{"thr_01": "high", "diff_max": [0.1, 0.1]}', "thr_01 must be a number, got 'high'"),
+    ('{"thr_01": 0.9, "diff_max": 0.1}', "diff_max must be a list of numbers"),
+])
+def test_a_damaged_hyperparams_file_is_named(evaluation, capsys, content, message):
+    root, argv = evaluation
+    hp = root / "hyperparams.json"
+    hp.write_text(content)
+    err = _user_error(capsys, _translate, argv + ["--num_batches_val", "0", "--hyperparams_file", str(hp)])
+    assert str(hp) in err and message in err, err
+    assert not (root / "logs" / "batches").exists()  # refused before any forward step
+
+
+def test_evaluation_data_that_does_not_fit_the_recorded_model_is_refused(evaluation, capsys):
+    root, argv = evaluation
+    from test_translation import TINY
+
+    flags = dict(__import__("guided_diffusion.script_util", fromlist=["x"]).model_and_diffusion_defaults(), **TINY)
+    fileio.write_run_config(root / "model", "diffusion", flags, {"ema_rate": "0.9999"})
+    for f in (root / "data").glob("npy_*/*/slice_*.npz"):  # the data preprocessed at 16 px instead
+        with np.load(f) as z:
+            np.savez_compressed(f, x=z["x"][..., ::2, ::2], y=z["y"][..., ::2, ::2])
+    model_flags = {"--image_size", "--num_channels", "--num_res_blocks", "--channel_mult", "--attention_resolutions",
+                   "--in_channels", "--num_classes", "--unet_ver", "--use_hae"}
+    plain = [a for i, a in enumerate(argv) if a not in model_flags and (i == 0 or argv[i - 1] not in model_flags)]
+    err = _user_error(capsys, _translate, plain)  # the model from config.json
+    assert "holds 4 channel(s) at 16x16 px" in err and "takes --in_channels 4 --image_size 32" in err
+    assert fileio.config_path(root / "model") in err
+    assert not list((root / "logs").glob("batches/*.npz"))

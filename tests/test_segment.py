@@ -364,8 +364,9 @@ def test_run_file_mismatch_is_an_error(tmp_path, model_dir, capsys):
     argv = _argv(model_dir, out, src / "A", extra=["--hyperparams_file", str(_hyper_file(tmp_path))])
     assert volumes.main(argv) == 0
     argv[argv.index("--w") + 1] = "3"
-    assert volumes.main(argv) == 2
-    assert "other settings" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a user error: one message, exit code 2
+        volumes.main(argv)
+    assert exc.value.code == 2 and "other settings" in capsys.readouterr().err
 
 
 class _FailingFile:
@@ -422,9 +423,10 @@ def test_failed_write_leaves_nothing_half_written(tmp_path, model_dir, monkeypat
     kept = {p.name: p.read_bytes() for p in out.glob("[AB]_*")}
     monkeypatch.setattr(fileio, "_open", _failing_open(f"A{volumes.MAP_SUFFIX}", errno.ENOSPC))
     capsys.readouterr()
-    assert volumes.main(argv + ["--resume", "True"]) == 1
+    with pytest.raises(SystemExit) as exc:  # one message, exit code 2 (errors.entry_point)
+        volumes.main(argv + ["--resume", "True"])
     err = capsys.readouterr().err
-    assert f"A{volumes.MAP_SUFFIX}" in err and "disk is full" in err, err
+    assert exc.value.code == 2 and f"A{volumes.MAP_SUFFIX}" in err and "disk is full" in err, err
     assert {p.name: p.read_bytes() for p in out.glob("[AB]_*")} == kept
     assert not (out / f"A{volumes.RECORD_SUFFIX}").exists()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
@@ -754,8 +756,10 @@ def test_bad_hyperparameter_files_are_named(tmp_path, model_dir, capsys):
     for text, what in (("{not json", "cannot be read as JSON"), (json.dumps({"thr_01": 0.9}), "do not fit")):
         bad = tmp_path / "bad.json"
         bad.write_text(text)
-        assert volumes.main(_argv(model_dir, tmp_path / "out", src, extra=["--hyperparams_file", str(bad)])) == 2
+        with pytest.raises(SystemExit) as exc:  # a user error: one message, exit code 2
+            volumes.main(_argv(model_dir, tmp_path / "out", src, extra=["--hyperparams_file", str(bad)]))
         err = capsys.readouterr().err
+        assert exc.value.code == 2
         assert str(bad) in err and what in err, err
     assert not list((tmp_path / "out").glob("A_*"))
 

@@ -160,7 +160,7 @@ def test_end_to_end_v2_upstream_flags_and_alias(workspace, tmp_path, monkeypatch
     assert "hae" in json.loads((log_alias / "metrics.json").read_text())["checkpoint"]
 
 
-def test_reused_hyperparams_file_and_fallback(workspace, tmp_path, monkeypatch):
+def test_reused_hyperparams_file_and_fallback(workspace, tmp_path, monkeypatch, capsys):
     hp = tmp_path / "hp.json"
     hp.write_text(json.dumps({"thr_01": 0.9, "diff_max": [0.01, 0.02]}))
     log_dir = tmp_path / "logs_hp"
@@ -168,8 +168,9 @@ def test_reused_hyperparams_file_and_fallback(workspace, tmp_path, monkeypatch):
                extra=f"--num_batches_val 0 --hyperparams_file {hp} --num_batches 1")
     assert out["computed"] == {"val": 0, "test": 1}
     assert out["hyperparams"]["thr_01"] == 0.9
-    with pytest.raises(ValueError, match="forward_steps 2"):
+    with pytest.raises(SystemExit) as exc:  # a user error: one message, exit code 2
         _run(workspace, tmp_path / "logs_fb", "v2", monkeypatch, extra="--num_batches_val 0 --num_batches 1")
+    assert exc.value.code == 2 and "forward_steps 2" in capsys.readouterr().err
 
 
 def test_find_checkpoint(tmp_path):

@@ -224,8 +224,10 @@ def test_null_encoding_is_the_default_and_false_stays_reachable(planted):
     assert translation.forward_config(args).encode_null is False
 
 
-def test_recorded_fallback_refused_by_the_run_before_any_forward_step(planted, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="--ugp_mode upstream --legacy_ddim_encoding True") as err:
+def test_recorded_fallback_refused_by_the_run_before_any_forward_step(planted, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:  # a user error: one message, exit code 2
         _run(planted, tmp_path, monkeypatch, extra="--forward_steps 600 --num_batches_val 0")
-    assert "--hyperparams_file" in str(err.value)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--ugp_mode upstream --legacy_ddim_encoding True" in err
+    assert "--hyperparams_file" in err
     assert not (tmp_path / "logs" / "batches").exists()

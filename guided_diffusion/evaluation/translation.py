@@ -36,7 +36,6 @@ import itertools
 import json
 import os
 import re
-import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, fileio, logger, runtime
+from guided_diffusion.errors import HyperparameterError, entry_point
 from guided_diffusion.evaluation import fingerprint as fp
 from guided_diffusion.evaluation.metrics import (
     AUPRC_POOLINGS,
@@ -59,6 +59,7 @@ from guided_diffusion.script_util import (
     add_dict_to_argparser,
     apply_run_config,
     args_to_dict,
+    check_model_flags,
     diffusion_defaults,
     explicit_flags,
     load_model_from_dir,
@@ -163,6 +164,14 @@ def check_args(args: argparse.Namespace, world_size: int = 1, explicit: Optional
     args.config_recorded = apply_run_config(args, args.model_dir, explicit) is not None
     if args.unet_ver not in UNET_VERSIONS:
         raise ValueError(f"unknown --unet_ver {args.unet_ver!r}; valid: {', '.join(UNET_VERSIONS)}")
+    check_model_flags(args_to_dict(args, model_and_diffusion_defaults().keys()))
+    for flag in ("num_panels", "num_workers"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    try:
+        fileio.format_rate(args.ema_rate)
+    except ValueError:
+        raise ValueError(f"--ema_rate must be a number (e.g. 0.9999), got {args.ema_rate!r}") from None
     if args.unet_ver.startswith("hae") and not args.use_hae:
         raise ValueError(f"--unet_ver {args.unet_ver} needs --use_hae True (as upstream's configs pass it)")
     for flag in ("batch_size", "batch_size_val"):
@@ -281,6 +290,10 @@ def eval_batches(args: argparse.Namespace, split: str, global_batch: int, num_ba
         seed=args.seed,
         use_weighted_sampler=args.use_weighted_sampler,
         num_workers=args.num_workers,
+        image_size=args.image_size,  # the data must fit the model (and the component filter follows --image_size)
+        in_channels=args.in_channels,
+        flags_source=(f"{fileio.config_path(args.model_dir)}" if getattr(args, "config_recorded", False)
+                      else "the command-line flags"),
     )
     if isinstance(loader, tuple):
         loader = loader[0]
@@ -302,6 +315,11 @@ def batch_seed(args: argparse.Namespace, split: str, index: int) -> int:
 # The run
 # ------------------------------------------------------------------------------------------------------
 
+VALIDATION_REMEDY = (
+    "validate on more slices (--num_batches_val -1: the whole val split; --use_weighted_sampler True: class-balanced "
+    "batches) or preprocess with more validation subjects; pass --hyperparams_file (the hyperparams.json of a run "
+    "with the same settings); or preprocess with --min_val_lesion_subjects 1, which puts a subject with a lesion "
+    "into validation")
 COLUMN = "col{}__{}"  # per-slice column of variant i in a test batch file
 RECORD = "rec__{}"  # validation record
 ARRAY = "arr__{}"  # per-slice array kept with --save_data
@@ -385,9 +403,12 @@ class Translation:
                 with open(a.hyperparams_file) as f:
                     hyper = json.load(f)
             except (OSError, ValueError) as e:
-                raise ValueError(f"--hyperparams_file {a.hyperparams_file} cannot be read as JSON: {e}") from None
+                raise ValueError(f"--hyperparams_file {a.hyperparams_file} cannot be read as JSON: {e}; pass the "
+                                 "hyperparams.json of an earlier run with the same settings, or validate "
+                                 "(--num_batches_val N)") from None
             if not isinstance(hyper, dict):
-                raise ValueError(f"--hyperparams_file {a.hyperparams_file} must hold a JSON object")
+                raise ValueError(f"--hyperparams_file {a.hyperparams_file} must hold a JSON object (a run's "
+                                 "hyperparams.json)")
             hyper = dict(hyper, source=f"file {a.hyperparams_file}")
         else:
             hyper = self.method.hyperparams_without_validation()
@@ -444,7 +465,14 @@ class Translation:
         merged = {n: np.concatenate([b[n] for b in batches]) for n in batches[0]}
         records = {n[len(RECORD.format("")):]: v for n, v in merged.items() if n.startswith(RECORD.format(""))}
         gt = merged.get("gt") if self.method.uses_pixel_labels else None
-        hyper = self.method.fit(records, merged["label"], gt)
+        try:
+            hyper = self.method.fit(records, merged["label"], gt)
+        except HyperparameterError as e:  # nothing is written; the validation batches stay cached
+            labels = merged["label"]
+            raise HyperparameterError(
+                f"{e}. Validation had {len(labels)} slice(s), {int((labels == 1).sum())} unhealthy, in {len(batches)} "
+                f"batch(es) from {os.path.join(self.args.data_dir, 'npy_val')}. To fix it: {VALIDATION_REMEDY}"
+            ) from None
         return dict(hyper, pixel_labels_used=self.method.uses_pixel_labels)
 
     def test(self, hyper: dict) -> List[str]:
@@ -702,6 +730,7 @@ def _short(v: Any) -> str:
     return f"{v.item():.4g}" if np.issubdtype(v.dtype, np.floating) else str(v.item())
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None,
          method: Optional[str] = None) -> Dict[str, Any]:
     """Command-line entry point. ``method`` fixes the method (the upstream-named scripts: translation_HEALTHY.py is
@@ -712,10 +741,7 @@ def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None,
         chosen = pre.parse_known_args(argv)[0].method
     else:
         chosen = method
-    try:
-        parser = create_argparser(method=chosen)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    parser = create_argparser(method=chosen)  # an unknown --method is a user error (errors.entry_point)
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
     if method is not None and args.method != method:
@@ -737,10 +763,6 @@ def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None,
         logger.log(f"args: {vars(args)}")
         logger.log(runtime.thread_summary())
         runtime.seed_everything(args.seed)
-        try:
-            return Translation(args).run()
-        except (fileio.UnreadableCheckpointError, fileio.DiskFullError) as e:
-            print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
+        return Translation(args).run()  # user errors: one message and exit code 2 (errors.entry_point)
     finally:
         dist_util.cleanup_dist()

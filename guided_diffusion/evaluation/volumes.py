@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from guided_diffusion.data import preprocess as pp
 from guided_diffusion.evaluation import fingerprint as fp
 from guided_diffusion.evaluation import metrics as M
 from guided_diffusion.evaluation import translation
+from guided_diffusion.errors import entry_point
 from guided_diffusion.methods import base
 
 FORMAT = "guided_diffusion volume segmentation"
@@ -144,9 +144,11 @@ def check_args(args: argparse.Namespace, explicit: Optional[set] = None) -> None
     if not args.model_dir or not os.path.isdir(args.model_dir):
         raise ValueError(f"--model_dir {args.model_dir!r} is not a folder holding the checkpoints")
     base.method_class(args.method)  # a ValueError listing the known methods
-    from guided_diffusion.script_util import UNET_VERSIONS, apply_run_config
+    from guided_diffusion.script_util import (UNET_VERSIONS, apply_run_config, args_to_dict, check_model_flags,
+                                              model_and_diffusion_defaults)
 
-    apply_run_config(args, args.model_dir, explicit)
+    args.config_recorded = apply_run_config(args, args.model_dir, explicit) is not None
+    check_model_flags(args_to_dict(args, model_and_diffusion_defaults().keys()))
 
     if args.unet_ver not in UNET_VERSIONS:
         raise ValueError(f"unknown --unet_ver {args.unet_ver!r}; valid: {', '.join(UNET_VERSIONS)}")
@@ -751,8 +753,10 @@ def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -
     return summary
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; the exit code is 0 when every subject was segmented, 1 when some failed."""
+    """Command-line entry point; the exit code is 0 when every subject was segmented, 1 when some failed, 2 for a
+    user error (one message, ``errors.entry_point``)."""
     from guided_diffusion.script_util import explicit_flags
 
     parser = create_argparser()
@@ -776,14 +780,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.log(f"args: {vars(args)}")
         logger.log(runtime.thread_summary())
         runtime.seed_everything(args.seed)
-        try:
-            summary = run(args, subjects)
-        except fileio.DiskFullError as e:
-            print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
-            return 1
-        except (ValueError, FileNotFoundError, RuntimeError) as e:
-            print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
-            return 2
+        summary = run(args, subjects)
         return 1 if summary.get("failed") or any(s.get("status") == "failed" for s in summary.get("statuses", [])) \
             else 0
     finally:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from guided_diffusion.errors import HyperparameterError
+
 # Algorithm 1 of the paper: the quantile moves from B_QUANTILE (small divergence) to A_QUANTILE (M_te >= M_max).
 A_QUANTILE = 0.90
 B_QUANTILE = 0.98
@@ -110,7 +112,8 @@ def select_classification_threshold(
 
     Errors are ``#(unhealthy > thr) + #(healthy < thr)``; the candidates are the 0.5 %..9.5 % quantiles of
     the healthy similarities (so at most ~9.5 % of healthy validation slices are misclassified by design).
-    Without healthy slices the threshold is 0.5; without unhealthy slices it is the 5 % healthy quantile.
+    Without unhealthy slices it is the 5 % healthy quantile; without healthy slices it cannot be chosen: a
+    ``HyperparameterError`` (upstream silently used 0.5, a threshold unrelated to the data).
     Returns ``(thr_01, n_errors)``.
     """
     sim = similarity.double().flatten()
@@ -121,8 +124,9 @@ def select_classification_threshold(
         return (unhealthy[None] > thr[:, None]).sum(1) + (healthy[None] < thr[:, None]).sum(1)
 
     if healthy.numel() == 0:
-        thr = torch.tensor([0.5], dtype=torch.float64)
-        return 0.5, int(errors(thr)[0])
+        raise HyperparameterError(
+            f"AnoFPDM's classification threshold thr_01 cannot be chosen: the {sim.numel()} validation slice(s) "
+            "include no healthy one (thr_01 is a quantile of the healthy slices' similarities)")
     if unhealthy.numel() == 0:
         thr = torch.quantile(healthy, 0.05).reshape(1)
         return float(thr[0]), int(errors(thr)[0])
@@ -137,13 +141,16 @@ def select_classification_threshold(
 def select_divergence_range(divergence: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[float]]:
     """(M_max, M_min) per modality: max / min over unhealthy validation slices of max_t M_t.
 
-    Without unhealthy validation slices the range is ones / zeros (upstream's guard).
+    Without unhealthy validation slices M_max cannot be estimated: a ``HyperparameterError`` (upstream's guard used
+    ones / zeros, with which every test mask came out empty and nothing said why).
     """
     per_slice = divergence.amax(1)  # [N, M]
     unhealthy = per_slice[labels.flatten() == 1]
     if unhealthy.shape[0] == 0:
-        m = per_slice.shape[1]
-        return [1.0] * m, [0.0] * m
+        raise HyperparameterError(
+            f"AnoFPDM's M_max (diff_max) cannot be estimated: the {per_slice.shape[0]} validation slice(s) include no "
+            "unhealthy one (M_max is the largest divergence of the unhealthy validation slices; without it every "
+            "test mask would come out empty)")
     return unhealthy.amax(0).tolist(), unhealthy.amin(0).tolist()
 
 
@@ -749,6 +756,8 @@ class AnoFPDM(SliceMethod):
                              f"{', respaced' if args.timestep_respacing else ''}), got {args.forward_steps}")
         if args.use_gradient_sam and args.use_gradient_para_sam:
             raise ValueError("--use_gradient_sam and --use_gradient_para_sam are exclusive")
+        if any(not r > 0 for r in args.t_e_ratio):
+            raise ValueError(f"--t_e_ratio values must be > 0 (1: t_e as found), got {list(args.t_e_ratio)}")
         if not 0 <= args.quantile_a <= args.quantile_b <= 1:
             raise ValueError(f"need 0 <= --quantile_a ({args.quantile_a}) <= --quantile_b ({args.quantile_b}) <= 1")
         forward_config_from_args(args).validate(args.in_channels)
@@ -803,6 +812,14 @@ class AnoFPDM(SliceMethod):
         missing = [k for k in ("thr_01", "diff_max") if k not in hyper]
         if missing:
             raise ValueError(f"AnoFPDM hyper-parameters need {' and '.join(missing)}")
+        number = (int, float)
+        if not isinstance(hyper["thr_01"], number) or isinstance(hyper["thr_01"], bool):
+            raise ValueError(f"thr_01 must be a number, got {hyper['thr_01']!r}")
+        for key in ("diff_max", "diff_min"):
+            values = hyper.get(key, [])
+            if not isinstance(values, list) or not all(isinstance(v, number) and not isinstance(v, bool)
+                                                       for v in values):
+                raise ValueError(f"{key} must be a list of numbers (one per --modality), got {values!r}")
         h = Hyperparams.from_dict(hyper)
         if len(h.diff_max) != len(self.cfg.modality):
             raise ValueError(f"{len(h.diff_max)} modalities in diff_max; --modality gives {len(self.cfg.modality)}")

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from guided_diffusion.errors import HyperparameterError
 from guided_diffusion.methods import threshold as thr_search
 from guided_diffusion.methods.base import BatchContext, Hyper, Records, SliceMethod, SliceOutput
 
@@ -130,6 +131,10 @@ class ReconstructionMethod(SliceMethod):
     def fit(self, records: Records, labels: np.ndarray, gt_masks: Optional[np.ndarray]) -> Hyper:
         if gt_masks is None:
             raise ValueError(f"{self.name} tunes its threshold on pixel labels: the validation masks are needed")
+        if not np.asarray(gt_masks).any():
+            raise HyperparameterError(
+                f"{self.name}'s threshold cannot be tuned: the {len(gt_masks)} validation slice(s) have no lesion "
+                "pixel, so the Dice search would pick a threshold that predicts nothing; --opt_thr T sets one by hand")
         grid = thr_search.threshold_grid(*self.grid)
         best, dice, curve = thr_search.search_threshold(records["anomaly_map"], gt_masks, grid, self.cc_max_size)
         labels = np.asarray(labels).reshape(-1)

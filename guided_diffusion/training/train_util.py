@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.diffusion.resample import ScheduleSampler
+from guided_diffusion.errors import DivergedError, SetupError
 from guided_diffusion.runtime import PRECISIONS, seed_everything  # noqa: F401  (PRECISIONS: kept importable here)
 from guided_diffusion.training.objectives import DiffusionObjective, TrainingObjective
 
@@ -414,7 +415,8 @@ class TrainLoop:
                     first = next(batches, None)
                 if first is None:
                     if self.batch_in_epoch == 0:
-                        raise RuntimeError("the training data yielded no batch (fewer slices than the batch size?)")
+                        raise SetupError("the training data yielded no batch: fewer slices than the per-process "
+                                         "batch? Lower --batch_size or check --data_dir")
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     continue
                 if self.step == 0 and self.rank == 0 and self.sample_shape is not None:
@@ -487,7 +489,7 @@ class TrainLoop:
         if self.world_size > 1:
             torch.distributed.all_reduce(bad)  # every rank stops together instead of hanging in DDP
         if bad.item() > 0:
-            raise FloatingPointError(
+            raise DivergedError(
                 f"non-finite training loss at step {self.step + 1} (epoch {self.epoch}, precision {self.precision}, "
                 f"loss on this rank {loss.item()}). Lower --lr, set --grad_clip (e.g. 1.0), try --precision "
                 f"bf16 or fp32, check the data for NaN/inf, and resume from the last checkpoint "
