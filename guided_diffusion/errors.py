@@ -81,7 +81,7 @@ def user_message(exc: BaseException) -> Optional[str]:
 def report(exc: BaseException, prog: Optional[str] = None) -> Optional[int]:
     """Print ``exc`` as a user error and return its exit code; None when it is not one (re-raise it)."""
     prog = prog or os.path.basename(sys.argv[0] or "guided_diffusion")
-    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+    rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
     if isinstance(exc, KeyboardInterrupt):
         print(f"\n{rank}{prog}: interrupted; finished work is kept, rerun the same command to continue",
               file=sys.stderr, flush=True)
