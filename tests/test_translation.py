@@ -198,6 +198,7 @@ def test_find_checkpoint(tmp_path):
         ("--num_batches 0", "--num_batches"),
         ("--unet_ver hae_v2 --use_hae False", "--use_hae True"),
         ("--precision fp8", "--precision"),
+        ("--median_kernel 4", "--median_kernel"),
     ],
 )
 def test_bad_flags_give_clear_errors(workspace, tmp_path, extra, message):
@@ -210,6 +211,25 @@ def test_bad_flags_give_clear_errors(workspace, tmp_path, extra, message):
     args = parser.parse_args(argv[:0] + f"--data_dir {tmp_path / 'none'} --model_dir {tmp_path} --w 2".split())
     with pytest.raises(ValueError, match="--data_dir"):
         translation.check_args(args)
+
+
+def test_median_kernel_reaches_the_maps(workspace):
+    """--median_kernel sets the window of the anomaly map's median filter; --median_filter False switches it off."""
+    from scipy import ndimage
+
+    from guided_diffusion.methods import anofpdm as af
+    from guided_diffusion.methods.base import build_method
+
+    parser = translation.create_argparser()
+    base = (f"--data_dir {workspace / 'data'} --model_dir {workspace / 'model_v2'} --w 2 ".split() + _tiny_flags("v2"))
+    for extra, window in (([], 5), (["--median_kernel", "3"], 3), (["--median_kernel", "3", "--median_filter", "False"], 1)):
+        args = parser.parse_args(base + extra)
+        translation.check_args(args)
+        assert build_method("anofpdm", args, torch.device("cpu")).settings()["median_kernel"] == window
+        maps = torch.rand(2, 2, 16, 16)
+        amap, _, _ = af.threshold_maps(maps, torch.full((2, 2), 0.9), args.median_kernel)
+        expected = ndimage.median_filter(maps.mean(1, keepdim=True).numpy(), size=(1, 1, window, window), mode="mirror")
+        assert np.allclose(amap.numpy(), expected)
 
 
 def _free_port() -> int:

@@ -91,6 +91,7 @@ def shared_defaults() -> dict:
         num_batches_val=2,
         batch_size_val=100,
         median_filter=True,
+        median_kernel=5,  # the median filter's window (odd); upstream's 5 at any image size
         dynamic_clip=False,
         seed=0,
         use_weighted_sampler=False,
@@ -198,6 +199,10 @@ def check_args(args: argparse.Namespace, world_size: int = 1, explicit: Optional
         raise ValueError(f"--modality {list(args.modality)} out of range for --in_channels {args.in_channels}")
     if args.cc_filter_size < 0:
         args.cc_filter_size = int(round(40 * (args.image_size / 128) ** 2))
+    if args.median_kernel < 1 or args.median_kernel % 2 == 0:
+        raise ValueError(f"--median_kernel must be an odd window size >= 1, got {args.median_kernel}")
+    if not args.median_filter:
+        args.median_kernel = 1  # upstream's switch: no median filter
     if args.panel_modality == -1:
         args.panel_modality = args.modality[0]
     if not 0 <= args.panel_modality < args.in_channels:

@@ -770,7 +770,7 @@ class AnoFPDM(SliceMethod):
         model, diffusion, path = translation.load_model(args, device)
         cc = args.cc_filter_size if args.cc_filter_size >= 0 else int(round(40 * (args.image_size / 128) ** 2))
         return cls(model, diffusion, forward_config_from_args(args), checkpoint=path, t_e_ratio=args.t_e_ratio,
-                   median_kernel=5 if args.median_filter else 1, cc_max_size=cc, a=args.quantile_a,
+                   median_kernel=args.median_kernel, cc_max_size=cc, a=args.quantile_a,
                    b=args.quantile_b, precision=args.precision, dataset=args.name)
 
     def settings(self) -> dict:

@@ -103,7 +103,7 @@ class ReconstructionMethod(SliceMethod):
         cc = getattr(args, "cc_filter_size", -1)
         if cc < 0:  # upstream's 40 px at 128², scaled with the image area
             cc = int(round(40 * (args.image_size / 128) ** 2))
-        return dict(modality=list(args.modality), median_kernel=5 if getattr(args, "median_filter", True) else 1,
+        return dict(modality=list(args.modality), median_kernel=args.median_kernel,
                     cc_max_size=cc, grid=parse_grid(getattr(args, "threshold_grid", "0.01,0.7,0.01")),
                     opt_thr=getattr(args, "opt_thr", -1.0))
 
