@@ -147,6 +147,18 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+SLOW_SYNTHETIC = """
+import runpy, sys, time
+from guided_diffusion.data import synthetic
+real = synthetic.render_subject
+def slow(*args, **kwargs):  # each subject takes a while, so SIGTERM finds the pool running (not its teardown)
+    time.sleep(1.0)
+    return real(*args, **kwargs)
+synthetic.render_subject = slow
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
 
 def _outputs(root: Path) -> dict:
     """Everything preprocessing determines: the split files and every slice's arrays."""
@@ -199,7 +211,8 @@ def test_preprocessing_killed_twice_at_random_moments_resumes_to_the_same_result
 def test_synthetic_generation_terminated_stops_its_workers_and_resumes(tmp_path):
     pytest.importorskip("nilearn")
     out = tmp_path / "synth"
-    cmd = [sys.executable, str(REPO / "scripts" / "make_synthetic_brats.py"), "--output", str(out), "--num_subjects",
+    cmd = [sys.executable, "-c", SLOW_SYNTHETIC, str(REPO / "scripts" / "make_synthetic_brats.py"), "--output", str(out),
+           "--num_subjects",
            "6", "--workers", "2", "--shape", "40", "40", "30", "--healthy_fraction", "0.5"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_until(lambda: len(_children(proc.pid)) >= 2 or proc.poll() is not None, 120, "the workers to start")
