@@ -28,7 +28,7 @@ from guided_diffusion.methods.base import (
     is_class_conditional,
     model_fn,
 )
-from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model
+from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model, run_counted
 
 
 def anoddpm_flags() -> Dict[str, Any]:
@@ -50,10 +50,7 @@ def reconstruct_anoddpm(model, diffusion, x0: torch.Tensor, ctx: BatchContext, *
     else:
         steps = diffusion.ddim_sample_loop_progressive(model, x0.shape, noise=x_t, clip_denoised=True,
                                                        t_start=sample_steps - 1, eta=0.0)
-    out = None
-    for out in steps:
-        ctx.step()
-    return out["sample"]
+    return run_counted(steps, ctx)["sample"]
 
 
 class AnoDDPM(ReconstructionMethod):
