@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch as th
@@ -166,6 +166,23 @@ def cfg_model_fn(model: Callable, w: float) -> Callable:
 
     model_fn.guided_model = model  # for introspection / tests
     return model_fn
+
+
+def _last(items: Iterator[Any]) -> Any:
+    """The last item of a (sampling) iterator, after running it to the end."""
+    last = None
+    for last in items:
+        pass
+    return last
+
+
+def _progress(indices: range, progress: bool) -> Iterable[int]:
+    """The loop's indices, behind a tqdm bar when asked."""
+    if not progress:
+        return indices
+    from tqdm.auto import tqdm
+
+    return tqdm(indices)
 
 
 class _RescaledTimestepModel:
@@ -412,10 +429,7 @@ class GaussianDiffusion:
 
     def p_sample_loop(self, model: Callable, shape: Sequence[int], **kwargs) -> th.Tensor:
         """Full DDPM sampling; keyword arguments as p_sample_loop_progressive. Returns the final sample."""
-        final = None
-        for final in self.p_sample_loop_progressive(model, shape, **kwargs):
-            pass
-        return final["sample"]
+        return _last(self.p_sample_loop_progressive(model, shape, **kwargs))["sample"]
 
     def p_sample_loop_progressive(
         self,
@@ -435,13 +449,10 @@ class GaussianDiffusion:
 
         noise_fn(x, t) draws the start latent (when `noise` is None) and every step's noise instead of N(0, I).
         """
-        img = self._initial_latent(shape, noise, device, noise_fn, t_start)
-        for t in self._reverse_indices(t_start, progress):
-            with th.no_grad():
-                out = self.p_sample(model, img, th.full((img.shape[0],), t, device=img.device, dtype=th.long),
-                                    clip_denoised, denoised_fn, model_kwargs, guidance_w, noise_fn=noise_fn)
-            yield out
-            img = out["sample"]
+        def step(img: th.Tensor, t: th.Tensor) -> Dict[str, th.Tensor]:
+            return self.p_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, guidance_w, noise_fn=noise_fn)
+
+        yield from self._reverse_loop(step, shape, noise, device, progress, t_start, noise_fn)
 
     # -- DDIM ---------------------------------------------------------------------------------------------
 
@@ -547,10 +558,7 @@ class GaussianDiffusion:
 
         Training previews with guidance: `ddim_sample_loop(model, shape, model_kwargs={"y": y}, guidance_w=w)`.
         """
-        final = None
-        for final in self.ddim_sample_loop_progressive(model, shape, **kwargs):
-            pass
-        return final["sample"]
+        return _last(self.ddim_sample_loop_progressive(model, shape, **kwargs))["sample"]
 
     def ddim_sample_loop_progressive(
         self,
@@ -573,11 +581,18 @@ class GaussianDiffusion:
         start is noise_fn(x, t) if given (e.g. simplex noise), else N(0, I). noise_fn also draws the noise of
         eta > 0 steps.
         """
+        def step(img: th.Tensor, t: th.Tensor) -> Dict[str, th.Tensor]:
+            return self.ddim_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, eta, guidance_w,
+                                    noise_fn=noise_fn)
+
+        yield from self._reverse_loop(step, shape, noise, device, progress, t_start, noise_fn)
+
+    def _reverse_loop(self, step: Callable, shape, noise, device, progress, t_start, noise_fn) -> Iterator[dict]:
+        """The sampling loops' skeleton: start latent, then `step(img, t)` from t_start down to 0, yielding each."""
         img = self._initial_latent(shape, noise, device, noise_fn, t_start)
         for t in self._reverse_indices(t_start, progress):
             with th.no_grad():
-                out = self.ddim_sample(model, img, th.full((img.shape[0],), t, device=img.device, dtype=th.long),
-                                       clip_denoised, denoised_fn, model_kwargs, eta, guidance_w, noise_fn=noise_fn)
+                out = step(img, th.full((img.shape[0],), t, device=img.device, dtype=th.long))
             yield out
             img = out["sample"]
 
@@ -597,12 +612,7 @@ class GaussianDiffusion:
         t_start = self.num_timesteps - 1 if t_start is None else t_start
         if not 0 <= t_start < self.num_timesteps:
             raise ValueError(f"t_start must lie in [0, {self.num_timesteps - 1}], got {t_start}")
-        indices = range(t_start, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices)
-        return indices
+        return _progress(range(t_start, -1, -1), progress)
 
     def ddim_reverse_sample_loop(
         self,
@@ -620,13 +630,10 @@ class GaussianDiffusion:
         eps evaluated at the latent's own level. `ddim_sample_loop(model, shape, noise=latent,
         t_start=num_steps - 1)` decodes it again. (Upstream's fork dropped the image update, bug B2.)
         """
-        latent = None
-        for latent in self.ddim_encode_latents(
+        return _last(self.ddim_encode_latents(
             model, x_start, num_steps, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             model_kwargs=model_kwargs, progress=progress,
-        ):
-            pass
-        return latent
+        ))
 
     def ddim_encode_latents(
         self,
@@ -658,13 +665,8 @@ class GaussianDiffusion:
         if not 1 <= num_steps <= self.num_timesteps:
             raise ValueError(f"num_steps must lie in [1, {self.num_timesteps}], got {num_steps}")
         model_kwargs = model_kwargs or {}
-        indices = range(num_steps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices)
         latent = x_start
-        for t in indices:
+        for t in _progress(range(num_steps), progress):
             with th.no_grad():
                 if t == 0:
                     if noise is None and legacy_ddim_inversion:

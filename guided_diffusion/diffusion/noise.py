@@ -267,14 +267,12 @@ def gaussian_noise(x: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.T
 
 def make_noise_fn(noise_type: str, **simplex_kwargs) -> NoiseFn:
     """``"gaussian"`` -> gaussian_noise, ``"simplex"`` -> SimplexNoise(**simplex_kwargs); else a ValueError."""
-    if noise_type == "gaussian":
-        return gaussian_noise
-    if noise_type == "simplex":
-        return SimplexNoise(**simplex_kwargs)
-    raise ValueError(f"--noise_type {noise_type!r} is not known; use one of {', '.join(NOISE_TYPES)}")
+    check_noise_type(noise_type)
+    return gaussian_noise if noise_type == "gaussian" else SimplexNoise(**simplex_kwargs)
 
 
 def check_noise_type(noise_type: str) -> None:
+    """A ValueError naming --noise_type unless it is one of NOISE_TYPES."""
     if noise_type not in NOISE_TYPES:
         raise ValueError(f"--noise_type {noise_type!r} is not known; use one of {', '.join(NOISE_TYPES)}")
 

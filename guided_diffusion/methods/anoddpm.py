@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from guided_diffusion.diffusion.noise import NOISE_TYPES
+from guided_diffusion.diffusion.noise import check_noise_type
 from guided_diffusion.methods.base import (
     BatchContext,
     autocast_dtype,
@@ -28,7 +28,7 @@ from guided_diffusion.methods.base import (
     is_class_conditional,
     model_fn,
 )
-from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model
+from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model, run_counted
 
 
 def anoddpm_flags() -> Dict[str, Any]:
@@ -50,10 +50,7 @@ def reconstruct_anoddpm(model, diffusion, x0: torch.Tensor, ctx: BatchContext, *
     else:
         steps = diffusion.ddim_sample_loop_progressive(model, x0.shape, noise=x_t, clip_denoised=True,
                                                        t_start=sample_steps - 1, eta=0.0)
-    out = None
-    for out in steps:
-        ctx.step()
-    return out["sample"]
+    return run_counted(steps, ctx)["sample"]
 
 
 class AnoDDPM(ReconstructionMethod):
@@ -68,8 +65,7 @@ class AnoDDPM(ReconstructionMethod):
     @classmethod
     def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
         super().check_args(args, grid_steps, explicit)
-        if args.noise_type not in NOISE_TYPES:
-            raise ValueError(f"--noise_type {args.noise_type!r} is not known; use one of {', '.join(NOISE_TYPES)}")
+        check_noise_type(args.noise_type)
         conditioning_from_flags(args)
         if args.class_cond and not args.clf_free:
             raise ValueError("anoddpm reconstructs unconditionally: --num_classes 0 (the unconditional AnoDDPM model) "
@@ -79,8 +75,7 @@ class AnoDDPM(ReconstructionMethod):
     def __init__(self, model: torch.nn.Module, diffusion, *, sample_steps: int, noise_type: str = "gaussian",
                  use_ddpm: bool = True, checkpoint: Optional[str] = None, precision: str = "fp32", **common: Any):
         super().__init__(**common)
-        if noise_type not in NOISE_TYPES:
-            raise ValueError(f"--noise_type {noise_type!r} is not known; use one of {', '.join(NOISE_TYPES)}")
+        check_noise_type(noise_type)
         check_sample_steps(sample_steps, diffusion)
         if is_class_conditional(model) and not has_null_embedding(model):
             raise ValueError(

@@ -54,7 +54,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type
 import numpy as np
 import torch
 
-from guided_diffusion.diffusion.noise import NOISE_TYPES, fractal_simplex, random_permutations
+from guided_diffusion.diffusion.noise import check_noise_type, fractal_simplex, random_permutations
 from guided_diffusion.runtime import PRECISIONS, check_precision
 
 Records = Dict[str, np.ndarray]
@@ -125,9 +125,8 @@ class BatchContext:
     def noise_like(self, x: torch.Tensor, noise_type: str = "gaussian", t: Optional[torch.Tensor] = None) -> torch.Tensor:
         if noise_type == "gaussian":
             return self.randn_like(x)
-        if noise_type == "simplex":
-            return self.simplex_like(x, t)
-        raise ValueError(f"--noise_type {noise_type!r} is not known; use one of {', '.join(NOISE_TYPES)}")
+        check_noise_type(noise_type)
+        return self.simplex_like(x, t)
 
     def noise_fn(self, noise_type: str = "gaussian") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """A ``noise_fn(x, t)`` for the diffusion's sampling loops, drawing from this context."""

@@ -39,7 +39,7 @@ from guided_diffusion.methods.base import (
     is_class_conditional,
     model_fn,
 )
-from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model
+from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model, run_counted
 
 HEALTHY = 0
 
@@ -224,8 +224,6 @@ class ClassifierGuided(ReconstructionMethod):
         x0 = x0.float()
         t = torch.full((x0.shape[0],), self.sample_steps - 1, dtype=torch.long, device=x0.device)
         x_t = self.diffusion.q_sample(x0, t, noise=ctx.randn_like(x0))
-        out = None
-        for out in self.diffusion.ddim_sample_loop_progressive(self._fn, x0.shape, noise=x_t, clip_denoised=False,
-                                                               t_start=self.sample_steps - 1, eta=0.0):
-            ctx.step()
-        return out["sample"]
+        steps = self.diffusion.ddim_sample_loop_progressive(self._fn, x0.shape, noise=x_t, clip_denoised=False,
+                                                            t_start=self.sample_steps - 1, eta=0.0)
+        return run_counted(steps, ctx)["sample"]

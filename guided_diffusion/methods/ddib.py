@@ -31,7 +31,7 @@ from guided_diffusion.methods.base import (
     model_fn,
     require_classifier_free,
 )
-from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model
+from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model, run_counted
 
 HEALTHY = 0
 
@@ -47,11 +47,7 @@ def ddib_encode(null_model, diffusion, x0: torch.Tensor, sample_steps: int, ctx:
     ``null_model(x, t)`` returns the null-embedding eps.
     """
     if not legacy:
-        latent = None
-        for latent in diffusion.ddim_encode_latents(null_model, x0, sample_steps, clip_denoised=False):
-            if ctx is not None:
-                ctx.step()
-        return latent
+        return run_counted(diffusion.ddim_encode_latents(null_model, x0, sample_steps, clip_denoised=False), ctx)
     latent = x0
     for i in range(sample_steps):  # upstream: x0 as the level-0 latent, S steps to level S, x̂0 clipped
         with torch.no_grad():
@@ -117,9 +113,7 @@ class DDIB(ReconstructionMethod):
         x0 = x0.float()
         latent = ddib_encode(self._null, self.diffusion, x0, self.sample_steps, ctx, legacy=self.legacy)
         y = torch.full((x0.shape[0],), self.healthy_label, dtype=torch.long, device=x0.device)
-        out = None
-        for out in self.diffusion.ddim_sample_loop_progressive(self._model, x0.shape, noise=latent, clip_denoised=True,
-                                                               t_start=self.sample_steps - 1, eta=0.0,
-                                                               model_kwargs={"y": y}, guidance_w=self.w):
-            ctx.step()
-        return out["sample"]
+        steps = self.diffusion.ddim_sample_loop_progressive(self._model, x0.shape, noise=latent, clip_denoised=True,
+                                                            t_start=self.sample_steps - 1, eta=0.0,
+                                                            model_kwargs={"y": y}, guidance_w=self.w)
+        return run_counted(steps, ctx)["sample"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import argparse
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ import torch
 from guided_diffusion.errors import HyperparameterError
 from guided_diffusion.methods import threshold as thr_search
 from guided_diffusion.methods.base import BatchContext, Hyper, Records, SliceMethod, SliceOutput
+
+T = TypeVar("T")
 
 # upstream's recorded thresholds for --num_batches_val 0 (they belong to upstream's checkpoints and settings)
 UPSTREAM_THRESHOLDS = {
@@ -55,6 +57,15 @@ def threshold_map(amap: torch.Tensor, threshold: float, cc_max_size: int = 40) -
     pred_label = raw.flatten(1).any(1).long()
     mask = remove_small_components(raw, cc_max_size) if cc_max_size > 0 else raw
     return mask, pred_label
+
+
+def run_counted(steps: Iterable[T], ctx: Optional[BatchContext]) -> T:
+    """Run a sampling (or encoding) loop to its end, one progress step of ``ctx`` per item; its last item."""
+    last = None
+    for last in steps:
+        if ctx is not None:
+            ctx.step()
+    return last
 
 
 def reconstruction_flags() -> Dict[str, Any]:
@@ -198,4 +209,4 @@ def loaded_model(args: argparse.Namespace, device: torch.device, *, what: str):
 
 
 __all__: List[str] = ["reconstruction_map", "threshold_map", "ReconstructionMethod", "reconstruction_flags",
-                      "UPSTREAM_THRESHOLDS", "check_sample_steps", "loaded_model", "parse_grid"]
+                      "UPSTREAM_THRESHOLDS", "check_sample_steps", "loaded_model", "parse_grid", "run_counted"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from guided_diffusion.models.attention import SPATIAL_PROCESSORS, SpatialAttentionProcessor
-from guided_diffusion.models.nn import conv_nd, normalization, timestep_embedding, zero_module
+from guided_diffusion.models.nn import conv_nd, embedding_mlp, normalization, timestep_embedding, zero_module
 from guided_diffusion.models.processors import AttentionProcessorsMixin, HoldsAttentionProcessor
 from guided_diffusion.models.unet import BlockFactory, build_encoder, build_middle, reject_use_fp16
 
@@ -114,7 +114,7 @@ class EncoderUNetModel(AttentionProcessorsMixin, nn.Module):
         self.pool = pool
 
         emb_dim = model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = embedding_mlp(model_channels, emb_dim)
         blocks = BlockFactory(
             emb_dim, dropout, dims, use_checkpoint, use_scale_shift_norm, self.silu_everywhere, num_head_channels,
             encoder_channels=None, use_new_attention_order=use_new_attention_order,

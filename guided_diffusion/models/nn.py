@@ -100,6 +100,11 @@ def silu_or_identity(silu: bool) -> nn.Module:
     return nn.SiLU() if silu else nn.Identity()
 
 
+def embedding_mlp(channels: int, emb_dim: int) -> nn.Sequential:
+    """Linear(channels, emb_dim), SiLU, Linear(emb_dim, emb_dim): the time and class embeddings (keys .0, .2)."""
+    return nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+
 __all__ = [
     "GroupNorm32",
     "TimestepBlock",
@@ -110,5 +115,6 @@ __all__ = [
     "timestep_embedding",
     "checkpoint",
     "silu_or_identity",
+    "embedding_mlp",
     "norm_act",
 ]

@@ -35,6 +35,7 @@ from guided_diffusion.models.nn import (
     avg_pool_nd,
     checkpoint,
     conv_nd,
+    embedding_mlp,
     norm_act,
     normalization,
     silu_or_identity,
@@ -342,7 +343,7 @@ class UNetModel(AttentionProcessorsMixin, nn.Module):
         self.zero_threshold = zero_threshold  # accepted for upstream command lines; null rows are known from the call
 
         emb_dim = model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = embedding_mlp(model_channels, emb_dim)
         if num_classes is not None:
             self.build_label_embedding(num_classes, clf_free)
 
@@ -391,7 +392,7 @@ class UNetModel(AttentionProcessorsMixin, nn.Module):
             raise ValueError("class-conditional models need clf_free=True (upstream's other branch is unusable)")
         emb_dim = 4 * self.model_channels
         self.label_emb = nn.Embedding(num_classes, self.model_channels)
-        self.class_emb = nn.Sequential(nn.Linear(self.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = embedding_mlp(self.model_channels, emb_dim)
 
     # -- configuration ------------------------------------------------------------------------
     def hae_transformers(self) -> List[MultiScaleSparseTransformer]:

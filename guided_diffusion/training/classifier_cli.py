@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
-from guided_diffusion import dist_util, fileio, logger, runtime
+import torch
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
 from guided_diffusion.diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.errors import entry_point
 from guided_diffusion.runtime import seed_everything
@@ -25,13 +28,11 @@ from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
     check_model_flags,
-    check_run_config,
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
 )
 from guided_diffusion.training.objectives import ClassifierObjective
-from guided_diffusion.training.train_cli import check_common_args
-from guided_diffusion.training.train_util import TrainLoop, parse_ema_rates
+from guided_diffusion.training.train_cli import check_common_args, open_run_folder, run_checked, run_train_loop
 
 
 def classifier_train_defaults() -> dict:
@@ -94,35 +95,18 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = create_argparser()
     args = parser.parse_args(argv)
-    dist_util.setup_dist()
-    try:
+
+    def check_and_build() -> Tuple[Any, Any]:
         check_args(args, dist_util.get_world_size())
         seed_everything(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-        classifier, diffusion = create_classifier_and_diffusion(
-            **args_to_dict(args, classifier_and_diffusion_defaults().keys()))
-    except ValueError as e:
-        dist_util.cleanup_dist()
-        parser.error(str(e))
-    try:
-        return train(args, classifier, diffusion)  # user errors: one message and exit code 2 (errors.entry_point)
-    finally:
-        dist_util.cleanup_dist()
+        return create_classifier_and_diffusion(**args_to_dict(args, classifier_and_diffusion_defaults().keys()))
+
+    return run_checked(parser, check_and_build, lambda built: train(args, *built))
 
 
-def train(args: argparse.Namespace, classifier, diffusion) -> int:
-    logger.configure(sync_ranks=True)
-    log_dir = logger.get_dir()
-    if dist_util.get_rank() == 0:  # partial files of a killed run (only rank 0 writes here)
-        for folder in {log_dir, args.image_dir or os.path.join(log_dir, "images")}:
-            fileio.sweep_temp_files(folder, warn=logger.warn)
+def train(args: argparse.Namespace, classifier: torch.nn.Module, diffusion: GaussianDiffusion) -> int:
     flags = args_to_dict(args, classifier_and_diffusion_defaults().keys())
-    check_run_config(log_dir, flags, kind="classifier")  # the checkpoints there belong to the model it describes
-    if args.resume_checkpoint == "auto":
-        args.resume_checkpoint = fileio.latest_training_checkpoint(
-            log_dir, parse_ema_rates(args.ema_rate), warn=logger.warn) or ""
-    runtime.configure_threads()
-    logger.log(f"args: {vars(args)}")
-    logger.log(runtime.thread_summary())
+    log_dir = open_run_folder(args, flags, kind="classifier")
     n_params = sum(p.numel() for p in classifier.parameters())
     logger.log(f"Classifier params: {n_params / 1024 ** 2:.2f} M; device {dist_util.dev()}, "
                f"{dist_util.get_world_size()} process(es), precision {args.precision}")
@@ -143,39 +127,22 @@ def train(args: argparse.Namespace, classifier, diffusion) -> int:
             logger.warn(f"no {os.path.join(val_dir, 'npy_val')}: training without validation")
     objective = ClassifierObjective(diffusion, create_named_schedule_sampler(args.schedule_sampler, diffusion),
                                     noised=args.noised)
-    loop = TrainLoop(
+    step = run_train_loop(
+        args, log_dir, "classifier", flags,
+        recorded=("ema_rate", "name", "data_dir", "batch_size", "lr", "noised", "precision", "seed"),
         model=classifier,
         objective=objective,
         data=loader,
         data_sampler=sampler,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        weight_decay=args.weight_decay,
         lr_anneal_steps=args.iterations if args.anneal_lr else 0,
         total_epochs=sys.maxsize,  # --iterations is the budget
         max_steps=args.iterations,
-        precision=args.precision,
-        grad_clip=args.grad_clip,
-        seed=args.seed,
         sample_shape=(min(12, args.batch_size // world), args.in_channels, args.image_size, args.image_size),
         preview_steps=0,  # a grid of real training slices only
-        image_dir=args.image_dir,
         name=f"{args.name}_clf",
-        find_unused_parameters=args.find_unused_parameters,
         val_data=val_loader,
         eval_interval=args.eval_interval,
         val_batches=args.val_batches,
     )
-    if dist_util.get_rank() == 0 and not os.path.exists(fileio.config_path(log_dir)):
-        # after a resume has loaded (the flags fit the weights), before the first step
-        fileio.write_run_config(log_dir, "classifier", flags, training={
-            k: getattr(args, k) for k in ("ema_rate", "name", "data_dir", "batch_size", "lr", "noised", "precision",
-                                          "seed")})
-    step = loop.run_loop()
     logger.log(f"classifier training finished at step {step}")
     return step

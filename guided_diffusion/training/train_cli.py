@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.diffusion.noise import check_noise_type, make_noise_fn
@@ -33,6 +33,8 @@ from guided_diffusion.script_util import (
 )
 from guided_diffusion.training.objectives import DiffusionObjective
 from guided_diffusion.training.train_util import TrainLoop, parse_ema_rates
+
+T = TypeVar("T")
 
 DEFAULT_THRESHOLD = 0.1  # classifier-free label drop (upstream's default -1 crashed class-conditional training)
 
@@ -188,6 +190,55 @@ def check_args(args: argparse.Namespace, world_size: int = 1) -> None:
     check_model_flags(args_to_dict(args, model_and_diffusion_defaults().keys()))
 
 
+def run_checked(parser: argparse.ArgumentParser, check: Callable[[], T], train: Callable[[T], int]) -> int:
+    """The training commands' frame: process group up, ``check()`` (a ValueError is a usage error naming the flag),
+    ``train(what check returned)`` (user errors: one message and exit code 2, ``errors.entry_point``), group down."""
+    dist_util.setup_dist()
+    try:
+        try:
+            checked = check()
+        except ValueError as e:
+            parser.error(str(e))
+        return train(checked)
+    finally:
+        dist_util.cleanup_dist()
+
+
+def open_run_folder(args: argparse.Namespace, flags: Dict[str, Any], kind: str) -> str:
+    """The log folder of a training run, ready for it: leftovers of a killed run swept, its ``config.json`` checked
+    against ``flags`` (the checkpoints there belong to the model it describes), ``--resume_checkpoint auto``
+    resolved, threads configured, the flags logged."""
+    logger.configure(sync_ranks=True)
+    log_dir = logger.get_dir()
+    if dist_util.get_rank() == 0:  # partial files of a killed run (only rank 0 writes here)
+        for folder in {log_dir, args.image_dir or os.path.join(log_dir, "images")}:
+            fileio.sweep_temp_files(folder, warn=logger.warn)
+    check_run_config(log_dir, flags, kind=kind)
+    if args.resume_checkpoint == "auto":
+        args.resume_checkpoint = fileio.latest_training_checkpoint(log_dir, parse_ema_rates(args.ema_rate),
+                                                                   warn=logger.warn) or ""
+    runtime.configure_threads()
+    logger.log(f"args: {vars(args)}")
+    logger.log(runtime.thread_summary())
+    return log_dir
+
+
+# TrainLoop arguments that both training commands take from the flag of the same name
+_LOOP_FLAGS = ("batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval", "resume_checkpoint",
+               "weight_decay", "precision", "grad_clip", "seed", "image_dir", "find_unused_parameters")
+
+
+def run_train_loop(args: argparse.Namespace, log_dir: str, kind: str, flags: Dict[str, Any],
+                   recorded: Sequence[str], **loop_kwargs: Any) -> int:
+    """Build the ``TrainLoop`` (the shared flags from ``args``, the rest from ``loop_kwargs``), write ``config.json``
+    (model ``flags`` and the training flags named in ``recorded``) if the folder has none, run; the final step."""
+    loop = TrainLoop(**{k: getattr(args, k) for k in _LOOP_FLAGS}, **loop_kwargs)
+    if dist_util.get_rank() == 0 and not os.path.exists(fileio.config_path(log_dir)):
+        # after a resume has loaded (the flags fit the weights), before the first step
+        fileio.write_run_config(log_dir, kind, flags, training={k: getattr(args, k) for k in recorded})
+    return loop.run_loop()
+
+
 @entry_point
 def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None) -> int:
     parser = create_argparser()
@@ -195,32 +246,12 @@ def main(argv: Optional[Sequence[str]] = None, unet_ver: Optional[str] = None) -
     if unet_ver is not None:  # train_<ver>.py aliases fix the variant, as upstream's copies did, HAE blocks included
         args.unet_ver = unet_ver
         args.use_hae = unet_ver.startswith("hae")
-    dist_util.setup_dist()
-    try:
-        check_args(args, dist_util.get_world_size())
-    except ValueError as e:
-        dist_util.cleanup_dist()
-        parser.error(str(e))
-    try:
-        return train(args)  # user errors: one message and exit code 2 (errors.entry_point)
-    finally:
-        dist_util.cleanup_dist()
+    return run_checked(parser, lambda: check_args(args, dist_util.get_world_size()), lambda _: train(args))
 
 
 def train(args: argparse.Namespace) -> int:
-    logger.configure(sync_ranks=True)
-    log_dir = logger.get_dir()
-    if dist_util.get_rank() == 0:  # partial files of a killed run (only rank 0 writes here)
-        for folder in {log_dir, args.image_dir or os.path.join(log_dir, "images")}:
-            fileio.sweep_temp_files(folder, warn=logger.warn)
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    check_run_config(log_dir, flags)  # the checkpoints in the folder belong to the model config.json describes
-    if args.resume_checkpoint == "auto":
-        args.resume_checkpoint = fileio.latest_training_checkpoint(log_dir, parse_ema_rates(args.ema_rate),
-                                                                   warn=logger.warn) or ""
-    runtime.configure_threads()
-    logger.log(f"args: {vars(args)}")
-    logger.log(runtime.thread_summary())
+    log_dir = open_run_folder(args, flags, kind="diffusion")
     seed_everything(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
     n_params = sum(p.numel() for p in model.parameters())
@@ -252,38 +283,21 @@ def train(args: argparse.Namespace) -> int:
     noise_fn = None if args.noise_type == "gaussian" else make_noise_fn(args.noise_type)
     objective = DiffusionObjective(diffusion, create_named_schedule_sampler(args.schedule_sampler, diffusion),
                                    threshold=args.threshold, noise_fn=noise_fn)
-    loop = TrainLoop(
+    step = run_train_loop(
+        args, log_dir, "diffusion", flags,
+        recorded=("ema_rate", "name", "data_dir", "batch_size", "lr", "threshold", "noise_type", "precision", "seed"),
         model=model,
         objective=objective,
         data=loader,
         data_sampler=sampler,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
         total_epochs=args.total_epochs,
         max_steps=args.max_steps,
-        precision=args.precision,
-        grad_clip=args.grad_clip,
-        seed=args.seed,
         w=args.w,
         sample_shape=args.sample_shape,
         preview_steps=args.preview_steps,
-        image_dir=args.image_dir,
         name=args.name,
-        find_unused_parameters=args.find_unused_parameters,
         ddpm_previews=args.ddpm_sampling,
     )
-    if dist_util.get_rank() == 0 and not os.path.exists(fileio.config_path(log_dir)):
-        # after a resume has loaded (the flags fit the weights), before the first step
-        fileio.write_run_config(log_dir, "diffusion", flags, training={
-            k: getattr(args, k) for k in ("ema_rate", "name", "data_dir", "batch_size", "lr", "threshold", "noise_type",
-                                          "precision", "seed")})
-    step = loop.run_loop()
     logger.log(f"training finished at step {step}")
     return step
