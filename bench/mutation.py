@@ -14,14 +14,16 @@ function (found by its stats run), with ``-x``, and stops a mutant after a CPU-t
 in the kill rate, as mutmut counts it).
 
 It prints one row per module (killed / survived / timeout / no tests / total, kill rate) and writes
-``.mutation/<module>/summary.json`` and ``.mutation/<module>/survivors.txt`` (the diff of every
-survivor, for review). Run it with ``OMP_NUM_THREADS=1`` (set here if unset) on a quiet machine.
+``.mutation/<module>.json`` (counts, the status of every mutant run) and ``.mutation/<module>/survivors.txt``
+(the diff of every survivor, for review). After adding tests, ``--rerun-survivors`` reruns only the last
+run's survivors of an unchanged module and updates its counts (tests only added can only kill more). Run it with ``OMP_NUM_THREADS=1`` (set here if unset) on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -140,19 +142,12 @@ def _mutant_names(work: Path, target: Target) -> List[str]:
     return out.stdout.split()
 
 
-def _status_counts(work: Path, target: Target, sample: Sequence[str]) -> Tuple[Dict[str, int], List[str]]:
+def _statuses(work: Path, target: Target, keys: Sequence[str]) -> Dict[str, str]:
     from mutmut.stats import status_by_exit_code
 
     meta = json.loads((work / "mutants" / (target.source + ".meta")).read_text())
     codes = meta["exit_code_by_key"]
-    counts = {c: 0 for c in STATUS_COLUMNS}
-    survivors = []
-    for key in sample:
-        status = status_by_exit_code[codes.get(key)]
-        counts[status if status in counts else "other"] += 1
-        if status == "survived":
-            survivors.append(key)
-    return counts, survivors
+    return {key: status_by_exit_code[codes.get(key)] for key in keys}
 
 
 def _write_diffs(work: Path, target: Target, keys: Sequence[str]) -> None:
@@ -178,13 +173,32 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def run_module(name: str, stride: int | None, max_children: int) -> dict:
+def _summary_path(name: str) -> Path:
+    return SCRATCH / f"{name}.json"
+
+
+def run_module(name: str, stride: int | None, max_children: int, rerun_survivors: bool = False) -> dict:
     target = TARGETS[name]
+    source_sha = hashlib.sha256((REPO / target.source).read_bytes()).hexdigest()
+    previous = None
+    if rerun_survivors:
+        if not _summary_path(name).exists():
+            sys.exit(f"--rerun-survivors: no earlier run of {name} ({_summary_path(name)} is missing)")
+        previous = json.loads(_summary_path(name).read_text())
+        if previous["source_sha256"] != source_sha:
+            sys.exit(f"--rerun-survivors: {target.source} changed since the run it would update; run it whole")
+        stride = previous["stride"]
     stride = stride or target.stride
     work = _prepare(name, target)
     names = _mutant_names(work, target)
     sample = names[::stride]
-    print(f"== {name}: {target.source}, {len(names)} mutants, running every {stride}-th: {len(sample)}", flush=True)
+    to_run = sample
+    if previous is not None:
+        to_run = [k for k in sample if previous["status_by_key"][k] == "survived"]
+        print(f"== {name}: rerunning the {len(to_run)} survivors of the run at {previous['commit']}", flush=True)
+    else:
+        print(f"== {name}: {target.source}, {len(names)} mutants, running every {stride}-th: {len(sample)}",
+              flush=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     # subprocesses of the tests import the mutated copy; the folder must exist before mutmut starts, or
@@ -193,33 +207,42 @@ def run_module(name: str, stride: int | None, max_children: int) -> dict:
     env["PYTHONPATH"] = str(work / "mutants")
     start = time.time()
     log_path = work / "mutmut.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.run([_mutmut_bin(), "run", "--max-children", str(max_children), *sample],
-                              cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    status = dict(previous["status_by_key"]) if previous is not None else {}
+    if to_run:
+        with open(log_path, "w") as log:
+            proc = subprocess.run([_mutmut_bin(), "run", "--max-children", str(max_children), *to_run],
+                                  cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            print(f"mutmut run failed (exit {proc.returncode}); its output: {log_path}", file=sys.stderr)
+            sys.exit(proc.returncode)
+        status.update(_statuses(work, target, to_run))
     wall = time.time() - start
-    if proc.returncode != 0:
-        print(f"mutmut run failed (exit {proc.returncode}); its output: {log_path}", file=sys.stderr)
-        sys.exit(proc.returncode)
-    counts, survivors = _status_counts(work, target, sample)
-    _write_diffs(work, target, survivors)
+    counts = {c: 0 for c in STATUS_COLUMNS}
+    for key in sample:
+        counts[status[key] if status[key] in counts else "other"] += 1
+    survivors = [k for k in sample if status[k] == "survived"]
+    if to_run:
+        _write_diffs(work, target, survivors)
     total = len(sample)
-    killed_like = counts["killed"] + counts["timeout"]
     summary = {
         "module": name,
         "source": target.source,
+        "source_sha256": source_sha,
         "tests": list(target.tests),
         "mutants_in_file": len(names),
         "stride": stride,
         **counts,
         "total": total,
-        "kill_rate": killed_like / total if total else float("nan"),
-        "wall_s": round(wall, 1),
+        "kill_rate": (counts["killed"] + counts["timeout"]) / total if total else float("nan"),
+        "wall_s": round(wall, 1) + (previous["wall_s"] if previous is not None else 0.0),
         "commit": _git_commit(),
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at the end",
+        "rerun_of": None if previous is None else {k: previous[k] for k in ("commit", "killed", "survived", "total")},
         "survivors": survivors,
+        "status_by_key": status,
     }
-    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    _summary_path(name).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -229,11 +252,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="module to mutate (repeatable; 'all' for every one)")
     parser.add_argument("--stride", type=int, default=None, help="run every N-th mutant (default: the table's)")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel (2)")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="rerun only the survivors of the module's last run (after adding tests; the others "
+                             "stay killed, since added tests can only kill more) and update its counts")
     args = parser.parse_args(argv)
     if args.stride is not None and args.stride < 1:
         parser.error(f"--stride must be at least 1, got {args.stride}")
     modules = list(TARGETS) if "all" in args.module else list(dict.fromkeys(args.module))
-    rows = [run_module(m, args.stride, args.max_children) for m in modules]
+    rows = [run_module(m, args.stride, args.max_children, args.rerun_survivors) for m in modules]
     header = f"{'module':<17}{'killed':>7}{'survived':>9}{'timeout':>8}{'no tests':>9}{'total':>6}{'kill rate':>10}{'wall':>8}"
     print(header)
     for r in rows:
