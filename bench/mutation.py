@@ -42,7 +42,7 @@ SCRATCH = REPO / ".mutation"
 @dataclass(frozen=True)
 class Target:
     source: str  # the file mutated
-    tests: Tuple[str, ...]  # the test files that exercise it (from their imports)
+    tests: Tuple[str, ...]  # the test files that exercise it (from their imports), and deselections
     stride: int  # run every stride-th mutant in mutmut's order
 
 
@@ -59,7 +59,7 @@ TARGETS: Dict[str, Target] = {
     ),
     "anofpdm": Target(
         "guided_diffusion/methods/anofpdm.py",
-        ("tests/test_anofpdm.py", "tests/test_anofpdm_choices.py"),
+        ("tests/test_anofpdm.py", "tests/test_anofpdm_choices.py", "tests/test_methods_models.py"),
         5,
     ),
     "metrics": Target(
@@ -69,7 +69,14 @@ TARGETS: Dict[str, Target] = {
     ),
     "train_util": Target(
         "guided_diffusion/training/train_util.py",
-        ("tests/test_train.py", "tests/test_train_microbatch.py", "tests/test_objectives.py"),
+        (
+            "tests/test_train.py",
+            "tests/test_train_microbatch.py",
+            "tests/test_objectives.py",
+            # the two multi-process launches (75 s of the file's 85 s) would be every survivor's cost
+            "--deselect=tests/test_train.py::test_two_gloo_processes_train_and_hold_identical_weights",
+            "--deselect=tests/test_train.py::test_config_script_runs_on_cpu_with_torchrun_on_its_port",
+        ),
         6,
     ),
     "preprocess": Target(
@@ -189,6 +196,7 @@ def run_module(name: str, stride: int | None, max_children: int, rerun_survivors
             sys.exit(f"--rerun-survivors: {target.source} changed since the run it would update; run it whole")
         stride = previous["stride"]
     stride = stride or target.stride
+    commit = _git_commit()  # what is measured: the tree as copied now
     work = _prepare(name, target)
     names = _mutant_names(work, target)
     sample = names[::stride]
@@ -235,7 +243,7 @@ def run_module(name: str, stride: int | None, max_children: int, rerun_survivors
         "total": total,
         "kill_rate": (counts["killed"] + counts["timeout"]) / total if total else float("nan"),
         "wall_s": round(wall, 1) + (previous["wall_s"] if previous is not None else 0.0),
-        "commit": _git_commit(),
+        "commit": commit,
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at the end",
         "rerun_of": None if previous is None else {k: previous[k] for k in ("commit", "killed", "survived", "total")},
