@@ -263,3 +263,56 @@ def test_t_e_ratio_variant_follows_the_aggregation_flags(last_only, include_end,
     out = af.segment_batch(res, hp, cfg, t_e_ratio=1.5, median_kernel=1, cc_max_size=0)
     assert out["end_step"].tolist() == [[6]]
     torch.testing.assert_close(out["anomaly_map"], torch.full((1, 1, h, h), want))
+
+
+def _process(**cfg):
+    diffusion = create_gaussian_diffusion(steps=50)
+    return af.ForwardProcess(None, diffusion, af.ForwardConfig(w=2.0, forward_steps=10, modality=[0], **cfg)), diffusion
+
+
+def test_defaults_encode_with_the_null_embedding_and_one_step_is_valid():
+    assert af.forward_config_from_args(_driver_args()).encode_null is True  # paper; upstream's False crashed
+    af.ForwardConfig(w=2.0, forward_steps=1, modality=[0]).validate()
+    with pytest.raises(ValueError, match="forward_steps"):
+        af.ForwardConfig(w=2.0, forward_steps=0, modality=[0]).validate()
+
+
+def test_predicted_x0_is_the_formula_clipped_to_the_data_range():
+    process, diffusion = _process()
+    t = torch.tensor([5, 30])
+    x = torch.tensor([0.5, -0.2]).view(2, 1, 1, 1).expand(2, 1, 2, 2).clone()
+    eps = torch.tensor([[-3.0, 0.1], [2.5, 0.0]]).view(2, 1, 1, 2).expand(2, 1, 2, 2).clone()
+    abar = torch.as_tensor(np.asarray(diffusion.alphas_cumprod), dtype=torch.float64)[t].view(2, 1, 1, 1)
+    x0 = (x.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()  # x = sqrt(abar) x0 + sqrt(1 - abar) eps
+    assert x0.max() > 1 and x0.min() < -1  # both bounds matter here
+    torch.testing.assert_close(process._xstart(x, t, eps).double(), x0.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+    unclipped, _ = _process(clip_denoised=False)
+    torch.testing.assert_close(unclipped._xstart(x, t, eps).double(), x0, rtol=1e-5, atol=1e-5)
+    # the inversion step clips the same way (its x̂0 is out of range here, so clipping changes the step)
+    clipped_step = process._inversion_step(x, t, eps)
+    torch.testing.assert_close(clipped_step, diffusion.ddim_reverse_step_from_eps(x, t, eps, clip_denoised=True))
+    assert not torch.allclose(clipped_step, diffusion.ddim_reverse_step_from_eps(x, t, eps, clip_denoised=False))
+
+
+@pytest.mark.parametrize("mode", ["input", "gradient_para", "gradient"])
+def test_sub_anomaly_maps_are_the_paper_formulas(mode):
+    # input: (x̂0_w - x0)^2; gradient_para: (x̂0_w - x̂0_∅)^2; gradient: that divided by (b_t (1 + w))^2 with
+    # b_t = (1 - abar_t) / sqrt(abar_t) (the guidance term's scale in x̂0 space)
+    process, diffusion = _process(sub_anomaly=mode)
+    torch.manual_seed(0)
+    x0g, x0u, src = (torch.randn(2, 1, 3, 3, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([4, 20])
+    abar = torch.as_tensor(np.asarray(diffusion.alphas_cumprod), dtype=torch.float64)[t].view(2, 1, 1, 1)
+    want = {"input": (x0g - src) ** 2, "gradient_para": (x0g - x0u) ** 2,
+            "gradient": (x0g - x0u) ** 2 / (((1 - abar) / abar.sqrt()) * 3.0) ** 2}[mode]
+    torch.testing.assert_close(process._sub_anomaly(x0g, x0u, src, t), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_process_runs_the_model_under_the_requested_autocast(dtype):
+    diffusion = create_gaussian_diffusion(steps=50)
+    cfg = af.ForwardConfig(w=2.0, forward_steps=10, modality=[0])
+    with af.ForwardProcess(None, diffusion, cfg, dtype)._autocast(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+    with af.ForwardProcess(None, diffusion, cfg)._autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
