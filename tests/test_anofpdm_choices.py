@@ -316,3 +316,12 @@ def test_forward_process_runs_the_model_under_the_requested_autocast(dtype):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
     with af.ForwardProcess(None, diffusion, cfg)._autocast(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_last_only_window_is_clipped_to_the_last_step():
+    # an end step scaled past the last of T = 5 steps (t_e_ratio > 1): "last only" uses step T - 1, not step 0
+    t_e = torch.tensor([[5], [9], [3]])
+    w = af.aggregation_weights(t_e, 5, last_only=True, include_end=True)
+    assert w[:, 0].tolist() == [[0, 0, 0, 0, 1], [0, 0, 0, 0, 1], [0, 0, 0, 1, 0]]
+    w = af.aggregation_weights(torch.tensor([[7]]), 5, last_only=True)
+    assert w[0, 0].tolist() == [0, 0, 0, 0, 1]
