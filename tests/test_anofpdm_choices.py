@@ -325,3 +325,12 @@ def test_last_only_window_is_clipped_to_the_last_step():
     assert w[:, 0].tolist() == [[0, 0, 0, 0, 1], [0, 0, 0, 0, 1], [0, 0, 0, 1, 0]]
     w = af.aggregation_weights(torch.tensor([[7]]), 5, last_only=True)
     assert w[0, 0].tolist() == [0, 0, 0, 0, 1]
+
+
+def test_from_args_passes_the_median_filter_and_the_data_set(monkeypatch):
+    from guided_diffusion.evaluation import translation
+
+    monkeypatch.setattr(translation, "load_model", lambda args, device: (torch.nn.Identity(), None, "m.pt"))
+    method = af.AnoFPDM.from_args(_driver_args("--median_filter", "False", "--name", "atlas"), torch.device("cpu"))
+    assert (method.median_kernel, method.dataset) == (1, "atlas")
+    assert af.AnoFPDM.from_args(_driver_args(), torch.device("cpu")).median_kernel == 5  # upstream's 5 x 5 median
