@@ -23,5 +23,6 @@ setup(
         "mpi": ["mpi4py"],
         "demo": ["nilearn"],
         "test": ["pytest"],
+        "mutation": ["mutmut>=3.8,<4"],  # bench/mutation.py
     },
 )

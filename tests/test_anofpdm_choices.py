@@ -179,3 +179,158 @@ def test_recorded_fallback_refused_for_another_function():
         af.upstream_fallback_hyperparams("atlas", 600, 1, atlas)
     atlas.w = 20.0
     assert af.upstream_fallback_hyperparams("atlas", 600, 1, atlas).thr_01 == 0.72853965
+
+
+# ------------------------------------------------------------------ flags -> method (gaps found by mutation testing)
+
+
+def _driver_args(*argv):
+    from guided_diffusion.evaluation import translation
+
+    return translation.create_argparser().parse_args(["--w", "2", "--class_cond", "True", *argv])
+
+
+def test_flags_give_the_forward_config():
+    args = _driver_args("--forward_steps", "10", "--modality", "3", "0", "--subset_interval", "0",
+                        "--use_gradient_para_sam", "True")
+    cfg = af.forward_config_from_args(args)
+    assert (cfg.modality, cfg.sub_anomaly, cfg.interval, cfg.forward_steps) == ([3, 0], "gradient_para", 1, 10)
+    assert af.forward_config_from_args(_driver_args("--use_gradient_sam", "True")).sub_anomaly == "gradient"
+    assert af.forward_config_from_args(_driver_args()).sub_anomaly == "input"
+    assert af.forward_config_from_args(_driver_args("--subset_interval", "3")).interval == 3
+    assert af.forward_config_from_args(_driver_args("--subset_interval", "-1")).interval == 1  # upstream: every step
+
+
+@pytest.mark.parametrize("image_size, flag, want", [(128, -1, 40), (64, -1, 10), (256, -1, 160), (64, 0, 0),
+                                                     (64, 7, 7)])
+def test_component_filter_size_scales_with_the_image_area(monkeypatch, image_size, flag, want):
+    # upstream's 40 px at 128 x 128, scaled by the pixel count (40 (s / 128)^2); 0 switches the filter off
+    from guided_diffusion.evaluation import translation
+
+    monkeypatch.setattr(translation, "load_model", lambda args, device: (torch.nn.Identity(), None, "m.pt"))
+    args = _driver_args("--image_size", str(image_size), "--cc_filter_size", str(flag))
+    assert af.AnoFPDM.from_args(args, torch.device("cpu")).cc_max_size == want
+
+
+@pytest.mark.parametrize("a, b", [(0.5, 1.5), (-0.1, 0.9), (0.9, 0.5)])
+def test_quantiles_outside_zero_one_or_reversed_are_refused(a, b):
+    args = _driver_args("--forward_steps", "10", "--quantile_a", str(a), "--quantile_b", str(b))
+    with pytest.raises(ValueError, match="quantile_a"):
+        af.AnoFPDM.check_args(args, grid_steps=100)
+
+
+def test_recorded_fallback_carries_upstream_diff_min():
+    # upstream scripts/translation_FPDM.py, --num_batches_val 0, brats, forward steps 600 and 999; atlas
+    hp = af.upstream_fallback_hyperparams("brats", 600, 2)
+    assert hp.diff_min == pytest.approx([5.5484e-05, 3.4732e-05])
+    assert af.upstream_fallback_hyperparams("brats", 999, 2).diff_min == pytest.approx([0.0022, 0.0010])
+    assert af.upstream_fallback_hyperparams("atlas", 600, 1).diff_min == pytest.approx([0.0392])
+
+
+def test_fit_hyperparams_divergence_range_and_accuracy_hand_computed():
+    # 4 validation slices, 2 steps, 1 modality; unhealthy slices 1 and 2 with max_t M_t 0.7 and 0.3
+    up = [[1.0], [2.0]]
+    mse_u = torch.tensor([up] * 4)
+    # similarity 1 for slices 0, 1 (guided ∝ unguided), 0 for slices 2, 3 (orthogonal in the step axis)
+    mse_g = torch.tensor([up, up, [[2.0], [-1.0]], [[2.0], [-1.0]]])
+    div = torch.tensor([[[0.9], [0.1]], [[0.2], [0.7]], [[0.3], [0.1]], [[0.5], [0.6]]])
+    labels = torch.tensor([0, 1, 1, 0])
+    hp = af.fit_hyperparams(_stats(mse_g, mse_u, mse_u, div), labels)
+    assert hp.diff_max == pytest.approx([0.7]) and hp.diff_min == pytest.approx([0.3])
+    # the two classes overlap in similarity (slice 1 unhealthy at 1, slice 3 healthy at 0): some errors remain
+    assert (hp.n_val, hp.n_val_unhealthy) == (4, 2)
+    assert hp.val_accuracy == pytest.approx(1 - hp.n_errors / 4)
+    assert 0 < hp.n_errors < 4
+
+
+@pytest.mark.parametrize("last_only, include_end, want", [(False, False, (0 + 1 + 2 + 3 + 4 + 5) / 6),
+                                                          (True, False, 5.0), (True, True, 6.0)])
+def test_t_e_ratio_variant_follows_the_aggregation_flags(last_only, include_end, want):
+    # one slice, 8 steps, 1 modality; step s's sub-anomaly map is the constant s, so the aggregated map's value
+    # says which steps entered. M_t peaks at step 4: t_e = 4, x 1.5 -> 6; window [0, 6), last only: step 5
+    # (step 6 with include_end).
+    steps, h = 8, 6
+    div = torch.zeros(1, steps, 1)
+    div[0, 4, 0] = 1.0
+    ones = torch.ones(1, steps, 1)
+    stats = _stats(ones, ones, ones, div)
+    sam = torch.arange(steps, dtype=torch.float32).view(1, steps, 1, 1, 1).expand(1, steps, 1, h, h).clone()
+    res = af.ForwardResult(stats=stats, maps=torch.zeros(1, 1, h, h), end_step=torch.tensor([[4]]),
+                           sub_anomaly_maps=sam)
+    cfg = af.ForwardConfig(w=2.0, forward_steps=steps, modality=[0], last_only=last_only, include_end=include_end,
+                           store_maps=True)
+    hp = af.Hyperparams(thr_01=0.5, diff_max=[1.0], diff_min=[0.0])
+    out = af.segment_batch(res, hp, cfg, t_e_ratio=1.5, median_kernel=1, cc_max_size=0)
+    assert out["end_step"].tolist() == [[6]]
+    torch.testing.assert_close(out["anomaly_map"], torch.full((1, 1, h, h), want))
+
+
+def _process(**cfg):
+    diffusion = create_gaussian_diffusion(steps=50)
+    return af.ForwardProcess(None, diffusion, af.ForwardConfig(w=2.0, forward_steps=10, modality=[0], **cfg)), diffusion
+
+
+def test_defaults_encode_with_the_null_embedding_and_one_step_is_valid():
+    assert af.forward_config_from_args(_driver_args()).encode_null is True  # paper; upstream's False crashed
+    af.ForwardConfig(w=2.0, forward_steps=1, modality=[0]).validate()
+    with pytest.raises(ValueError, match="forward_steps"):
+        af.ForwardConfig(w=2.0, forward_steps=0, modality=[0]).validate()
+
+
+def test_predicted_x0_is_the_formula_clipped_to_the_data_range():
+    process, diffusion = _process()
+    t = torch.tensor([5, 30])
+    x = torch.tensor([0.5, -0.2]).view(2, 1, 1, 1).expand(2, 1, 2, 2).clone()
+    eps = torch.tensor([[-3.0, 0.1], [2.5, 0.0]]).view(2, 1, 1, 2).expand(2, 1, 2, 2).clone()
+    abar = torch.as_tensor(np.asarray(diffusion.alphas_cumprod), dtype=torch.float64)[t].view(2, 1, 1, 1)
+    x0 = (x.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()  # x = sqrt(abar) x0 + sqrt(1 - abar) eps
+    assert x0.max() > 1 and x0.min() < -1  # both bounds matter here
+    torch.testing.assert_close(process._xstart(x, t, eps).double(), x0.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+    unclipped, _ = _process(clip_denoised=False)
+    torch.testing.assert_close(unclipped._xstart(x, t, eps).double(), x0, rtol=1e-5, atol=1e-5)
+    # the inversion step clips the same way (its x̂0 is out of range here, so clipping changes the step)
+    clipped_step = process._inversion_step(x, t, eps)
+    torch.testing.assert_close(clipped_step, diffusion.ddim_reverse_step_from_eps(x, t, eps, clip_denoised=True))
+    assert not torch.allclose(clipped_step, diffusion.ddim_reverse_step_from_eps(x, t, eps, clip_denoised=False))
+
+
+@pytest.mark.parametrize("mode", ["input", "gradient_para", "gradient"])
+def test_sub_anomaly_maps_are_the_paper_formulas(mode):
+    # input: (x̂0_w - x0)^2; gradient_para: (x̂0_w - x̂0_∅)^2; gradient: that divided by (b_t (1 + w))^2 with
+    # b_t = (1 - abar_t) / sqrt(abar_t) (the guidance term's scale in x̂0 space)
+    process, diffusion = _process(sub_anomaly=mode)
+    torch.manual_seed(0)
+    x0g, x0u, src = (torch.randn(2, 1, 3, 3, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([4, 20])
+    abar = torch.as_tensor(np.asarray(diffusion.alphas_cumprod), dtype=torch.float64)[t].view(2, 1, 1, 1)
+    want = {"input": (x0g - src) ** 2, "gradient_para": (x0g - x0u) ** 2,
+            "gradient": (x0g - x0u) ** 2 / (((1 - abar) / abar.sqrt()) * 3.0) ** 2}[mode]
+    torch.testing.assert_close(process._sub_anomaly(x0g, x0u, src, t), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_process_runs_the_model_under_the_requested_autocast(dtype):
+    diffusion = create_gaussian_diffusion(steps=50)
+    cfg = af.ForwardConfig(w=2.0, forward_steps=10, modality=[0])
+    with af.ForwardProcess(None, diffusion, cfg, dtype)._autocast(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+    with af.ForwardProcess(None, diffusion, cfg)._autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_last_only_window_is_clipped_to_the_last_step():
+    # an end step scaled past the last of T = 5 steps (t_e_ratio > 1): "last only" uses step T - 1, not step 0
+    t_e = torch.tensor([[5], [9], [3]])
+    w = af.aggregation_weights(t_e, 5, last_only=True, include_end=True)
+    assert w[:, 0].tolist() == [[0, 0, 0, 0, 1], [0, 0, 0, 0, 1], [0, 0, 0, 1, 0]]
+    w = af.aggregation_weights(torch.tensor([[7]]), 5, last_only=True)
+    assert w[0, 0].tolist() == [0, 0, 0, 0, 1]
+
+
+def test_from_args_passes_the_median_filter_and_the_data_set(monkeypatch):
+    from guided_diffusion.evaluation import translation
+
+    monkeypatch.setattr(translation, "load_model", lambda args, device: (torch.nn.Identity(), None, "m.pt"))
+    method = af.AnoFPDM.from_args(_driver_args("--median_kernel", "3", "--name", "atlas"), torch.device("cpu"))
+    assert (method.median_kernel, method.dataset) == (3, "atlas")
+    assert af.AnoFPDM.from_args(_driver_args(), torch.device("cpu")).median_kernel == 5  # upstream's 5 x 5 median

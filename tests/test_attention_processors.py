@@ -236,3 +236,76 @@ def test_fused_hae_processor_inference_paths_equal_upstreams_call(length_hw, mon
     small = sparse_attention.dense_inference_attention(block.multihead_attn, seq.detach(), block.mask(length, "cpu"),
                                                        max_chunk_bytes=1)
     assert (small - expected).abs().max() < 1e-5
+
+
+# --- gaps found by mutation testing (bench/mutation.py --module attention) ---
+
+
+def _attention_written_out(qkv, heads, legacy, w=None, beta=None, cemb=None):
+    """softmax(q·k / sqrt(c)) v per row and head, keys = [encoder keys of c cᵀ, spatial keys].
+
+    Encoder tokens: the 1×1 conv (weight w [2C, D], bias beta) applied to c cᵀ, i.e. column j is
+    c_j (w c) + beta; per head h its channels [2hc, 2hc + c) are keys and [2hc + c, 2(h+1)c) values.
+    """
+    b, width, t = qkv.shape
+    c = width // (3 * heads)
+    out = torch.zeros(b, heads * c, t, dtype=qkv.dtype)
+    for i in range(b):
+        if legacy:  # per head (q_h, k_h, v_h)
+            per_head = qkv[i].reshape(heads, 3 * c, t)
+            qs, ks, vs = per_head[:, :c], per_head[:, c : 2 * c], per_head[:, 2 * c :]
+        else:  # q, k, v first, then heads
+            qs, ks, vs = qkv[i].reshape(3, heads, c, t)
+        for h in range(heads):
+            k, v = ks[h], vs[h]
+            if w is not None:
+                ekv = torch.einsum("od,d,j->oj", w, cemb[i], cemb[i]) + beta[:, None]  # [2C, D]
+                k = torch.cat([ekv[2 * h * c : 2 * h * c + c], k], dim=1)
+                v = torch.cat([ekv[2 * h * c + c : 2 * (h + 1) * c], v], dim=1)
+            p = torch.softmax(qs[h].T @ k / c**0.5, dim=-1)  # [T, keys]
+            out[i, h * c : (h + 1) * c] = v @ p.T
+    return out
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_attention_equals_the_formula_in_both_channel_orders(legacy):
+    from types import SimpleNamespace
+
+    from guided_diffusion.models.attention import reference_attention
+
+    torch.manual_seed(0)
+    heads, c, t = 2, 4, 5
+    qkv = torch.randn(3, 3 * heads * c, t)
+    want = _attention_written_out(qkv, heads, legacy)
+    if legacy:  # the default order
+        torch.testing.assert_close(reference_attention(qkv, heads), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused_attention(qkv, heads), want, atol=1e-5, rtol=1e-5)
+    module = SimpleNamespace(num_heads=heads, encoder_kv=None, legacy_order=legacy)
+    for processor in (ReferenceAttentionProcessor(), FusedAttentionProcessor()):
+        torch.testing.assert_close(processor(module, qkv, None), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_conditional_keys_equal_the_formula_for_every_kind_of_conditioning(legacy):
+    from types import SimpleNamespace
+
+    torch.manual_seed(1)
+    heads, c, t, d = 2, 4, 5, 6
+    encoder_kv = torch.nn.Conv1d(d, 2 * heads * c, 1)
+    module = SimpleNamespace(num_heads=heads, encoder_kv=encoder_kv, legacy_order=legacy)
+    w, beta = encoder_kv.weight.detach()[:, :, 0], encoder_kv.bias.detach()
+    qkv = torch.randn(3, 3 * heads * c, t)
+    cemb = torch.randn(3, d)
+    null = torch.tensor([False, True, False])
+    cemb_null = cemb * (~null)[:, None]  # a null row's embedding is zero
+    cases = [
+        (Conditioning(cemb), cemb),  # nothing fixed statically, no per-row mask
+        (Conditioning(cemb, all_cond=True), cemb),
+        (Conditioning(cemb_null, null_rows=null), cemb_null),
+        (Conditioning(torch.zeros(3, d), all_null=True), torch.zeros(3, d)),
+    ]
+    with torch.no_grad():
+        for cond, rows in cases:
+            want = _attention_written_out(qkv, heads, legacy, w, beta, rows)
+            for processor in (ReferenceAttentionProcessor(), FusedAttentionProcessor()):
+                torch.testing.assert_close(processor(module, qkv, cond), want, atol=1e-5, rtol=1e-5)

@@ -158,3 +158,82 @@ def test_foreground_mask():
     fg = metrics.foreground_mask(x)
     assert fg.shape == (1, 1, 2, 2)
     assert fg[0, 0, 0, 0] and not fg[0, 0, 1, 1] and fg.sum() == 1
+
+
+# --- gaps found by mutation testing (bench/mutation.py --module metrics) ---
+
+
+def test_dice_iou_pools_every_non_batch_axis():
+    # masks [N, H, W] (no channel axis) and [N, 2, H, W] (two channels): all non-batch axes pooled
+    pred = np.zeros((2, 3, 3), bool)
+    gt = np.zeros((2, 3, 3), bool)
+    pred[0, 0, :] = True  # 3 px
+    gt[0, :, 0] = True  # 3 px, overlap 1: Dice 2/6, IoU 1/5
+    pred[1, 2, 2] = gt[1, 2, 2] = True  # identical single pixel: 1, 1
+    d, i = metrics.dice_iou_per_slice(pred, gt)
+    np.testing.assert_allclose(d, [2 / 6, 1.0], atol=1e-6)
+    np.testing.assert_allclose(i, [1 / 5, 1.0], atol=1e-6)
+    two = np.zeros((1, 2, 2, 2), bool)
+    two_gt = np.zeros((1, 2, 2, 2), bool)
+    two[0, 0, 0, 0] = two[0, 1, 0, 0] = True  # one px in each channel
+    two_gt[0, 1, 0, 0] = True  # only the second channel's px is true: Dice 2/3, IoU 1/2
+    d, i = metrics.dice_iou_per_slice(two, two_gt)
+    assert d[0] == pytest.approx(2 / 3, abs=1e-6) and i[0] == pytest.approx(1 / 2, abs=1e-6)
+
+
+def test_undefined_ratios_are_zero_not_one():
+    # no predicted positive: precision 0/0 -> 0 (documented "0 where undefined"), recall 0/2, F1 0
+    pr = metrics.precision_recall(np.zeros(4, bool), np.array([1, 1, 0, 0], bool))
+    assert (pr["precision"], pr["recall"], pr["f1"]) == (0.0, 0.0, 0.0)
+    # no actual positive and no predicted positive: recall 0/0 -> 0
+    pr = metrics.precision_recall(np.zeros(3, bool), np.zeros(3, bool))
+    assert (pr["precision"], pr["recall"], pr["f1"], pr["tp"], pr["fp"], pr["fn"]) == (0.0, 0.0, 0.0, 0, 0, 0)
+
+
+def test_classification_metrics_counts_f1_and_sizes():
+    # 6 slices, 4 unhealthy; predicted: tp 3, fn 1, fp 1, tn 1
+    labels = [1, 1, 1, 1, 0, 0]
+    pred = [1, 1, 1, 0, 1, 0]
+    c = metrics.classification_metrics(labels, pred)
+    precision, recall = 3 / 4, 3 / 4
+    assert c["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert (c["n_slices"], c["n_unhealthy"]) == (6, 4)
+    assert c["accuracy"] == pytest.approx(4 / 6) and c["specificity"] == pytest.approx(1 / 2)
+
+
+def test_length_mismatches_are_clear_errors():
+    with pytest.raises(ValueError, match="3 scores but 2 labels"):
+        metrics.auprc([0.1, 0.2, 0.3], [1, 0])
+    with pytest.raises(ValueError, match="3 labels but 2 predictions"):
+        metrics.classification_metrics([1, 0, 1], [1, 0])
+    counter = metrics.RankCounter()
+    counter.add_positives([0.5])
+    counter.freeze()
+    with pytest.raises(ValueError, match="2 scores but 1 labels"):
+        counter.add([0.1, 0.2], [1])
+
+
+def test_rank_counter_without_any_positive_pass():
+    # freeze() without add_positives: no thresholds, so no AP / AUROC, and negatives are still counted
+    counter = metrics.RankCounter()
+    counter.freeze()
+    counter.add([0.3, 0.7], [0, 0])
+    assert counter.thresholds.size == 0
+    assert counter.average_precision() is None and counter.roc_auc() is None
+
+
+def test_evaluate_reports_sizes_iou_none_and_classification():
+    b1 = _batch([1, 0], [1, 1], [[1, 0, 0, 0], [0] * 4], [[1, 0, 0, 0], [0] * 4], [[0.9, 0, 0, 0], [0] * 4])
+    b2 = _batch([0], [0], [[0] * 4], [[0] * 4], [[0.1] * 4])
+    res = metrics.evaluate_segmentation([b1, b2])
+    assert res["n_batches"] == 2
+    assert (res["mixed"]["n_slices"], res["unhealthy"]["n_slices"]) == (3, 1)
+    assert res["classification"]["n_slices"] == 3 and res["classification"]["fp"] == 1
+    assert res["classification"]["accuracy"] == res["accuracy"] == pytest.approx(2 / 3)
+    # no unhealthy slice, upstream's per-batch pooling: every per-batch value undefined -> None, IoU None too
+    b = _batch([0, 0], [0, 0], [[0] * 4, [0] * 4], [[0] * 4, [0] * 4], [[0.1] * 4, [0.2] * 4])
+    with pytest.warns(UserWarning, match="no unhealthy"):
+        res = metrics.evaluate_segmentation([b], auprc_pooling="batch")
+    assert res["unhealthy"]["iou"] is None and res["unhealthy"]["dice"] is None
+    assert res["unhealthy"]["auprc"] is None and res["unhealthy"]["auroc"] is None
+    assert res["mixed"]["auprc"] is None

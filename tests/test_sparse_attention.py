@@ -310,3 +310,70 @@ def test_cuda_matches_dense():
     ref = dense_masked_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), mask, keep, 0.1)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=0.01, atol=0.02)
+
+
+# --- gaps found by mutation testing (bench/mutation.py --module sparse_attention) ---
+
+
+def _attention_written_out(q, k, v, mask):
+    """softmax(q kᵀ / sqrt(c), blocked entries -inf) v, no dropout."""
+    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    return torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1) @ v
+
+
+def test_dropout_p_one_drops_every_probability():
+    # every probability dropped: the output and every gradient are exactly zero (as F.dropout(p=1))
+    mask = _random_mask(40, 0.7, 11)
+    plan = build_mask_plan(mask, block_size=16)
+    q, k, v = _qkv(2, 2, 40, 4)
+    out = masked_attention(q, k, v, plan, dropout_p=1.0, training=True, seed=3)
+    assert torch.count_nonzero(out) == 0
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_no_dropout_without_training_or_p_even_with_a_seed():
+    mask = _random_mask(30, 0.6, 12)
+    plan = build_mask_plan(mask, block_size=8)
+    q, k, v = _qkv(1, 2, 30, 4)
+    want = _attention_written_out(q, k, v, mask)
+    for kwargs in ({"dropout_p": 0.5, "training": False, "seed": 7}, {"training": True, "seed": 7}):
+        out = masked_attention(q, k, v, plan, **kwargs)
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kwargs}: {m}")
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5])
+def test_dropout_p_outside_the_unit_interval_is_a_clear_error(p):
+    mask = _random_mask(8, 0.5, 13)
+    q, k, v = _qkv(1, 1, 8, 2)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        masked_attention(q, k, v, build_mask_plan(mask), dropout_p=p, training=True)
+
+
+def test_band_random_mask_depends_only_on_its_generator():
+    torch.manual_seed(0)
+    a = band_random_mask(120, torch.Generator().manual_seed(9))
+    torch.manual_seed(1)  # a different global RNG state must not change the mask
+    b = band_random_mask(120, torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, band_random_mask(120, torch.Generator().manual_seed(10)))
+
+
+def test_multihead_helper_rejects_sequence_first_modules():
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=False)
+    mask = _random_mask(6, 0.5, 14)
+    with pytest.raises(ValueError, match="batch_first=True"):
+        multihead_self_attention(mha, torch.randn(6, 1, 8), build_mask_plan(mask))
+
+
+def test_plan_to_keeps_every_field():
+    mask = _random_mask(50, 0.8, 15)
+    plan = build_mask_plan(mask, block_size=16)
+    moved = plan.to("cpu")
+    assert (moved.length, moved.block_size, moved.window, moved.window_starts) == (
+        plan.length, plan.block_size, plan.window, plan.window_starts)
+    for name in ("window_index", "window_blocked", "outside_index", "outside_blocked"):
+        assert torch.equal(getattr(moved, name), getattr(plan, name)), name
+    q, k, v = _qkv(1, 1, 50, 4)
+    torch.testing.assert_close(masked_attention(q, k, v, moved), _attention_written_out(q, k, v, mask),
+                               rtol=1e-10, atol=1e-10)
