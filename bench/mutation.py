@@ -77,7 +77,7 @@ TARGETS: Dict[str, Target] = {
             "--deselect=tests/test_train.py::test_two_gloo_processes_train_and_hold_identical_weights",
             "--deselect=tests/test_train.py::test_config_script_runs_on_cpu_with_torchrun_on_its_port",
         ),
-        6,
+        8,
     ),
     "preprocess": Target(
         "guided_diffusion/data/preprocess.py",
