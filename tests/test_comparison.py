@@ -227,3 +227,46 @@ def test_bad_flags_are_named(tmp_path, capsys):
     assert "distinct" in capsys.readouterr().err
     assert cmp.main(["--out", str(tmp_path), "--from_runs", "anofpdm"]) == 1
     assert "METHOD=DIR" in capsys.readouterr().err
+
+
+def test_plan_for_one_channel_atlas_data(tmp_path):
+    """Without running anything: every stage's command, as its ATLAS config prints it plus the appended flags."""
+    for split in ("train", "test"):
+        (tmp_path / "data" / f"npy_{split}" / "patient_1").mkdir(parents=True)
+        np.savez(tmp_path / "data" / f"npy_{split}" / "patient_1" / "slice_5.npz", x=np.zeros((1, 1, 32, 32)),
+                 y=np.zeros((1, 1, 32, 32), np.float32))
+    out = tmp_path / "out"
+    args = cmp.create_argparser().parse_args(["--out", str(out), "--name", "atlas", "--seeds", "3",
+                                              "--methods", "clf_guided", "anofpdm", "--train_steps", "40"])
+    plan = cmp.make_plan(args, str(tmp_path / "data"))
+    assert [s.name for s in plan.stages] == ["train anofpdm", "train clf_guided", "train classifier",
+                                             "evaluate clf_guided", "evaluate anofpdm"]
+    commands = {s.name: s.command() for s in plan.stages}
+    for stage in plan.stages:
+        script, argv = commands[stage.name]
+        assert stage.config.startswith(("run_train_ATLAS_", "run_translation_ATLAS_"))
+        assert option(argv, "--name") == "atlas" and option(argv, "--seed") == "3"
+        if stage.kind == "train":
+            assert option(argv, "--image_dir") == str(out / "seed3" / "models" / stage.name.split()[1] / "images")
+            assert option(argv, "--image_size") == "32" and option(argv, "--in_channels") == "1"
+            assert last(argv, "--batch_size") == "16" and option(argv, "--resume_checkpoint") == "auto"
+        else:
+            assert last(argv, "--modality") == "0" and last(argv, "--timestep_respacing") == "ddim50"
+            assert option(argv, "--num_batches") == "-1" and option(argv, "--model_num") == "40"
+    assert commands["train classifier"][0] == "scripts/train_classifier.py"
+    assert last(commands["train classifier"][1], "--iterations") == "40"  # the appended value wins
+    assert last(commands["train anofpdm"][1], "--max_steps") == "40"
+    clf = commands["evaluate clf_guided"][1]
+    assert option(clf, "--model_dir") == str(out / "seed3" / "models" / "clf_guided")
+    assert option(clf, "--clf_dir") == str(out / "seed3" / "models" / "classifier") and option(clf, "--clf_num") == "40"
+    assert option(clf, "--sample_steps") == "10" and option(clf, "--classifier_scale") == "500"  # ATLAS's s
+    fpdm = commands["evaluate anofpdm"][1]
+    assert option(fpdm, "--w") == "30" and option(fpdm, "--forward_steps") == "15"  # ATLAS's w
+
+
+def option(argv: list, flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def last(argv: list, flag: str) -> str:
+    return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
