@@ -3,20 +3,20 @@
 # models are, upstream's settings (AnoDDPM S=200 DDPM simplex; classifier-guided S=200, s=1000 BraTS / 500 ATLAS;
 # DDIB S=450 w=1.1 BraTS / S=300 w=1.3 ATLAS), the value one run per entry of SWEEP takes, and `method_flags VALUE`.
 # Their threshold is a grid search of the Dice on the pixel-labelled validation slices (VAL_SLICES, paper 1,000).
-if [ "$DATASET" = atlas ]; then PREFIX=atlas_; else PREFIX=""; fi
+source config/_baseline_dirs.sh       # the folders the training configs write (baseline_model_dir)
 LEGACY_DDIB=${LEGACY_DDIB:-False}      # ddib: True reproduces upstream's inversion (latent one level above S-1)
 case "$METHOD" in
 anoddpm)
     NOISE_TYPE=${NOISE_TYPE:-simplex}  # AnoDDPM (S); gaussian for AnoDDPM (G) (upstream: S=300 then)
     USE_DDPM=${USE_DDPM:-True}         # False: DDIM reconstruction
-    MODEL_DIR=${MODEL_DIR:-$LOG_ROOT/${PREFIX}anoddpm_$NOISE_TYPE}
+    MODEL_DIR=${MODEL_DIR:-$(baseline_model_dir anoddpm "$NOISE_TYPE")}
     NUM_CLASSES=${NUM_CLASSES:-0} CLASS_COND=${CLASS_COND:-False}  # the unconditional v1 UNet (upstream folders)
     SWEEP=${SWEEP:-${SAMPLE_STEPS:-200}} SWEEP_NAME=sample_steps RUN_TAG=${RUN_TAG:-${NOISE_TYPE}_ddpm$USE_DDPM}
     method_flags() { METHOD_FLAGS=(--sample_steps "$1" --noise_type "$NOISE_TYPE" --use_ddpm "$USE_DDPM"); }
     ;;
 clf_guided)
-    MODEL_DIR=${MODEL_DIR:-$LOG_ROOT/${PREFIX}clf_guided}
-    CLF_DIR=${CLF_DIR:-$LOG_ROOT/${PREFIX}clf} CLF_NUM=${CLF_NUM:-}  # the classifier (empty CLF_NUM: the latest)
+    MODEL_DIR=${MODEL_DIR:-$(baseline_model_dir clf_guided)}
+    CLF_DIR=${CLF_DIR:-$(baseline_model_dir classifier)} CLF_NUM=${CLF_NUM:-}  # the classifier (empty CLF_NUM: the latest)
     CLF_FREE=${CLF_FREE:-False} LEARN_SIGMA=${LEARN_SIGMA:-True}     # upstream's guided DM (upstream folders)
     if [ "$DATASET" = atlas ]; then DEFAULT_SCALE=500; else DEFAULT_SCALE=1000; fi
     SAMPLE_STEPS=${SAMPLE_STEPS:-200}

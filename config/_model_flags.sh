@@ -15,6 +15,10 @@ CHANNEL_MULT=${CHANNEL_MULT:-}                        # empty: the default for I
 ATTENTION_RESOLUTIONS=${ATTENTION_RESOLUTIONS:-32,16,8}
 DIFFUSION_STEPS=${DIFFUSION_STEPS:-1000}
 NOISE_SCHEDULE=${NOISE_SCHEDULE:-linear}
+# the noisy-image classifier of classifier-guided sampling (classifier_model_flags)
+CLASSIFIER_WIDTH=${CLASSIFIER_WIDTH:-128}
+CLASSIFIER_DEPTH=${CLASSIFIER_DEPTH:-2}
+CLASSIFIER_ATTENTION_RESOLUTIONS=${CLASSIFIER_ATTENTION_RESOLUTIONS:-32,16,8}
 
 # model_flags: fills the array MODEL_FLAGS (unless the calling config set its own, e.g. for another kind of model).
 model_flags() {
@@ -27,5 +31,16 @@ model_flags() {
         --num_res_blocks "$NUM_RES_BLOCKS" --channel_mult "$CHANNEL_MULT" --attention_resolutions "$ATTENTION_RESOLUTIONS"
         --learn_sigma "$LEARN_SIGMA" --diffusion_steps "$DIFFUSION_STEPS" --noise_schedule "$NOISE_SCHEDULE"
         --rescale_learned_sigmas False --rescale_timesteps False
+    )
+}
+
+# classifier_model_flags: fills MODEL_FLAGS with the classifier's flags (upstream's production classifier: attention
+# pool, resblock up/down, scale-shift norm; NUM_CLASSES outputs).
+classifier_model_flags() {
+    MODEL_FLAGS=(
+        --unet_ver v1 --image_size "$IMAGE_SIZE" --in_channels "$IN_CHANNELS" --out_channels "$NUM_CLASSES"
+        --classifier_attention_resolutions "$CLASSIFIER_ATTENTION_RESOLUTIONS" --classifier_depth "$CLASSIFIER_DEPTH"
+        --classifier_width "$CLASSIFIER_WIDTH" --classifier_pool attention --classifier_resblock_updown True
+        --classifier_use_scale_shift_norm True
     )
 }

@@ -49,6 +49,7 @@ WORKERS=${WORKERS:-$(nproc 2>/dev/null || echo 2)}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}   # the pinned wheel installed when torch is missing
 INSTALL=${INSTALL:-auto}               # auto: pip-install when guided_diffusion/nilearn do not import; never: skip
+STOP_AFTER=${STOP_AFTER:-}             # data: stop once $OUT_DIR/data is ready (config/run_comparison.sh's data stage)
 
 say() { printf '\n=== [quickstart %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 START=$(date +%s)
@@ -89,6 +90,7 @@ fi
 say "preprocessing at ${IMAGE_SIZE}x${IMAGE_SIZE}"
 "$PYTHON" scripts/preprocess.py --source "$RAW" --name brats --mod all --image_size "$IMAGE_SIZE" \
     --output "$OUT_DIR/data" --workers "$WORKERS" --min_val_lesion_subjects "$VAL_LESION_SUBJECTS"
+if [ "$STOP_AFTER" = data ]; then say "data ready in $OUT_DIR/data (STOP_AFTER=data)"; exit 0; fi
 
 # ---- 4. training (resumes from the latest checkpoint; skipped once the final one exists) ----
 MODEL_DIR=$OUT_DIR/model

@@ -80,7 +80,7 @@ def test_every_config_prints_a_command_on_its_own_port(config):
     port = text.split("MASTER_PORT:-")[1].split("}")[0]
     assert option(cmd, "--master-port") == port and option(cmd, "--nproc-per-node") == "8"
     variant = text.split("UNET_VER=")[1].split()[0]
-    baseline_v1 = variant == "v1" and ("anoddpm" in config or "clf_guided" in config)  # the baselines' own UNet
+    baseline_v1 = variant == "v1" and any(b in config for b in ("anoddpm", "clf_guided", "_clf."))  # the baselines' own
     assert variant in config or (variant == "v2" and "hae" not in config) or baseline_v1
     assert len(text.splitlines()) <= 6  # a short wrapper: the launcher holds the rest
 
@@ -141,3 +141,94 @@ def test_baseline_configs_pass_upstreams_settings(config, method, flags):
     name = {"anoddpm": "--sample_steps", "clf_guided": "--classifier_scale", "ddib": "--w"}[method]
     assert [option(c, name) for c in sweep] == ["3", "5"]
     assert len({option(c, "--image_dir") for c in sweep}) == 2
+
+
+# ---- the baselines' training configs: upstream's flags (upstream config/run_train_*_{anoddpm,clf,clf_guided}.sh) ----
+
+def flag_values(cmd: list, flags: dict) -> dict:
+    return {f: (" ".join(cmd[cmd.index(f) + 1:cmd.index(f) + 5]) if f == "--sample_shape" else option(cmd, f))
+            for f in flags}
+
+
+ANODDPM = {"--unet_ver": "v1", "--num_classes": "0", "--class_cond": "False", "--ret_lab": "False", "--mixed": "False",
+           "--n_unhealthy_patients": "0", "--image_size": "128", "--num_channels": "128",
+           "--attention_resolutions": "32,16,8", "--learn_sigma": "False", "--dropout": "0", "--diffusion_steps": "1000",
+           "--noise_schedule": "linear", "--batch_size": "64", "--total_epochs": "1000", "--save_interval": "5000",
+           "--ddpm_sampling": "True"}
+CLF = {"--unet_ver": "v1", "--image_size": "128", "--out_channels": "2", "--classifier_attention_resolutions": "32,16,8",
+       "--classifier_depth": "2", "--classifier_width": "128", "--classifier_pool": "attention",
+       "--classifier_resblock_updown": "True", "--classifier_use_scale_shift_norm": "True", "--batch_size": "64",
+       "--iterations": "250000"}
+CLF_GUIDED = {"--unet_ver": "v1", "--num_classes": "2", "--class_cond": "True", "--ret_lab": "True", "--mixed": "True",
+              "--clf_free": "False", "--learn_sigma": "True", "--image_size": "128", "--num_channels": "128",
+              "--attention_resolutions": "32,16,8"}
+
+
+@pytest.mark.parametrize("dataset, channels", [("brats", "4"), ("ATLAS", "1")])
+def test_baseline_training_configs_pass_upstreams_flags(dataset, channels):
+    name = dataset.lower()
+    # AnoDDPM (S) by default, (G) with NOISE_TYPE=gaussian; healthy slices only; no label drop
+    for noise in ("simplex", "gaussian"):
+        env = {} if noise == "simplex" else {"NOISE_TYPE": "gaussian"}
+        (cmd,), err = dry_run(f"run_train_{dataset}_anoddpm.sh", NUM_GPUS="1", **env)
+        assert "scripts/train.py" in cmd and "--threshold" not in cmd
+        expected = {**ANODDPM, "--noise_type": noise, "--in_channels": channels, "--name": name,
+                    "--sample_shape": f"12 {channels} 128 128"}
+        assert flag_values(cmd, expected) == expected
+    # the noisy-image classifier
+    (cmd,), _ = dry_run(f"run_train_{dataset}_clf.sh", NUM_GPUS="1")
+    assert "scripts/train_classifier.py" in cmd
+    for absent in ("--threshold", "--w", "--noise_type", "--total_epochs", "--sample_shape", "--num_channels"):
+        assert absent not in cmd, absent  # not flags of the classifier's command line
+    save = "10000" if dataset == "brats" else "5000"
+    expected = {**CLF, "--in_channels": channels, "--save_interval": save, "--name": name}
+    assert flag_values(cmd, expected) == expected
+    # the class-conditional DM the classifier guides
+    (cmd,), _ = dry_run(f"run_train_{dataset}_clf_guided.sh", NUM_GPUS="1")
+    assert "scripts/train.py" in cmd and "--threshold" not in cmd
+    expected = {**CLF_GUIDED, "--in_channels": channels, "--save_interval": save, "--name": name,
+                "--batch_size": "32" if dataset == "brats" else "64", "--sample_shape": f"12 {channels} 128 128"}
+    assert flag_values(cmd, expected) == expected
+
+
+def test_baseline_training_on_several_gpus_nodes_and_the_cpu():
+    # the global batch is per GPU x GPUs x nodes, the port is the config's, the caller's flags come last
+    (cmd,), err = dry_run("run_train_brats_clf_guided.sh", "--lr", "2e-5", NUM_GPUS="2", NNODES="2", NODE_RANK="1",
+                          MASTER_ADDR="node0")
+    assert (option(cmd, "--nnodes"), option(cmd, "--node-rank"), option(cmd, "--master-port")) == ("2", "1", "12376")
+    assert option(cmd, "--batch_size") == str(32 * 2 * 2) and cmd[-2:] == ["--lr", "2e-5"]
+    assert "training clf_guided v1 on brats: 2 node(s) x 2 process(es), global batch 128" in err
+    (cmd,), _ = dry_run("run_train_brats_anoddpm.sh", NUM_GPUS="2", BATCH_PER_GPU="32")  # upstream's 64 over 2 GPUs
+    assert option(cmd, "--batch_size") == "64"
+    # no GPU: one plain python process
+    (cmd,), err = dry_run("run_train_ATLAS_clf.sh", CUDA_VISIBLE_DEVICES="")
+    assert cmd[:2] == [sys.executable, "scripts/train_classifier.py"] and "no GPU visible" in err
+
+
+@pytest.mark.parametrize("dataset", ["brats", "ATLAS"])
+def test_baseline_training_folders_are_where_the_translation_configs_look(dataset, tmp_path):
+    """Each training config's OPENAI_LOGDIR (its --image_dir's parent) is the folder its translation config reads."""
+    root = str(tmp_path / "logs")
+
+    def train_dir(config: str, **env: str) -> str:
+        (cmd,), _ = dry_run(config, NUM_GPUS="1", LOG_ROOT=root, **env)
+        image_dir = option(cmd, "--image_dir")
+        assert os.path.basename(image_dir) == "images"
+        return os.path.dirname(image_dir)
+
+    def translation(config: str, **env: str) -> list:
+        (cmd,), _ = dry_run(config, NUM_GPUS="1", LOG_ROOT=root, **env)
+        return cmd
+
+    prefix = "" if dataset == "brats" else "atlas_"
+    for noise in ("simplex", "gaussian"):
+        written = train_dir(f"run_train_{dataset}_anoddpm.sh", NOISE_TYPE=noise)
+        assert written == os.path.join(root, f"{prefix}anoddpm_{noise}")  # upstream's own configs disagreed here
+        assert option(translation(f"run_translation_{dataset}_anoddpm.sh", NOISE_TYPE=noise), "--model_dir") == written
+    cmd = translation(f"run_translation_{dataset}_clf_guided.sh")
+    assert option(cmd, "--model_dir") == train_dir(f"run_train_{dataset}_clf_guided.sh") == \
+        os.path.join(root, f"{prefix}clf_guided")
+    assert option(cmd, "--clf_dir") == train_dir(f"run_train_{dataset}_clf.sh") == os.path.join(root, f"{prefix}clf")
+    # DDIB reads AnoFPDM's classifier-free checkpoints
+    assert option(translation(f"run_translation_{dataset}_ddib.sh"), "--model_dir") == \
+        train_dir(f"run_train_{dataset}_clf_free_guided.sh")

@@ -99,3 +99,71 @@ def save_panels(
     with fileio.atomic_write(path) as f:
         Image.fromarray(sheet).save(f, format="PNG")
     return path
+
+
+def _text_tile(width: int, height: int, lines: Sequence[str]) -> np.ndarray:
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((3, 3 + 12 * i), line, fill=(220, 220, 220))
+    return np.asarray(canvas)
+
+
+def _label_tile(tile: np.ndarray, text: str) -> np.ndarray:
+    canvas = Image.fromarray(tile)
+    ImageDraw.Draw(canvas).text((3, 2), text, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def save_method_columns(
+    path: str,
+    images: Sequence[np.ndarray],
+    gts: Sequence[np.ndarray],
+    titles: Sequence[str],
+    maps: Sequence[Sequence[np.ndarray]],
+    masks: Sequence[Sequence[np.ndarray]],
+    notes: Optional[Sequence[Sequence[str]]] = None,
+    mask_captions: Optional[Sequence[Sequence[str]]] = None,
+    scale: Optional[int] = None,
+) -> dict:
+    """One picture comparing methods on the same slices: a column per method, two rows per slice.
+
+    Columns: input, ground truth (green over the input), then one per method (``titles[m]``). For slice i the
+    first row holds the input, the ground truth and each method's anomaly map ``maps[m][i]`` (heat colours, scaled
+    per tile); the second row the slice's ``notes[i]`` (text lines) and each method's mask ``masks[m][i]`` over the
+    input (red; yellow where it overlaps the ground truth) with ``mask_captions[m][i]`` written on it. Images are
+    ``[H, W]`` in [-1, 1]. Written atomically; returns the layout ``{"columns", "rows", "tile"}`` (tile side in px).
+    """
+    n_methods, n_slices = len(titles), len(images)
+    if not n_slices or not n_methods:
+        raise ValueError("save_method_columns needs at least one slice and one method")
+    if len(maps) != n_methods or len(masks) != n_methods or any(len(m) != n_slices for m in (*maps, *masks)):
+        raise ValueError(f"maps and masks need one list of {n_slices} slices per method ({n_methods} methods)")
+    side = int(np.squeeze(images[0]).shape[-1])
+    scale = scale or max(1, -(-140 // side))
+    tile = side * scale
+
+    def big(a: np.ndarray) -> np.ndarray:
+        return np.kron(a, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else a
+
+    header = np.concatenate([_text_tile(tile, 18, [t]) for t in ("input", "ground truth", *titles)], axis=1)
+    rows = [header]
+    for i in range(n_slices):
+        gray = _to_uint8(np.squeeze(images[i]), -1.0, 1.0)
+        gt = np.asarray(np.squeeze(gts[i]), bool)
+        top = [big(np.repeat(gray[..., None], 3, -1)), big(overlay(gray, gt, (0, 255, 0), 0.5))]
+        bottom = [_text_tile(2 * tile, tile, list(notes[i]) if notes is not None else [])]
+        for m in range(n_methods):
+            amap = np.nan_to_num(np.asarray(np.squeeze(maps[m][i]), np.float32))
+            hi = float(np.percentile(amap, 99.5)) if amap.size else 1.0
+            top.append(big(heat_colormap(amap / hi if hi > 0 else amap)))
+            pred = np.asarray(np.squeeze(masks[m][i]), bool)
+            tile_img = big(overlay(overlay(gray, pred & ~gt, (255, 0, 0), 0.6), pred & gt, (255, 255, 0), 0.6))
+            if mask_captions is not None:
+                tile_img = _label_tile(tile_img, mask_captions[m][i])
+            bottom.append(tile_img)
+        rows += [np.concatenate(top, axis=1), np.concatenate(bottom, axis=1), np.zeros((3, tile * (2 + n_methods), 3), np.uint8)]
+    sheet = np.concatenate(rows, axis=0)
+    with fileio.atomic_write(path) as f:
+        Image.fromarray(sheet).save(f, format="PNG")
+    return {"columns": 2 + n_methods, "rows": 2 * n_slices, "tile": tile}
