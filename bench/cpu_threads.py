@@ -21,7 +21,6 @@ import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -146,12 +145,9 @@ def main() -> None:
         for h in hogs:
             h.terminate()
             h.join()
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from guided_diffusion.runtime import cpu_name
+
+    cpu = cpu_name()
     import torch
 
     machine = (f"{cpu}, {cores} cores; {args.hogs} busy process(es) started by the benchmark; load average "

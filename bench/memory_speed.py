@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -252,18 +250,7 @@ def measure(variant: str, args) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores"
-    if torch.cuda.is_available():
-        desc += f"; GPU {torch.cuda.get_device_name()}"
-    return f"{desc}; load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; {datetime.date.today().isoformat()}"
+    return f"{runtime.machine_description()}; {datetime.date.today().isoformat()}"
 
 
 def child_args(argv: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import random
 import signal
 import sys
@@ -175,3 +176,24 @@ def worker_pool(workers: int, initializer: Optional[Callable[..., Any]] = None,
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(load: bool = True) -> str:
+    """One line for benchmark and result files: CPU, cores, GPU, [load average,] torch and Python versions."""
+    gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    parts = [f"{cpu_name()}, {os.cpu_count()} cores, {gpu}"]
+    if load and hasattr(os, "getloadavg"):
+        parts.append(f"load average {os.getloadavg()[0]:.1f}")
+    parts.append(f"torch {torch.__version__}, python {platform.python_version()}")
+    return "; ".join(parts)

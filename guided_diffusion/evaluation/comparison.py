@@ -32,7 +32,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import runpy
 import shlex
 import statistics
@@ -46,7 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from guided_diffusion import fileio
+from guided_diffusion import fileio, runtime
 from guided_diffusion.evaluation.fingerprint import json_digest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -607,21 +606,6 @@ def write_picture(path: Path, runs: Dict[str, List[Run]], rows: Dict[Tuple[str, 
                                mask_captions=captions)
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, python {platform.python_version()}"
-
-
 def write_results(out: Path, runs: Dict[str, List[Run]], num_slices: int, header: Sequence[str] = (),
                   footer: Sequence[str] = ()) -> Tuple[str, List[dict]]:
     """comparison.md, comparison.csv and comparison.png for ``runs`` (method -> one finished folder per seed)."""
@@ -694,7 +678,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{' '.join(map(str, plan.seeds))} (training and evaluation). Every model: {args.train_steps} steps "
                   f"of batch {args.train_batch}, {args.num_channels} channels; every method on the {args.respacing} "
                   "grid."]
-        footer = [f"Machine: {machine_line()}.",
+        footer = [f"Machine: {runtime.machine_description(load=False)}.",
                   f"This call: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU, load average {start_load[0]:.1f} at the "
                   f"start, {end_load[0]:.1f} at the end. Stages as first computed (timings.json): "
                   f"{sum(t['wall_s'] for t in total) / 60:.1f} min wall, {sum(t['cpu_s'] for t in total) / 60:.1f} min CPU.",
