@@ -42,8 +42,11 @@ RESPACING=${RESPACING:-ddim100}        # forward process on a 100-step grid (pap
 FORWARD_STEPS=${FORWARD_STEPS:-30}     # 30 steps reach t = 300: a briefly trained model is too blurry beyond
 MODALITY=${MODALITY:-0 3}              # FLAIR and T2 (tumours are bright on both)
 EVAL_BATCH=${EVAL_BATCH:-32}
-VAL_BATCHES=${VAL_BATCHES:-3}          # -1: the whole validation split (one subject, ~150 slices)
-TEST_BATCHES=${TEST_BATCHES:-4}        # -1: the whole test split (5 subjects, ~750 slices)
+MEDIAN_KERNEL=${MEDIAN_KERNEL:-3}      # anomaly-map median window: 3 px at 32 px (upstream's 5 at 128 px erases small lesions)
+QUANTILE_A=${QUANTILE_A:-0.93}         # mask quantiles of Algorithm 1 (upstream 0.90 / 0.98): a for the strongest
+QUANTILE_B=${QUANTILE_B:-0.99}         #   anomaly scores, b for the weakest (tuned on presets default, small at seed 0)
+VAL_BATCHES=${VAL_BATCHES:--1}         # -1: the whole validation split (one subject, ~150 slices)
+TEST_BATCHES=${TEST_BATCHES:--1}       # -1: the whole test split (5 subjects, ~750 slices); a number: that many batches
 NUM_PANELS=${NUM_PANELS:-8}
 WORKERS=${WORKERS:-$(nproc 2>/dev/null || echo 2)}
 PYTHON=${PYTHON:-python3}
@@ -114,7 +117,8 @@ if [ -f "$MODEL_DIR/config.json" ]; then FROM_FLAGS=(); else FROM_FLAGS=("${MODE
 OPENAI_LOGDIR=$RESULTS "$PYTHON" scripts/translation_FPDM_hae_v2_conservative.py --name brats \
     --data_dir "$OUT_DIR/data" --model_dir "$MODEL_DIR" --model_num "$TRAIN_STEPS" --ema True \
     --w "$W" --forward_steps "$FORWARD_STEPS" --timestep_respacing "$RESPACING" --d_reverse True --null True \
-    --modality $MODALITY --seed "$SEED" --batch_size "$EVAL_BATCH" --num_batches "$TEST_BATCHES" \
+    --modality $MODALITY --median_kernel "$MEDIAN_KERNEL" --quantile_a "$QUANTILE_A" --quantile_b "$QUANTILE_B" \
+    --seed "$SEED" --batch_size "$EVAL_BATCH" --num_batches "$TEST_BATCHES" \
     --batch_size_val "$EVAL_BATCH" --num_batches_val "$VAL_BATCHES" --num_panels "$NUM_PANELS" \
     --image_dir "$RESULTS" "${FROM_FLAGS[@]}"
 
