@@ -19,6 +19,10 @@ from guided_diffusion.errors import UserError, entry_point
 
 SETUPS = ("mixed", "unhealthy")
 
+# What the defaults reach on data they were not tuned on (bench/quickstart_eval.py, the README's "Two commands"):
+# printed under every run's own figures so that one run is read against the spread of several.
+REFERENCE = "REFERENCE_TBD"
+
 
 def final_checkpoint_exists(model_dir: str, step: int, ema_rate: str) -> bool:
     """True when training wrote complete (readable) step-``step`` model and EMA checkpoints."""
@@ -55,6 +59,7 @@ def format_report(metrics: dict, results_dir: str, seconds: Optional[float] = No
         lines.append(f"pictures: {panels} (input FLAIR | ground truth | anomaly map | predicted mask)")
     if seconds is not None:
         lines.append(f"total time {seconds / 60:.1f} min")
+    lines.append(f"for reference, these defaults on data they were not tuned on: {REFERENCE}")
     lines.append("=" * 81)
     return "\n".join(lines)
 

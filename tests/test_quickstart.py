@@ -63,6 +63,9 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
         assert {"dice", "iou", "auprc"} <= set(metrics[setup])
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert metrics["settings"]["forward_steps"] == 3 and metrics["settings"]["modality"] == [0, 3]
+    # the quickstart's own post-processing defaults reach the method (not the driver's upstream 5 / 0.90 / 0.98)
+    settings = metrics["settings"]
+    assert (settings["median_kernel"], settings["quantile_a"], settings["quantile_b"]) == (3, 0.93, 0.99)
     assert metrics["checkpoint"].endswith("ema_0.995_000002.pt")
     assert (out / "results" / "panels.png").stat().st_size > 0
     # the closing block is printed with the numbers of metrics.json
