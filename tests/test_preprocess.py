@@ -359,3 +359,48 @@ def test_full_disk_stops_the_run_naming_the_subject(brats, tmp_path, monkeypatch
     monkeypatch.setattr(pp.np, "savez_compressed", real)  # space freed: the rerun completes
     assert pp.preprocess(brats, image_size=8, output=out, workers=1, progress=False)["errors"] == []
     assert len(list(out.glob("npy_*/patient_*"))) == 20
+
+
+# --- gaps found by mutation testing (bench/mutation.py --module preprocess) ---
+
+
+def test_load_volume_drops_trailing_singleton_axes_only(tmp_path):
+    data = np.arange(4 * 5 * 3, dtype=np.float64).reshape(4, 5, 3)
+    nib.save(nib.Nifti1Image(data[..., None, None], np.eye(4)), tmp_path / "v5.nii.gz")  # [4, 5, 3, 1, 1]
+    np.testing.assert_array_equal(pp.load_volume(tmp_path / "v5.nii.gz", "s", "flair"), data)
+    nib.save(nib.Nifti1Image(np.stack([data, data + 1], -1), np.eye(4)), tmp_path / "v2.nii.gz")  # 2 frames
+    with pytest.raises(pp.SubjectError, match=r"subject s: flair file .*v2.nii.gz is not a 3-D volume"):
+        pp.load_volume(tmp_path / "v2.nii.gz", "s", "flair")
+    with pytest.raises(pp.SubjectError, match=r"subject s: missing flair file"):
+        pp.load_volume(tmp_path / "absent.nii.gz", "s", "flair")
+
+
+@pytest.mark.parametrize("peak, expected", [(0.5, False), (0.51, True), (4.0, True)])
+def test_a_lesion_is_a_mask_voxel_above_one_half(tmp_path, peak, expected):
+    mask = np.zeros((4, 4, 4))
+    mask[1, 2, 3] = peak
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "seg.nii.gz")
+    subject = pp.Subject("P", {"flair": tmp_path / "seg.nii.gz"}, tmp_path / "seg.nii.gz")
+    assert pp.subject_has_lesion(subject) is expected
+
+
+def test_validation_lesion_move_warns_only_when_short():
+    names = [f"P{i:02d}" for i in range(20)]  # upstream's split: 15 / 1 / 4
+    for lesions, short in ((set(names), False), ({"P00"}, None), (set(), True)):
+        warnings: list = []
+        split = pp.seeded_split(names, min_val_lesion=1, has_lesion=lambda n: n in lesions, warnings=warnings)
+        assert sorted(sum(split.values(), [])) == names and [len(split[s]) for s in pp.SPLITS] == [15, 1, 4]
+        if short is None:  # the one lesion subject sits in train or test: moved to val only from train
+            short = "P00" not in split["val"]
+        assert bool(warnings) is short, (lesions, split, warnings)
+        if short:
+            assert "only 0 subject(s) with a lesion" in warnings[0] and "wanted 1" in warnings[0]
+    assert pp.seeded_split(names) == pp.seeded_split(names, min_val_lesion=0)  # no lesion rule by default
+
+
+def test_prepared_slices_record_their_original_z():
+    volume = np.zeros((1, 6, 6, 10))
+    volume[0, 1:5, 1:5, 3:7] = 1.0  # brain tissue on z = 3..6
+    for first, last in ((0, 0), (2, 1)):  # drop 2 slices in front, 1 behind: z = 3..6 stay
+        prepared = pp.prepare_slices(volume.copy(), None, 4, first=first, last=last)
+        assert list(prepared.original_z) == [3, 4, 5, 6] and prepared.shape == (6, 6, 10)
