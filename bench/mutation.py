@@ -54,7 +54,8 @@ TARGETS: Dict[str, Target] = {
     ),
     "sparse_attention": Target(
         "guided_diffusion/models/sparse_attention.py",
-        ("tests/test_sparse_attention.py", "tests/test_sparse_dropout.py"),
+        # test_attention_processors: the dense inference path (dense_inference_attention) against nn.MultiheadAttention
+        ("tests/test_sparse_attention.py", "tests/test_sparse_dropout.py", "tests/test_attention_processors.py"),
         6,
     ),
     "anofpdm": Target(
