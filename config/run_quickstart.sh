@@ -48,6 +48,9 @@ QUANTILE_B=${QUANTILE_B:-0.99}         #   anomaly scores, b for the weakest (tu
 VAL_BATCHES=${VAL_BATCHES:--1}         # -1: the whole validation split (one subject, ~150 slices)
 TEST_BATCHES=${TEST_BATCHES:--1}       # -1: the whole test split (5 subjects, ~750 slices); a number: that many batches
 NUM_PANELS=${NUM_PANELS:-8}
+EVAL_PROCS=${EVAL_PROCS:-$(nproc 2>/dev/null || echo 1)}  # CPU: AnoFPDM's slices shared by this many one-thread
+                                       #   processes (torchrun; the same results for any count); a GPU: one process
+MASTER_PORT=${MASTER_PORT:-29517}      # their rendezvous port (local)
 WORKERS=${WORKERS:-$(nproc 2>/dev/null || echo 2)}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}   # the pinned wheel installed when torch is missing
@@ -113,8 +116,11 @@ say "AnoFPDM: w=$W, $FORWARD_STEPS forward steps on the $RESPACING grid, modalit
 RESULTS=$OUT_DIR/results
 # the model (and its EMA rate) comes from the training's config.json; the flags only for a folder without one
 if [ -f "$MODEL_DIR/config.json" ]; then FROM_FLAGS=(); else FROM_FLAGS=("${MODEL_FLAGS[@]}" --ema_rate "$EMA_RATE"); fi
+NUM_GPUS=1 CPU_PROCS=$EVAL_PROCS count_processes
+if [ "$VISIBLE_GPUS" -eq 0 ] && [ "$NPROC" -gt 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
+export OPENAI_LOGDIR=$RESULTS
 # shellcheck disable=SC2086
-OPENAI_LOGDIR=$RESULTS "$PYTHON" scripts/translation_FPDM_hae_v2_conservative.py --name brats \
+launch scripts/translation_FPDM_hae_v2_conservative.py --name brats \
     --data_dir "$OUT_DIR/data" --model_dir "$MODEL_DIR" --model_num "$TRAIN_STEPS" --ema True \
     --w "$W" --forward_steps "$FORWARD_STEPS" --timestep_respacing "$RESPACING" --d_reverse True --null True \
     --modality $MODALITY --median_kernel "$MEDIAN_KERNEL" --quantile_a "$QUANTILE_A" --quantile_b "$QUANTILE_B" \
