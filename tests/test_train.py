@@ -428,3 +428,31 @@ def test_config_scripts_are_valid_bash(config):
     assert subprocess.run(["bash", "-n", str(config)]).returncode == 0
     text = config.read_text()
     assert "_launch_train.sh" in text and "MASTER_PORT" in text
+
+
+# --- gaps found by mutation testing (bench/mutation.py --module train_util) ---
+
+
+@pytest.mark.parametrize("step, anneal, expected", [(0, 10, 1e-3), (4, 10, 6e-4), (10, 10, 0.0), (12, 10, 0.0),
+                                                    (4, 0, 1e-3)])
+def test_learning_rate_anneals_linearly_to_zero(step, anneal, expected):
+    from types import SimpleNamespace
+
+    loop = SimpleNamespace(lr=1e-3, lr_anneal_steps=anneal, step=step)  # upstream: lr * (1 - step / anneal)
+    assert TrainLoop._current_lr(loop) == pytest.approx(expected, abs=1e-12)
+
+
+def test_preview_grid_maps_minus_one_to_one_onto_grey_levels(tmp_path):
+    from PIL import Image
+
+    from guided_diffusion.training.train_util import save_image_grid
+
+    single = torch.tensor([[[[-1.0, 0.0], [1.0, 2.0]]], [[[0.5, -3.0], [0.0, 1.0]]]])  # [2, 1, 2, 2]
+    save_image_grid(single, str(tmp_path / "a.png"))
+    a = np.asarray(Image.open(tmp_path / "a.png"))
+    assert a.shape == (2 + 2 + 2, 2 * (2 + 2) + 2)  # one row of two tiles, 2-px padding around each
+    np.testing.assert_array_equal(a[2:4, 2:4], [[0, 128], [255, 255]])  # (v + 1) / 2 * 255, clamped to [-1, 1]
+    np.testing.assert_array_equal(a[2:4, 6:8], [[191, 0], [128, 255]])
+    assert a[:2].max() == 0 and a[:, 4:6].max() == 0
+    save_image_grid(torch.zeros(2, 3, 2, 2), str(tmp_path / "b.png"))  # several channels: a row per image
+    assert np.asarray(Image.open(tmp_path / "b.png")).shape == (2 * (2 + 2) + 2, 3 * (2 + 2) + 2)
