@@ -10,8 +10,8 @@
 # Everything goes under OUT_DIR (default ./runs/quickstart). Every stage resumes: rerun the same command after an
 # interruption and finished subjects, checkpoints and test batches are kept. Override any variable, e.g.
 #   OUT_DIR=/tmp/qs TRAIN_STEPS=3000 IMAGE_SIZE=64 CHANNEL_MULT=1,2,2,2 bash config/run_quickstart.sh
-# (changing the data or model settings needs a new OUT_DIR). With the defaults, from an empty folder on 2 CPU cores,
-# the unhealthy test slices got Dice 0.50 (AUPRC 0.65) in 10 min wall / 20 min CPU (training 7 min, AnoFPDM 3 min).
+# (changing the data or model settings needs a new OUT_DIR). What the defaults reach and how long they take: the
+# README ("Two commands"; bench/quickstart_eval.py re-measures it).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT_DIR=${OUT_DIR:-$REPO/runs/quickstart}
@@ -48,10 +48,10 @@ QUANTILE_B=${QUANTILE_B:-0.99}         #   anomaly scores, b for the weakest (tu
 VAL_BATCHES=${VAL_BATCHES:--1}         # -1: the whole validation split (one subject, ~150 slices)
 TEST_BATCHES=${TEST_BATCHES:--1}       # -1: the whole test split (5 subjects, ~750 slices); a number: that many batches
 NUM_PANELS=${NUM_PANELS:-8}
-EVAL_PROCS=${EVAL_PROCS:-$(nproc 2>/dev/null || echo 1)}  # CPU: AnoFPDM's slices shared by this many one-thread
+EVAL_PROCS=${EVAL_PROCS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)}  # CPU: AnoFPDM's slices shared by this many one-thread
                                        #   processes (torchrun; the same results for any count); a GPU: one process
 MASTER_PORT=${MASTER_PORT:-29517}      # their rendezvous port (local)
-WORKERS=${WORKERS:-$(nproc 2>/dev/null || echo 2)}
+WORKERS=${WORKERS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2)}  # (GNU nproc obeys OMP_NUM_THREADS)
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}   # the pinned wheel installed when torch is missing
 INSTALL=${INSTALL:-auto}               # auto: pip-install when guided_diffusion/nilearn do not import; never: skip
