@@ -57,8 +57,9 @@ def _mean_sd(values: Sequence[float]) -> str:
     if not values:
         return "n/a"
     mean = 100 * statistics.fmean(values)
-    sd = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {sd:.1f}"
+    if len(values) == 1:
+        return f"{mean:.1f}"  # one run: no spread to report
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def summarise(results: Dict[str, List[dict]]) -> tuple[str, List[dict]]:
@@ -66,7 +67,10 @@ def summarise(results: Dict[str, List[dict]]) -> tuple[str, List[dict]]:
               "| accuracy % | unhealthy test slices | minutes per run |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     rows = []
-    for preset, runs in results.items():
+    groups = dict(results)
+    if len([r for r in results.values() if r]) > 1:  # the headline figure: every run of every preset
+        groups["all presets"] = [m for runs in results.values() for m in runs]
+    for preset, runs in groups.items():
         if not runs:
             lines.append(f"| {preset} | 0 | (all runs failed) |")
             continue
@@ -74,6 +78,8 @@ def summarise(results: Dict[str, List[dict]]) -> tuple[str, List[dict]]:
         n_unh = "/".join(str(n) for n in sorted({int(m["unhealthy"]["n_slices"]) for m in runs}))
         minutes = statistics.fmean(m["wall_seconds"] / 60 for m in runs)
         lines.append(f"| {preset} | {len(runs)} | " + " | ".join(cells) + f" | {n_unh} | {minutes:.1f} |")
+        if preset not in results:
+            continue  # the pooled row is not a preset of its own in the CSV
         for i, m in enumerate(runs):
             rows.append({"preset": preset, "run": i, **{f"{s or 'cls'}_{k}": _value(m, s, k) for s, k in METRICS},
                          "unhealthy_slices": m["unhealthy"]["n_slices"], "wall_minutes": m["wall_seconds"] / 60})

@@ -50,7 +50,7 @@ TEST_BATCHES=${TEST_BATCHES:--1}       # -1: the whole test split (5 subjects, ~
 NUM_PANELS=${NUM_PANELS:-8}
 EVAL_PROCS=${EVAL_PROCS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)}  # CPU: AnoFPDM's slices shared by this many one-thread
                                        #   processes (torchrun; the same results for any count); a GPU: one process
-MASTER_PORT=${MASTER_PORT:-29517}      # their rendezvous port (local)
+EVAL_PORT=${MASTER_PORT:-}             # their rendezvous port (local); empty: a free one, so two quickstarts can run
 WORKERS=${WORKERS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2)}  # (GNU nproc obeys OMP_NUM_THREADS)
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}   # the pinned wheel installed when torch is missing
@@ -117,6 +117,8 @@ RESULTS=$OUT_DIR/results
 # the model (and its EMA rate) comes from the training's config.json; the flags only for a folder without one
 if [ -f "$MODEL_DIR/config.json" ]; then FROM_FLAGS=(); else FROM_FLAGS=("${MODEL_FLAGS[@]}" --ema_rate "$EMA_RATE"); fi
 NUM_GPUS=1 CPU_PROCS=$EVAL_PROCS count_processes
+MASTER_PORT=${EVAL_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+export MASTER_PORT
 if [ "$VISIBLE_GPUS" -eq 0 ] && [ "$NPROC" -gt 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 export OPENAI_LOGDIR=$RESULTS
 # shellcheck disable=SC2086
