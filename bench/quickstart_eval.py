@@ -13,7 +13,6 @@ IoU and AUPRC, the classification accuracy, the number of unhealthy test slices 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -24,6 +23,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from guided_diffusion import fileio  # noqa: E402  (atomic writes: an interrupted bench leaves no half table)
+
 METRICS = (("unhealthy", "dice"), ("unhealthy", "iou"), ("unhealthy", "auprc"), ("mixed", "dice"),
            ("mixed", "auprc"), (None, "accuracy"))
 
@@ -43,7 +45,7 @@ def run_one(out: Path, preset: str, seed: int, extra_env: Dict[str, str], log: P
         return None
     metrics = json.loads((out / "results" / "metrics.json").read_text())
     if not timing.exists():  # the first complete run's time; a resumed run would report only the rest
-        timing.write_text(json.dumps({"seconds": time.time() - t0}))
+        fileio.write_json(timing, {"seconds": time.time() - t0})
     metrics["wall_seconds"] = json.loads(timing.read_text())["seconds"]
     return metrics
 
@@ -115,12 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table, rows = summarise(results)
     settings = " ".join(f"{k}={v}" for k, v in extra.items()) or "(quickstart defaults)"
     text = f"Quickstart evaluation, seeds {args.seeds}, settings {settings}\n\n{table}\n"
-    (root / "results.md").write_text(text)
+    fileio.write_text(root / "results.md", text)
     if rows:
-        with open(root / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        fileio.write_csv(root / "results.csv", list(rows[0]), rows)
     print(text)
     return 0 if all(results.values()) else 1
 
