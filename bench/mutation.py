@@ -64,7 +64,7 @@ TARGETS: Dict[str, Target] = {
         5,
     ),
     "metrics": Target(
-        "guided_diffusion/evaluation/metrics.py",
+        "guided_diffusion/metrics.py",
         # test_segment: the per-volume metrics (volume_metrics, per_volume_metrics, mean_sd)
         ("tests/test_metrics.py", "tests/test_metrics_pooling.py", "tests/test_anofpdm.py", "tests/test_segment.py"),
         1,

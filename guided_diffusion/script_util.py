@@ -575,3 +575,14 @@ def load_model_from_dir(
     fileio.load_state_dict_into(model, path, hint=hint)
     model.to(device).eval()
     return model, diffusion, path
+
+
+def load_model(args: argparse.Namespace, device: Any):
+    """(model in eval mode on ``device``, diffusion, checkpoint path) of the flags' ``--model_dir``: ``--model_num``
+    (empty: the newest readable checkpoint), ``--ema``/``--ema_rate``, built from the model flags (taken from
+    config.json by ``apply_run_config`` when there is one). Every method loads its diffusion model through here."""
+    from guided_diffusion import logger
+
+    return load_model_from_dir(args.model_dir, args_to_dict(args, model_and_diffusion_defaults().keys()),
+                               model_num=args.model_num, ema=args.ema, ema_rate=args.ema_rate, device=device,
+                               warn=logger.warn)

@@ -4,12 +4,12 @@
         --hyperparams_file logs/.../hyperparams.json --input data/new_scans --output results/segment ...
     torchrun --nproc-per-node 2 scripts/segment.py ...        # subjects spread over processes
 
-See guided_diffusion/evaluation/volumes.py and the README ("Whole volumes").
+See guided_diffusion/evaluation/volumes/ and the README ("Whole volumes").
 """
 
 import sys
 
-from guided_diffusion.evaluation.volumes import main
+from guided_diffusion.evaluation.volumes.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ from scipy import ndimage
 
 from guided_diffusion.errors import HyperparameterError
 from guided_diffusion.methods import anofpdm as af
-
+from guided_diffusion.methods import postprocess
 
 # ------------------------------------------------------------------ end step, quantile schedule
 
@@ -176,10 +176,10 @@ def test_rowwise_quantile_matches_numpy():
 
 def test_median_filter_matches_scipy_mirror():
     x = torch.rand(2, 1, 9, 7, generator=torch.Generator().manual_seed(2))
-    out = af.median_filter2d(x, 5)
+    out = postprocess.median_filter2d(x, 5)
     ref = ndimage.median_filter(x.numpy(), size=(1, 1, 5, 5), mode="mirror")  # torch 'reflect' == scipy 'mirror'
     np.testing.assert_allclose(out.numpy(), ref)
-    assert torch.equal(af.median_filter2d(x, 1), x)
+    assert torch.equal(postprocess.median_filter2d(x, 1), x)
 
 
 def test_threshold_maps_on_controlled_blob():
@@ -205,12 +205,12 @@ def test_remove_small_components_filled_area():
     m[0, 0, 21:26, 21:26] = False
     m[0, 0, 20, 10] = True  # diagonal neighbours are one component (8-connectivity): 2 px -> removed
     m[0, 0, 21, 11] = True
-    out = af.remove_small_components(m, 40)
+    out = postprocess.remove_small_components(m, 40)
     assert not out[0, 0, 0:5, 0:8].any()
     assert out[0, 0, 10:17, 0:6].all()
     assert not out[0, 0, 20, 20:27].any() and out.sum() == 42
     assert not out[0, 0, 20, 10]
-    t = af.remove_small_components(torch.from_numpy(m), 0)
+    t = postprocess.remove_small_components(torch.from_numpy(m), 0)
     assert isinstance(t, torch.Tensor) and torch.equal(t, torch.from_numpy(m))
 
 
@@ -361,7 +361,7 @@ def test_forward_config_validation():
 
 def test_pipeline_on_oracle_model_finds_the_lesion_and_the_healthy_slice():
     """Forward process + validation-style hyper-parameters + segmentation on an oracle with a known lesion."""
-    from guided_diffusion.evaluation.metrics import dice_iou_per_slice
+    from guided_diffusion.metrics import dice_iou_per_slice
     from guided_diffusion.script_util import create_gaussian_diffusion
 
     diffusion = create_gaussian_diffusion(steps=50)

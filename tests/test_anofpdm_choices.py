@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from guided_diffusion import script_util
 from guided_diffusion.methods import anofpdm as af
+from guided_diffusion.methods import postprocess
 from guided_diffusion.script_util import create_gaussian_diffusion
 
 
@@ -128,13 +130,13 @@ def test_component_filter_counts_pixels_like_upstream_ring():
     m[1, 0, 10:22, 10:22] = True
     m[1, 0, 11:21, 11:21] = False
     assert m[1].sum() == 44
-    out = af.remove_small_components(m, 40)
+    out = postprocess.remove_small_components(m, 40)
     assert out[0].sum() == 0
     assert np.array_equal(out[1], m[1])
     # one pixel more makes the first ring survive
     m[0, 0, 7, 7] = True  # inside the hole, a separate 1-px component: removed
     m[0, 0, 1, 2] = True  # touching the ring: 41 px
-    out = af.remove_small_components(m, 40)
+    out = postprocess.remove_small_components(m, 40)
     assert out[0].sum() == 41 and not out[0, 0, 7, 7]
 
 
@@ -205,9 +207,8 @@ def test_flags_give_the_forward_config():
                                                      (64, 7, 7)])
 def test_component_filter_size_scales_with_the_image_area(monkeypatch, image_size, flag, want):
     # upstream's 40 px at 128 x 128, scaled by the pixel count (40 (s / 128)^2); 0 switches the filter off
-    from guided_diffusion.evaluation import translation
 
-    monkeypatch.setattr(translation, "load_model", lambda args, device: (torch.nn.Identity(), None, "m.pt"))
+    monkeypatch.setattr(script_util, "load_model", lambda args, device: (torch.nn.Identity(), None, "m.pt"))
     args = _driver_args("--image_size", str(image_size), "--cc_filter_size", str(flag))
     assert af.AnoFPDM.from_args(args, torch.device("cpu")).cc_max_size == want
 
@@ -328,9 +329,8 @@ def test_last_only_window_is_clipped_to_the_last_step():
 
 
 def test_from_args_passes_the_median_filter_and_the_data_set(monkeypatch):
-    from guided_diffusion.evaluation import translation
 
-    monkeypatch.setattr(translation, "load_model", lambda args, device: (torch.nn.Identity(), None, "m.pt"))
+    monkeypatch.setattr(script_util, "load_model", lambda args, device: (torch.nn.Identity(), None, "m.pt"))
     method = af.AnoFPDM.from_args(_driver_args("--median_kernel", "3", "--name", "atlas"), torch.device("cpu"))
     assert (method.median_kernel, method.dataset) == (3, "atlas")
     assert af.AnoFPDM.from_args(_driver_args(), torch.device("cpu")).median_kernel == 5  # upstream's 5 x 5 median

@@ -17,7 +17,8 @@ from guided_diffusion.methods.anoddpm import AnoDDPM
 from guided_diffusion.methods.base import BatchContext, SliceOutput, build_method, model_fn
 from guided_diffusion.methods.clf_guided import ClassifierGuided, classifier_guided, load_classifier
 from guided_diffusion.methods.ddib import DDIB
-from guided_diffusion.methods.reconstruction import reconstruction_map, threshold_map
+from guided_diffusion.methods.postprocess import threshold_mask
+from guided_diffusion.methods.reconstruction import reconstruction_map
 from guided_diffusion.script_util import create_gaussian_diffusion
 
 H = 16
@@ -108,7 +109,7 @@ def test_threshold_map_labels_before_the_component_filter():
     amap = torch.zeros(2, 1, 8, 8)
     amap[0, 0, 1, 1] = 0.5  # one pixel: removed by the filter, but the slice is predicted unhealthy (upstream)
     amap[1, 0, 2:6, 2:6] = 0.5
-    mask, label = threshold_map(amap, 0.3, cc_max_size=3)
+    mask, label = threshold_mask(amap, 0.3, cc_max_size=3)
     assert label.tolist() == [1, 1]
     assert mask[0].sum() == 0 and mask[1].sum() == 16
 

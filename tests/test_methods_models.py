@@ -6,7 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_translation import SIZE, _tiny_flags, _write_checkpoint, _write_dataset
 
+from guided_diffusion import script_util
 from guided_diffusion.evaluation import translation
 from guided_diffusion.methods.base import build_method
 from guided_diffusion.script_util import (
@@ -15,7 +17,6 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from test_translation import SIZE, _tiny_flags, _write_checkpoint, _write_dataset
 
 V1 = dict(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,1,1,2", attention_resolutions="16,8",
           in_channels=4, unet_ver="v1")
@@ -109,7 +110,7 @@ def test_anofpdm_through_the_driver_equals_the_forward_process_pipeline(ws, tmp_
 
     args = translation.create_argparser().parse_args(argv)
     translation.check_args(args)
-    model, diffusion, _ = translation.load_model(args, torch.device("cpu"))
+    model, diffusion, _ = script_util.load_model(args, torch.device("cpu"))
     cfg = translation.forward_config(args)
     process = af.ForwardProcess(model, diffusion, cfg)
     stats, labels = [], []

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from guided_diffusion.evaluation import metrics
+from guided_diffusion import metrics
 
 
 def _mask(h, w, coords):

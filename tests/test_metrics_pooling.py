@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from guided_diffusion.evaluation import metrics
+from guided_diffusion import metrics
 
 
 def _slices(labels, pred_labels, gts, preds, maps, fgs=None, size=2):

@@ -18,11 +18,14 @@ import numpy as np
 import pytest
 import torch
 
+from guided_diffusion import metrics as M
 from guided_diffusion.data import nifti
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.data.loaders import normalise_slice
-from guided_diffusion.evaluation import metrics as M
-from guided_diffusion.evaluation import volumes
+from guided_diffusion.evaluation.volumes import cli as seg_cli
+from guided_diffusion.evaluation.volumes import report as seg_report
+from guided_diffusion.evaluation.volumes import run as seg_run
+from guided_diffusion.evaluation.volumes import subject as seg_subject
 from guided_diffusion.methods import base
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -91,7 +94,7 @@ def test_prepared_slices_are_the_training_slices(tmp_path):
     volume, mask = pp.load_subject(subject)
     prepared = pp.prepare_slices(volume, mask, SIZE)
     assert [int(f.stem[6:]) for f in files] == list(range(prepared.start, prepared.stop)) == list(range(2, 8))
-    x = volumes.model_input(prepared)
+    x = seg_subject.model_input(prepared)
     for i, f in enumerate(files):
         with np.load(f) as d:
             np.testing.assert_array_equal(d["x"][0], prepared.x[i])
@@ -230,7 +233,7 @@ def test_summary_pools_slices_and_volumes():
                "gt_voxels": gt_voxels, "pred_voxels": 1}
         return {"id": name, "lesion": {"ml": 2.0}, "metrics": {"volume": vol, "slice": slice_}}
 
-    s = volumes.summarize([rec("a", 0.6, 10, 10, 0.9, 4, 0.5), rec("b", 0.8, 5, 30, 0.7, 2, 0.2),
+    s = seg_report.summarize([rec("a", 0.6, 10, 10, 0.9, 4, 0.5), rec("b", 0.8, 5, 30, 0.7, 2, 0.2),
                            rec("h", 1.0, 0, 20, 1.0, 0, None)], [{"id": "x", "message": "bad"}])
     assert (s["subjects"], s["done"], s["with_lesion"]) == (4, 3, 2)
     assert s["volume_with_lesion"]["dice"]["mean"] == pytest.approx(0.7)
@@ -299,9 +302,9 @@ def test_segment_bad_inputs_resume_and_outputs(tmp_path, model_dir, monkeypatch)
     out = tmp_path / "out"
     hyper = _hyper_file(tmp_path)
     argv = _argv(model_dir, out, src, extra=["--hyperparams_file", str(hyper)])
-    assert volumes.main(argv) == 1  # some subjects failed
+    assert seg_cli.main(argv) == 1  # some subjects failed
 
-    summary = json.loads((out / volumes.SUMMARY_FILE).read_text())
+    summary = json.loads((out / seg_report.SUMMARY_FILE).read_text())
     assert (summary["subjects"], summary["done"]) == (5, 2)
     failed = {f["id"]: f["message"] for f in summary["failed"]}
     assert "B_t1ce.nii.gz" in failed["B"] and "missing" in failed["B"]
@@ -312,8 +315,8 @@ def test_segment_bad_inputs_resume_and_outputs(tmp_path, model_dir, monkeypatch)
 
     ref = nib.load(str(src / "A" / "A_flair.nii.gz"))
     for name in ("A", "E"):
-        amap = nib.load(str(out / f"{name}{volumes.MAP_SUFFIX}"))
-        mask = nib.load(str(out / f"{name}{volumes.MASK_SUFFIX}"))
+        amap = nib.load(str(out / f"{name}{seg_subject.MAP_SUFFIX}"))
+        mask = nib.load(str(out / f"{name}{seg_subject.MASK_SUFFIX}"))
         for img, dtype in ((amap, np.float32), (mask, np.uint8)):
             assert img.shape == SHAPE and img.get_data_dtype() == dtype
             np.testing.assert_array_equal(img.get_sform(), ref.get_sform())
@@ -321,40 +324,40 @@ def test_segment_bad_inputs_resume_and_outputs(tmp_path, model_dir, monkeypatch)
         m, k = np.asanyarray(amap.dataobj), np.asanyarray(mask.dataobj)
         assert np.isfinite(m).all() and set(np.unique(k)) <= {0, 1}
         assert not m[..., :2].any() and not m[..., 8:].any() and m[..., 2:8].any()  # brain range z 2..7 only
-        record = json.loads((out / f"{name}{volumes.RECORD_SUFFIX}").read_text())
+        record = json.loads((out / f"{name}{seg_subject.RECORD_SUFFIX}").read_text())
         assert record["slices"]["kept"] == [2, 8] and record["grid"]["shape"] == list(SHAPE)
         assert set(record["slices"]["unhealthy"]) <= set(range(2, 8))
         assert record["lesion"]["voxels"] == int(k.sum())
         assert record["lesion"]["ml"] == pytest.approx(k.sum() * 0.9 * 1.2 * 2.5 / 1000)
         assert record["hyperparams"]["thr_01"] == 0.999 and record["checkpoint"].endswith("model000010.pt")
-        assert (out / f"{name}{volumes.OVERLAY_SUFFIX}").read_bytes()[:4] == b"\x89PNG"
+        assert (out / f"{name}{seg_subject.OVERLAY_SUFFIX}").read_bytes()[:4] == b"\x89PNG"
         # the mask is empty on the slices classified healthy
         healthy = [z for z in range(2, 8) if z not in record["slices"]["unhealthy"]]
         assert not k[..., healthy].any()
-    rec_a = json.loads((out / f"A{volumes.RECORD_SUFFIX}").read_text())
+    rec_a = json.loads((out / f"A{seg_subject.RECORD_SUFFIX}").read_text())
     vm = rec_a["metrics"]["volume"]
     gt = np.asanyarray(nib.load(str(src / "A" / "A_seg.nii.gz")).dataobj) > 0.5
-    k = np.asanyarray(nib.load(str(out / f"A{volumes.MASK_SUFFIX}")).dataobj).astype(bool)
+    k = np.asanyarray(nib.load(str(out / f"A{seg_subject.MASK_SUFFIX}")).dataobj).astype(bool)
     assert vm["gt_voxels"] == 6 * 4 * 2 and vm["dice"] == pytest.approx(
         (2 * (k & gt).sum() + 1e-6) / (k.sum() + gt.sum() + 1e-6))
     assert rec_a["metrics"]["slice"]["unhealthy"]["n_slices"] == 2
-    assert json.loads((out / f"E{volumes.RECORD_SUFFIX}").read_text())["metrics"] is None  # no seg file
-    rows = list(csv.DictReader(open(out / volumes.CSV_FILE)))
+    assert json.loads((out / f"E{seg_subject.RECORD_SUFFIX}").read_text())["metrics"] is None  # no seg file
+    rows = list(csv.DictReader(open(out / seg_report.CSV_FILE)))
     assert [(r["id"], r["status"]) for r in rows] == [("A", "done"), ("B", "failed"), ("C", "failed"),
                                                       ("D", "failed"), ("E", "done")]
 
     # Resume: finished subjects are kept as they are; a fixed subject is computed.
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("[AE]_*")}
     _write_subject(src, "B", 1, lesion=False)
-    assert volumes.main(argv) == 1  # C and D still fail
+    assert seg_cli.main(argv) == 1  # C and D still fail
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("[AE]_*")} == mtimes
-    summary = json.loads((out / volumes.SUMMARY_FILE).read_text())
+    summary = json.loads((out / seg_report.SUMMARY_FILE).read_text())
     assert (summary["done"], summary["computed"], summary["skipped"]) == (3, 1, 2)
-    assert (out / f"B{volumes.MASK_SUFFIX}").exists()
+    assert (out / f"B{seg_subject.MASK_SUFFIX}").exists()
 
     # --resume False recomputes every subject.
-    assert volumes.main(argv + ["--resume", "False"]) == 1
-    assert json.loads((out / volumes.SUMMARY_FILE).read_text())["computed"] == 3
+    assert seg_cli.main(argv + ["--resume", "False"]) == 1
+    assert json.loads((out / seg_report.SUMMARY_FILE).read_text())["computed"] == 3
 
 
 def test_run_file_mismatch_is_an_error(tmp_path, model_dir, capsys):
@@ -362,10 +365,10 @@ def test_run_file_mismatch_is_an_error(tmp_path, model_dir, capsys):
     _write_subject(src, "A", 0)
     out = tmp_path / "out"
     argv = _argv(model_dir, out, src / "A", extra=["--hyperparams_file", str(_hyper_file(tmp_path))])
-    assert volumes.main(argv) == 0
+    assert seg_cli.main(argv) == 0
     argv[argv.index("--w") + 1] = "3"
     with pytest.raises(SystemExit) as exc:  # a user error: one message, exit code 2
-        volumes.main(argv)
+        seg_cli.main(argv)
     assert exc.value.code == 2 and "other settings" in capsys.readouterr().err
 
 
@@ -410,34 +413,34 @@ def test_failed_write_leaves_nothing_half_written(tmp_path, model_dir, monkeypat
     real = fileio._open
 
     # an I/O error while writing A's mask: A fails by name, B goes on, nothing partial under a final name
-    monkeypatch.setattr(fileio, "_open", _failing_open(f"A{volumes.MASK_SUFFIX}", errno.EIO))
-    assert volumes.main(argv) == 1
-    assert not (out / f"A{volumes.MASK_SUFFIX}").exists() and not (out / f"A{volumes.RECORD_SUFFIX}").exists()
-    assert (out / f"B{volumes.RECORD_SUFFIX}").exists()
-    summary = json.loads((out / volumes.SUMMARY_FILE).read_text())
-    assert summary["failed"][0]["id"] == "A" and f"A{volumes.MASK_SUFFIX}" in summary["failed"][0]["message"]
+    monkeypatch.setattr(fileio, "_open", _failing_open(f"A{seg_subject.MASK_SUFFIX}", errno.EIO))
+    assert seg_cli.main(argv) == 1
+    assert not (out / f"A{seg_subject.MASK_SUFFIX}").exists() and not (out / f"A{seg_subject.RECORD_SUFFIX}").exists()
+    assert (out / f"B{seg_subject.RECORD_SUFFIX}").exists()
+    summary = json.loads((out / seg_report.SUMMARY_FILE).read_text())
+    assert summary["failed"][0]["id"] == "A" and f"A{seg_subject.MASK_SUFFIX}" in summary["failed"][0]["message"]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
     # a full disk stops the run (every further write would fail) naming the file; finished subjects are kept
     # (A's map from the first attempt is a complete file and stays as it was: the rename never happened)
     kept = {p.name: p.read_bytes() for p in out.glob("[AB]_*")}
-    monkeypatch.setattr(fileio, "_open", _failing_open(f"A{volumes.MAP_SUFFIX}", errno.ENOSPC))
+    monkeypatch.setattr(fileio, "_open", _failing_open(f"A{seg_subject.MAP_SUFFIX}", errno.ENOSPC))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:  # one message, exit code 2 (errors.entry_point)
-        volumes.main(argv + ["--resume", "True"])
+        seg_cli.main(argv + ["--resume", "True"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and f"A{volumes.MAP_SUFFIX}" in err and "disk is full" in err, err
+    assert exc.value.code == 2 and f"A{seg_subject.MAP_SUFFIX}" in err and "disk is full" in err, err
     assert {p.name: p.read_bytes() for p in out.glob("[AB]_*")} == kept
-    assert not (out / f"A{volumes.RECORD_SUFFIX}").exists()
+    assert not (out / f"A{seg_subject.RECORD_SUFFIX}").exists()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
     # a writer killed outright leaves a hidden partial file: swept at the next start, which completes A
-    (out / f".A{volumes.MAP_SUFFIX}.partial-999999-deadbeef").write_bytes(b"half")
+    (out / f".A{seg_subject.MAP_SUFFIX}.partial-999999-deadbeef").write_bytes(b"half")
     monkeypatch.setattr(fileio, "_open", real)
-    assert volumes.main(argv) == 0
+    assert seg_cli.main(argv) == 0
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
-    assert nib.load(str(out / f"A{volumes.MASK_SUFFIX}")).shape == SHAPE
-    assert json.loads((out / volumes.SUMMARY_FILE).read_text())["skipped"] == 1  # B kept
+    assert nib.load(str(out / f"A{seg_subject.MASK_SUFFIX}")).shape == SHAPE
+    assert json.loads((out / seg_report.SUMMARY_FILE).read_text())["skipped"] == 1  # B kept
 
 
 def test_explicit_files_csv_and_flag_errors(tmp_path, model_dir):
@@ -446,22 +449,22 @@ def test_explicit_files_csv_and_flag_errors(tmp_path, model_dir):
     files = [f"{m}={d / f'A_{m}.nii.gz'}" for m in pp.MODALITIES] + [f"seg={d / 'A_seg.nii.gz'}"]
     hyper = ["--hyperparams_file", str(_hyper_file(tmp_path))]
     folder_argv = _argv(model_dir, tmp_path / "folder", src / "A", extra=hyper)
-    assert volumes.main(folder_argv) == 0
+    assert seg_cli.main(folder_argv) == 0
     argv = _argv(model_dir, tmp_path / "files", extra=hyper)
     argv = argv[:argv.index("--input")] + hyper + ["--files", *files, "--id", "A"]
     table = tmp_path / "subjects.csv"
     table.write_text("id,flair,t1,t1ce,t2,seg\n" + "scan2," + ",".join(
         f"raw/A/A_{m}.nii.gz" for m in pp.MODALITIES) + ",\n")  # paths relative to the table; no seg
-    assert volumes.main(argv + ["--subjects_csv", str(table)]) == 0
-    for suffix in (volumes.MAP_SUFFIX, volumes.MASK_SUFFIX):  # explicit files = the same subject as a folder
+    assert seg_cli.main(argv + ["--subjects_csv", str(table)]) == 0
+    for suffix in (seg_subject.MAP_SUFFIX, seg_subject.MASK_SUFFIX):  # explicit files = the same subject as a folder
         np.testing.assert_array_equal(np.asanyarray(nib.load(str(tmp_path / "files" / f"A{suffix}")).dataobj),
                                       np.asanyarray(nib.load(str(tmp_path / "folder" / f"A{suffix}")).dataobj))
-    rec = json.loads((tmp_path / "files" / f"scan2{volumes.RECORD_SUFFIX}").read_text())
+    rec = json.loads((tmp_path / "files" / f"scan2{seg_subject.RECORD_SUFFIX}").read_text())
     assert rec["metrics"] is None and rec["inputs"]["flair"] == str(tmp_path / "raw/A/A_flair.nii.gz")
 
     def error_of(bad_argv):
         with pytest.raises(SystemExit) as e:
-            volumes.main(bad_argv)
+            seg_cli.main(bad_argv)
         return e.value.code
 
     assert error_of(argv[:argv.index("--id")]) == 2  # --files without --id
@@ -494,12 +497,12 @@ def test_validation_pass_is_run_once_and_reused(tmp_path, model_dir, monkeypatch
         return hyper
 
     monkeypatch.setattr(translation.Translation, "validation", spy)
-    assert volumes.main(argv) == 0
-    hyper = json.loads((out / volumes.VALIDATION_DIR / "hyperparams.json").read_text())
+    assert seg_cli.main(argv) == 0
+    hyper = json.loads((out / seg_run.VALIDATION_DIR / "hyperparams.json").read_text())
     assert hyper["n_val"] == 6 and len(hyper["diff_max"]) == 2  # one val subject, 6 brain slices
-    record = json.loads((out / f"S00{volumes.RECORD_SUFFIX}").read_text())
+    record = json.loads((out / f"S00{seg_subject.RECORD_SUFFIX}").read_text())
     assert record["hyperparams"] == hyper and "validation pass" in record["hyperparams_source"]
-    assert volumes.main(argv) == 0 and computed == [2, 0]  # the second run reuses the validation batches
+    assert seg_cli.main(argv) == 0 and computed == [2, 0]  # the second run reuses the validation batches
     # the same hyper-parameters as translation's validation pass with the same flags
 
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "translation"))
@@ -531,12 +534,12 @@ def test_two_processes_share_the_subjects_and_agree_with_one(tmp_path, model_dir
     assert (tmp_path / "two" / "log-rank001.txt").exists()  # rank 1 did its share
     one = tmp_path / "one"
     flags[flags.index("--output") + 1] = str(one)
-    assert volumes.main(flags) == 0
+    assert seg_cli.main(flags) == 0
     for name in ("A", "B", "C"):  # DDPM encoding: the noise matters, and is the same per subject on any rank
-        for suffix in (volumes.MAP_SUFFIX, volumes.MASK_SUFFIX):
+        for suffix in (seg_subject.MAP_SUFFIX, seg_subject.MASK_SUFFIX):
             np.testing.assert_array_equal(np.asanyarray(nib.load(str(tmp_path / "two" / f"{name}{suffix}")).dataobj),
                                           np.asanyarray(nib.load(str(one / f"{name}{suffix}")).dataobj))
-    assert json.loads((tmp_path / "two" / volumes.SUMMARY_FILE).read_text())["done"] == 3
+    assert json.loads((tmp_path / "two" / seg_report.SUMMARY_FILE).read_text())["done"] == 3
 
 
 class _OracleMethod(base.SliceMethod):
@@ -582,9 +585,9 @@ def test_oracle_method_lands_on_the_lesion_voxels(tmp_path, model_dir, monkeypat
         _save(src / "P" / f"P_{m}.nii.gz", v)
     _save(src / "P" / "P_seg.nii.gz", seg, dtype=np.uint8)
     out = tmp_path / "out"
-    assert volumes.main(_argv(model_dir, out, src, extra=["--method", "oracle_test", "--num_batches_val", "0"])) == 0
-    record = json.loads((out / f"P{volumes.RECORD_SUFFIX}").read_text())
-    mask = np.asanyarray(nib.load(str(out / f"P{volumes.MASK_SUFFIX}")).dataobj).astype(bool)
+    assert seg_cli.main(_argv(model_dir, out, src, extra=["--method", "oracle_test", "--num_batches_val", "0"])) == 0
+    record = json.loads((out / f"P{seg_subject.RECORD_SUFFIX}").read_text())
+    mask = np.asanyarray(nib.load(str(out / f"P{seg_subject.MASK_SUFFIX}")).dataobj).astype(bool)
     box = seg.astype(bool)
     core = box.copy()
     core[[6, 6, 11, 11], [4, 7, 4, 7]] = False  # corner voxels tie at 0.5 after the inverse resize
@@ -597,7 +600,7 @@ def test_oracle_method_lands_on_the_lesion_voxels(tmp_path, model_dir, monkeypat
     # AUPRC: the written map scored over the brain voxels (any input > 0), by sklearn
     from sklearn.metrics import average_precision_score
 
-    amap = np.asanyarray(nib.load(str(out / f"P{volumes.MAP_SUFFIX}")).dataobj)
+    amap = np.asanyarray(nib.load(str(out / f"P{seg_subject.MAP_SUFFIX}")).dataobj)
     brain = np.mean([v for v in vols.values()], axis=0) > 0
     assert vm["auprc"] == pytest.approx(average_precision_score(box[brain], amap[brain]), abs=1e-9)
     assert record["metrics"]["slice"]["unhealthy"]["dice"] == pytest.approx(1.0)
@@ -618,10 +621,10 @@ def test_a_baseline_method_through_the_same_command(tmp_path):
         "--method", "anoddpm", "--sample_steps", "2", "--hyperparams_file", str(hyper)])
     argv[argv.index("--unet_ver") + 1] = "v1"
     argv[argv.index("--num_classes") + 1] = "0"
-    assert volumes.main(argv) == 0
-    record = json.loads((tmp_path / "out" / f"A{volumes.RECORD_SUFFIX}").read_text())
+    assert seg_cli.main(argv) == 0
+    record = json.loads((tmp_path / "out" / f"A{seg_subject.RECORD_SUFFIX}").read_text())
     assert record["method"] == "anoddpm" and record["hyperparams"]["threshold"] == 0.05
-    assert nib.load(str(tmp_path / "out" / f"A{volumes.MAP_SUFFIX}")).shape == SHAPE
+    assert nib.load(str(tmp_path / "out" / f"A{seg_subject.MAP_SUFFIX}")).shape == SHAPE
 
 
 def test_config_launcher(tmp_path, model_dir):
@@ -635,7 +638,7 @@ def test_config_launcher(tmp_path, model_dir):
     proc = subprocess.run(["bash", str(REPO / "config" / "run_segment.sh"), *extra], env=env, cwd="/",
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads((tmp_path / "out" / f"A{volumes.RECORD_SUFFIX}").read_text())
+    record = json.loads((tmp_path / "out" / f"A{seg_subject.RECORD_SUFFIX}").read_text())
     assert record["settings"]["forward_steps"] == 2 and record["settings"]["w"] == 2.0
     missing = subprocess.run(["bash", str(REPO / "config" / "run_segment.sh")], env={**env, "MODEL_DIR": "/nope"},
                              cwd="/", capture_output=True, text=True, timeout=60)
@@ -741,13 +744,13 @@ def test_atlas_layouts_flattened_and_bids(tmp_path):
     hyper.write_text(json.dumps({"thr_01": 0.999, "diff_max": [1e-3]}))
     argv = _argv(tmp_path / "m", tmp_path / "out", flat, tmp_path / "bids" / "R002" / "sub-r002s002",
                  extra=["--name", "atlas", "--modality", "0", "--in_channels", "1", "--hyperparams_file", str(hyper)])
-    assert volumes.main(argv) == 0
-    a = json.loads((tmp_path / "out" / f"sub-r001s001{volumes.RECORD_SUFFIX}").read_text())
-    b = json.loads((tmp_path / "out" / f"sub-r002s002{volumes.RECORD_SUFFIX}").read_text())
+    assert seg_cli.main(argv) == 0
+    a = json.loads((tmp_path / "out" / f"sub-r001s001{seg_subject.RECORD_SUFFIX}").read_text())
+    b = json.loads((tmp_path / "out" / f"sub-r002s002{seg_subject.RECORD_SUFFIX}").read_text())
     assert a["metrics"]["volume"]["gt_voxels"] == 48 and b["metrics"] is None
     assert list(a["inputs"]) == ["t1", "seg"] and b["inputs"]["t1"].endswith("_T1w.nii.gz")
     for name in ("sub-r001s001", "sub-r002s002"):
-        assert nib.load(str(tmp_path / "out" / f"{name}{volumes.MASK_SUFFIX}")).shape == SHAPE
+        assert nib.load(str(tmp_path / "out" / f"{name}{seg_subject.MASK_SUFFIX}")).shape == SHAPE
 
 
 def test_bad_hyperparameter_files_are_named(tmp_path, model_dir, capsys):
@@ -757,7 +760,7 @@ def test_bad_hyperparameter_files_are_named(tmp_path, model_dir, capsys):
         bad = tmp_path / "bad.json"
         bad.write_text(text)
         with pytest.raises(SystemExit) as exc:  # a user error: one message, exit code 2
-            volumes.main(_argv(model_dir, tmp_path / "out", src, extra=["--hyperparams_file", str(bad)]))
+            seg_cli.main(_argv(model_dir, tmp_path / "out", src, extra=["--hyperparams_file", str(bad)]))
         err = capsys.readouterr().err
         assert exc.value.code == 2
         assert str(bad) in err and what in err, err
@@ -781,12 +784,12 @@ def test_model_from_the_checkpoint_folders_config(tmp_path, model_dir, capsys):
     for flag in _tiny_flags()[::2]:  # drop every model flag
         i = argv.index(flag)
         del argv[i:i + 2]
-    assert "--image_size" not in argv and volumes.main(argv) == 0
-    a = np.asanyarray(nib.load(str(tmp_path / "out" / f"A{volumes.MAP_SUFFIX}")).dataobj)
-    assert volumes.main(_argv(model_dir, tmp_path / "flags", src, extra=hyper)) == 0  # same model from flags
-    np.testing.assert_array_equal(a, np.asanyarray(nib.load(str(tmp_path / "flags" / f"A{volumes.MAP_SUFFIX}")).dataobj))
+    assert "--image_size" not in argv and seg_cli.main(argv) == 0
+    a = np.asanyarray(nib.load(str(tmp_path / "out" / f"A{seg_subject.MAP_SUFFIX}")).dataobj)
+    assert seg_cli.main(_argv(model_dir, tmp_path / "flags", src, extra=hyper)) == 0  # same model from flags
+    np.testing.assert_array_equal(a, np.asanyarray(nib.load(str(tmp_path / "flags" / f"A{seg_subject.MAP_SUFFIX}")).dataobj))
     with pytest.raises(SystemExit) as e:
-        volumes.main(argv + ["--num_channels", "64"])
+        seg_cli.main(argv + ["--num_channels", "64"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--num_channels 64" in err and "config.json: 32" in err, err

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from guided_diffusion import script_util
 from guided_diffusion.evaluation import translation
 from guided_diffusion.script_util import create_gaussian_diffusion
 
@@ -127,7 +128,7 @@ def _run(planted, tmp_path, monkeypatch, extra=""):
     diffusion = create_gaussian_diffusion(steps=1000)
     model = PlantedModel(diffusion)
     ckpt = str(planted / "model" / "model000001.pt")
-    monkeypatch.setattr(translation, "load_model", lambda args, device: (model, diffusion, ckpt))
+    monkeypatch.setattr(script_util, "load_model", lambda args, device: (model, diffusion, ckpt))
     log_dir = tmp_path / "logs"
     monkeypatch.setenv("OPENAI_LOGDIR", str(log_dir))
     argv = (f"--data_dir {planted / 'data'} --model_dir {planted / 'model'} --w {W} --forward_steps {len(D)} "

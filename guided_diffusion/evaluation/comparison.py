@@ -576,8 +576,8 @@ def pick_slices(rows: Sequence[dict], n: int) -> List[int]:
 
 def write_picture(path: Path, runs: Dict[str, List[Run]], rows: Dict[Tuple[str, int], List[dict]], n: int) -> dict:
     """comparison.png: the first run of every method on the same ``n`` test slices (visualize.save_method_columns)."""
-    from guided_diffusion.evaluation.metrics import dice_iou_per_slice
     from guided_diffusion.evaluation.visualize import save_method_columns
+    from guided_diffusion.metrics import dice_iou_per_slice
 
     methods = list(runs)
     ref = rows[(methods[0], 0)]

@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 CHUNK = 1 << 20
 CACHE_VERSION = 1
 RACY_SECONDS = 2.0
+DIGESTS_FILE = "file_digests.json"  # the DigestCache of an output folder
 
 
 def json_digest(obj: Any) -> str:

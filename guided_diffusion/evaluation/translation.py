@@ -44,14 +44,11 @@ import torch
 from guided_diffusion import dist_util, fileio, logger, runtime
 from guided_diffusion.errors import HyperparameterError, entry_point
 from guided_diffusion.evaluation import fingerprint as fp
-from guided_diffusion.evaluation.metrics import (
-    AUPRC_POOLINGS,
-    dice_iou_per_slice,
-    evaluate_segmentation,
-    foreground_mask,
-)
+from guided_diffusion.evaluation.volumes.report import test_split_volumes
 from guided_diffusion.methods import anofpdm as af
 from guided_diffusion.methods.base import METHODS, BatchContext, SliceMethod, build_method, method_class
+from guided_diffusion.methods.postprocess import check_median_kernel, component_size
+from guided_diffusion.metrics import AUPRC_POOLINGS, dice_iou_per_slice, evaluate_segmentation, foreground_mask
 from guided_diffusion.runtime import PRECISIONS  # noqa: F401  (re-exported for older imports)
 from guided_diffusion.script_util import (
     UNET_VERSIONS,
@@ -61,13 +58,11 @@ from guided_diffusion.script_util import (
     check_model_flags,
     diffusion_defaults,
     explicit_flags,
-    load_model_from_dir,
     model_and_diffusion_defaults,
 )
 
 BATCH_DIR = "batches"
 FILE_VERSION = 4  # 4: one driver for every method, content fingerprints
-DIGESTS_FILE = "file_digests.json"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -196,10 +191,8 @@ def check_args(args: argparse.Namespace, world_size: int = 1, explicit: Optional
         raise ValueError(f"--modality must list distinct channel indices, got {list(args.modality)}")
     if any(not 0 <= m < args.in_channels for m in args.modality):
         raise ValueError(f"--modality {list(args.modality)} out of range for --in_channels {args.in_channels}")
-    if args.cc_filter_size < 0:
-        args.cc_filter_size = int(round(40 * (args.image_size / 128) ** 2))
-    if args.median_kernel < 1 or args.median_kernel % 2 == 0:
-        raise ValueError(f"--median_kernel must be an odd window size >= 1, got {args.median_kernel}")
+    args.cc_filter_size = component_size(args.cc_filter_size, args.image_size)
+    check_median_kernel(args.median_kernel)
     if not args.median_filter:
         args.median_kernel = 1  # upstream's switch: no median filter
     if args.panel_modality == -1:
@@ -212,20 +205,6 @@ def check_args(args: argparse.Namespace, world_size: int = 1, explicit: Optional
 def forward_config(args: argparse.Namespace) -> af.ForwardConfig:
     """AnoFPDM's forward-process options from the flags (``anofpdm.forward_config_from_args``)."""
     return af.forward_config_from_args(args)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ------------------------------------------------------------------------------------------------------
-
-
-def load_model(args: argparse.Namespace, device: torch.device):
-    """(model in eval mode on ``device``, diffusion, checkpoint path): ``--model_num`` (empty: the newest readable
-    checkpoint), ``--ema``, built from the model flags (``check_args`` took them from config.json if there is one).
-    Every method loads its diffusion model through this function."""
-    return load_model_from_dir(args.model_dir, args_to_dict(args, model_and_diffusion_defaults().keys()),
-                               model_num=args.model_num, ema=args.ema, ema_rate=args.ema_rate, device=device,
-                               warn=logger.warn)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -352,7 +331,7 @@ class Translation:
         if what not in self._content:
             value = None
             if self.rank == 0:
-                cache = fp.DigestCache(os.path.join(self.log_dir, DIGESTS_FILE))
+                cache = fp.DigestCache(os.path.join(self.log_dir, fp.DIGESTS_FILE))
                 value = (fp.checkpoints_fingerprint(self.method.checkpoints(), cache) if what == "checkpoints"
                          else fp.split_fingerprint(self.args.data_dir, what, cache))
                 cache.save()
@@ -553,8 +532,6 @@ class Translation:
                                "world_size": self.world, "auprc_pooling": a.auprc_pooling}
         if len(results) > 1:
             metrics[f"by_{m.variant_key}"] = {str(r[m.variant_key]): r for r in results}
-        from guided_diffusion.evaluation.volumes import test_split_volumes
-
         per_volume = test_split_volumes(_ResultBatches(paths, 0), paths, a.data_dir,
                                         os.path.join(self.log_dir, "per_volume.csv"))
         if per_volume is not None:

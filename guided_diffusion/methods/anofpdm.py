@@ -34,9 +34,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from guided_diffusion.errors import HyperparameterError
+from guided_diffusion.methods.postprocess import component_size, median_filter2d, remove_small_components
 
 # Algorithm 1 of the paper: the quantile moves from B_QUANTILE (small divergence) to A_QUANTILE (M_te >= M_max).
 A_QUANTILE = 0.90
@@ -355,20 +355,6 @@ def rowwise_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return v_lo + (v_hi - v_lo) * frac
 
 
-def median_filter2d(x: torch.Tensor, kernel_size: int = 5) -> torch.Tensor:
-    """Median over ``kernel_size``² windows of ``[B, C, H, W]`` with reflect padding (upstream ``median_pool``)."""
-    if kernel_size <= 1:
-        return x
-    if kernel_size % 2 == 0:
-        raise ValueError(f"median kernel size must be odd, got {kernel_size}")
-    pad = kernel_size // 2
-    b, c, h, w = x.shape
-    mode = "reflect" if min(h, w) > pad else "replicate"
-    padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
-    patches = padded.unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)  # [B, C, H, W, k, k]
-    return patches.reshape(b, c, h, w, -1).median(-1).values
-
-
 def threshold_maps(
     maps: torch.Tensor, q: torch.Tensor, median_kernel: int = 5
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -383,35 +369,6 @@ def threshold_maps(
     amap = median_filter2d(maps.mean(1, keepdim=True), median_kernel)
     mask = amap >= thr[:, None, None, None]
     return amap, mask, thr
-
-
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
-
-def remove_small_components(mask, max_size: int = 40):
-    """Drop 8-connected components of at most ``max_size`` pixels (holes are not counted).
-
-    Accepts a numpy array or tensor ``[..., H, W]`` and returns the same type (a new object). ``max_size <= 0``
-    keeps everything. Upstream uses skimage ``regionprops(label(m, connectivity=3)).filled_area <= 40`` on each
-    ``[1, H, W]`` slice; in a volume one voxel deep every background voxel touches the border, so no hole is
-    filled and ``filled_area`` is the pixel count (a 40-px ring around 81 px is removed there and here).
-    """
-    is_tensor = isinstance(mask, torch.Tensor)
-    arr = mask.detach().cpu().numpy() if is_tensor else np.asarray(mask)
-    out = arr.astype(bool).copy()
-    if max_size > 0:
-        flat = out.reshape(-1, *out.shape[-2:])
-        for img in flat:
-            labelled, n = ndimage.label(img, structure=_EIGHT_CONNECTED)
-            if n == 0:
-                continue
-            sizes = np.bincount(labelled.ravel(), minlength=n + 1)
-            small = sizes <= max_size
-            small[0] = False  # background
-            img[small[labelled]] = False
-    if is_tensor:
-        return torch.from_numpy(out).to(mask.device)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -764,11 +721,11 @@ class AnoFPDM(SliceMethod):
 
     @classmethod
     def from_args(cls, args, device: torch.device) -> "AnoFPDM":
-        from guided_diffusion.evaluation import translation  # the driver's model loading (tests may replace it)
+        from guided_diffusion import script_util  # model loading (tests may replace it)
 
         require_classifier_free(args, "AnoFPDM")
-        model, diffusion, path = translation.load_model(args, device)
-        cc = args.cc_filter_size if args.cc_filter_size >= 0 else int(round(40 * (args.image_size / 128) ** 2))
+        model, diffusion, path = script_util.load_model(args, device)
+        cc = component_size(args.cc_filter_size, args.image_size)
         return cls(model, diffusion, forward_config_from_args(args), checkpoint=path, t_e_ratio=args.t_e_ratio,
                    median_kernel=args.median_kernel, cc_max_size=cc, a=args.quantile_a,
                    b=args.quantile_b, precision=args.precision, dataset=args.name)

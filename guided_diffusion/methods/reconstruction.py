@@ -5,7 +5,7 @@ classifier-guided DDIM; DDIB). As upstream (``obtain_hyperpara.get_mask_batch`` 
 
 * anomaly map = 5×5 median (reflect padding) of the mean over the ``--modality`` channels of (x0 − x̂)²;
 * mask = map ≥ threshold, then 8-connected components of at most ``--cc_filter_size`` pixels are removed
-  (the test pass of every upstream baseline filters; AnoFPDM's filter, ``anofpdm.remove_small_components``);
+  (the test pass of every upstream baseline filters; ``postprocess.remove_small_components``);
 * predicted slice label = 1 if the mask has any pixel *before* the component filter (upstream's ``pred_lab``);
   there is no classification gate: the mixed and unhealthy setups score the same mask (an empty mask after the
   filter on a slice labelled 1 is scored as empty either way);
@@ -25,6 +25,7 @@ import torch
 from guided_diffusion.errors import HyperparameterError
 from guided_diffusion.methods import threshold as thr_search
 from guided_diffusion.methods.base import BatchContext, Hyper, Records, SliceMethod, SliceOutput
+from guided_diffusion.methods.postprocess import component_size, median_filter2d, threshold_mask
 
 T = TypeVar("T")
 
@@ -39,24 +40,9 @@ UPSTREAM_THRESHOLDS = {
 def reconstruction_map(x0: torch.Tensor, x_hat: torch.Tensor, modality: Sequence[int],
                        median_kernel: int = 5) -> torch.Tensor:
     """Median-filtered mean over ``modality`` of (x0 − x̂)²: ``[B, C, H, W]`` x2 -> float32 ``[B, 1, H, W]``."""
-    from guided_diffusion.methods.anofpdm import median_filter2d
-
     mod = list(modality)
     err = ((x0[:, mod].float() - x_hat[:, mod].float()) ** 2).mean(1, keepdim=True)
     return median_filter2d(err, median_kernel)
-
-
-def threshold_map(amap: torch.Tensor, threshold: float, cc_max_size: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mask after the component filter [B,1,H,W] bool, predicted label [B] int64 from the mask before it)``.
-
-    The comparison is in the map's dtype (float32), as upstream's ``tensor >= python float``.
-    """
-    from guided_diffusion.methods.anofpdm import remove_small_components
-
-    raw = amap >= torch.tensor(threshold, dtype=amap.dtype, device=amap.device)
-    pred_label = raw.flatten(1).any(1).long()
-    mask = remove_small_components(raw, cc_max_size) if cc_max_size > 0 else raw
-    return mask, pred_label
 
 
 def run_counted(steps: Iterable[T], ctx: Optional[BatchContext]) -> T:
@@ -111,11 +97,8 @@ class ReconstructionMethod(SliceMethod):
 
     @staticmethod
     def common_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-        cc = getattr(args, "cc_filter_size", -1)
-        if cc < 0:  # upstream's 40 px at 128², scaled with the image area
-            cc = int(round(40 * (args.image_size / 128) ** 2))
         return dict(modality=list(args.modality), median_kernel=args.median_kernel,
-                    cc_max_size=cc, grid=parse_grid(getattr(args, "threshold_grid", "0.01,0.7,0.01")),
+                    cc_max_size=component_size(getattr(args, "cc_filter_size", -1), args.image_size), grid=parse_grid(getattr(args, "threshold_grid", "0.01,0.7,0.01")),
                     opt_thr=getattr(args, "opt_thr", -1.0))
 
     def common_settings(self) -> Dict[str, Any]:
@@ -174,7 +157,7 @@ class ReconstructionMethod(SliceMethod):
     def test_batch(self, x: torch.Tensor, hyper: Hyper, ctx: BatchContext) -> SliceOutput:
         self.check_hyperparams(hyper)
         amap, x_hat = self.anomaly_map(x, ctx)
-        mask, pred_label = threshold_map(amap, float(hyper["threshold"]), self.cc_max_size)
+        mask, pred_label = threshold_mask(amap, float(hyper["threshold"]), self.cc_max_size)
         b = x.shape[0]
         return SliceOutput(
             anomaly_map=amap,
@@ -198,15 +181,15 @@ def check_sample_steps(sample_steps: int, diffusion, flag: str = "--sample_steps
 
 
 def loaded_model(args: argparse.Namespace, device: torch.device, *, what: str):
-    """(model in eval mode, diffusion, checkpoint path) from ``--model_dir``/``--model_num``/``--ema``, through the
-    driver's ``load_model``; errors say which of the method's models failed."""
-    from guided_diffusion.evaluation import translation
+    """(model in eval mode, diffusion, checkpoint path) from ``--model_dir``/``--model_num``/``--ema``
+    (``script_util.load_model``); errors say which of the method's models failed."""
+    from guided_diffusion import script_util
 
     try:
-        return translation.load_model(args, device)
+        return script_util.load_model(args, device)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise type(e)(f"{what}: {e}") from None
 
 
-__all__: List[str] = ["reconstruction_map", "threshold_map", "ReconstructionMethod", "reconstruction_flags",
+__all__: List[str] = ["reconstruction_map", "ReconstructionMethod", "reconstruction_flags",
                       "UPSTREAM_THRESHOLDS", "check_sample_steps", "loaded_model", "parse_grid", "run_counted"]

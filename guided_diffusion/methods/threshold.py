@@ -17,7 +17,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from guided_diffusion.evaluation.metrics import SMOOTH
+from guided_diffusion.methods.postprocess import remove_small_components
+from guided_diffusion.metrics import SMOOTH
 
 UPSTREAM_GRID = (0.01, 0.7, 0.01)
 
@@ -42,8 +43,6 @@ def mixed_dice_by_threshold(
     ``maps`` float ``[N, 1, H, W]`` (the anomaly maps, already median-filtered), ``gt`` bool ``[N, 1, H, W]``.
     Returns float64 ``[len(thresholds)]``.
     """
-    from guided_diffusion.methods.anofpdm import remove_small_components
-
     maps = np.asarray(maps, dtype=np.float32)
     gt = np.asarray(gt).astype(bool)
     if maps.shape != gt.shape or maps.ndim != 4 or maps.shape[1] != 1:

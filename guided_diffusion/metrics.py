@@ -317,7 +317,7 @@ def evaluate_segmentation(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Per-volume metrics (whole-volume segmentation, guided_diffusion/evaluation/volumes.py)
+# Per-volume metrics (whole-volume segmentation, guided_diffusion/evaluation/volumes/)
 
 
 def volume_metrics(pred, gt, scores=None, foreground=None, voxel_ml: float = 1.0) -> dict:

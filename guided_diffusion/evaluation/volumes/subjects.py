@@ -1,0 +1,92 @@
+"""The subjects of a whole-volume segmentation run: ``--input`` folders, ``--files`` and ``--subjects_csv``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from guided_diffusion import logger
+from guided_diffusion.data import preprocess as pp
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def channel_names(args: argparse.Namespace) -> Tuple[str, ...]:
+    """The modalities the model takes, in channel order, as preprocessing stacks them."""
+    if args.name == "atlas":
+        return ("t1",)
+    return pp.MODALITIES if args.mod == "all" else (args.mod,)
+
+
+def _is_subject_folder(folder: Path) -> bool:
+    if folder.name.startswith("sub-"):
+        return True
+    return any(p.is_file() and p.name.endswith((".nii", ".nii.gz")) for p in folder.iterdir())
+
+
+def _subject_from_files(name: str, entries: Dict[str, str], mods: Sequence[str], where: str,
+                        base_dir: Optional[Path] = None) -> pp.Subject:
+    unknown = sorted(set(entries) - set(mods) - {"seg"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; expected {', '.join(mods)} and optionally seg")
+
+    def resolve(p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() or base_dir is None else base_dir / path
+
+    images = {m: resolve(entries[m]) if entries.get(m) else None for m in mods}  # a missing one fails by name
+    seg = resolve(entries["seg"]) if entries.get("seg") else None
+    problem = None
+    absent = [m for m in mods if images[m] is None]
+    if absent:
+        problem = f"subject {name}: no {', '.join(absent)} file given ({where})"
+    return pp.Subject(name, images, seg, problem)
+
+
+def collect_subjects(args: argparse.Namespace, warn=logger.warn) -> List[pp.Subject]:
+    """Every subject of ``--input``, ``--files`` and ``--subjects_csv``, sorted by name (names must be unique)."""
+    mods = channel_names(args)
+    mod = "t1" if args.name == "atlas" else args.mod
+    found: List[Tuple[pp.Subject, str]] = []
+    for entry in args.input:
+        folder = Path(entry)
+        if not folder.is_dir():
+            raise ValueError(f"--input {entry}: not a folder")
+        sink: List[str] = []
+        if _is_subject_folder(folder):
+            subjects = [pp.subject_from_folder(folder, args.name, mod, sink, require_mask=False)]
+        else:
+            subjects = pp.discover_subjects(folder, args.name, mod, sink, require_mask=False)
+        found += [(s, f"--input {entry}") for s in subjects]
+    if args.files:
+        entries = {}
+        for item in args.files:
+            key, sep, path = item.partition("=")
+            if not sep or not path:
+                raise ValueError(f"--files {item!r}: expected KEY=PATH, e.g. flair=scan_flair.nii.gz")
+            entries[key.strip().lower()] = path
+        found.append((_subject_from_files(args.id, entries, mods, "--files"), "--files"))
+    if args.subjects_csv:
+        csv_path = Path(args.subjects_csv)
+        try:
+            with open(csv_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except OSError as e:
+            raise ValueError(f"--subjects_csv {csv_path}: {e}") from None
+        for i, row in enumerate(rows, start=2):
+            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+            name = row.pop("id", "")
+            where = f"--subjects_csv {csv_path} line {i}"
+            if not _SAFE_ID.match(name):
+                raise ValueError(f"{where}: id {name!r} must be letters, digits and . _ + - (it names output files)")
+            found.append((_subject_from_files(name, row, mods, where, csv_path.parent), where))
+    by_name: Dict[str, str] = {}
+    for subject, where in found:
+        if subject.name in by_name:
+            raise ValueError(f"subject {subject.name} is given twice ({by_name[subject.name]} and {where}); "
+                             "output files are named by subject, so names must be unique")
+        by_name[subject.name] = where
+    return sorted((s for s, _ in found), key=lambda s: s.name)
