@@ -1,17 +1,14 @@
 #!/usr/bin/env bash
-# Preprocess raw volumes into the AnoFPDM slice format (npy_{train,val,test}/patient_<P>/slice_<z>.npz).
-# Resumable: rerun after an interruption and finished subjects are skipped.
-# Override any variable from the environment, e.g.  SOURCE=./data/ATLAS NAME=atlas MOD=t1 bash config/run_preprocess.sh
+# Preprocess raw volumes into the slice format (`anofpdm preprocess`: npy_{train,val,test}/patient_<P>/slice_<z>.npz).
+# Resumable: rerun after an interruption and finished subjects are skipped. Each variable below that is set becomes the
+# flag of the same name in lower case; extra arguments are passed last, e.g.
+#   SOURCE=./data/ATLAS NAME=atlas MOD=t1 OUTPUT=./data/atlas128 bash config/run_preprocess.sh --workers 8
 set -euo pipefail
-
-SOURCE=${SOURCE:-./data/BraTS21_training/BraTS21}  # one folder per subject (BraTS2021_XXXXX/...)
-NAME=${NAME:-brats}                               # brats | atlas (flattened <P>_T1w/<P>_mask or official BIDS)
-MOD=${MOD:-all}                                   # all = [flair, t1, t1ce, t2]; atlas: t1
-FIRST=${FIRST:-0}                                 # drop first N slices (0: none)
-LAST=${LAST:-0}                                   # drop last M slices (0: none)
-IMAGE_SIZE=${IMAGE_SIZE:-128}                     # paper: 128
-WORKERS=${WORKERS:-4}                             # parallel processes (about one per core)
-OUTPUT=${OUTPUT:-}                                # empty: $SOURCE/../preprocessed_data_${MOD}_${FIRST}${LAST}_${IMAGE_SIZE}
-
-python ./scripts/preprocess.py --source "$SOURCE" --name "$NAME" --mod "$MOD" --first "$FIRST" --last "$LAST" \
-    --image_size "$IMAGE_SIZE" --workers "$WORKERS" ${OUTPUT:+--output "$OUTPUT"}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+source "$REPO/config/_common.sh"       # CPU thread policy
+ARGS=()
+for var in SOURCE NAME MOD FIRST LAST IMAGE_SIZE WORKERS OUTPUT MIN_VAL_LESION_SUBJECTS; do
+    if [ -n "${!var:-}" ]; then ARGS+=("--$(echo "$var" | tr '[:upper:]' '[:lower:]')" "${!var}"); fi
+done
+run "$PYTHON" -m guided_diffusion preprocess "${ARGS[@]}" "$@"

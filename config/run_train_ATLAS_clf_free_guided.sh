@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Classifier-free guided training, ATLAS, UNet v2; GPU if visible, else CPU.
-# Variables, flags, several GPUs or nodes, DRY_RUN=1: config/_launch_train.sh (NCCL options: config/_common.sh).
-UNET_VER=v2 DATASET=atlas MASTER_PORT=${MASTER_PORT:-12366} SCRIPT=${SCRIPT:-scripts/train.py}
-source "$(dirname "${BASH_SOURCE[0]}")/_launch_train.sh"
+# AnoFPDM's classifier-free guided UNet (v2), ATLAS: training (GPU if visible, else CPU).
+# Settings: `anofpdm presets atlas-anofpdm-v2`; variables, several GPUs or nodes, DRY_RUN=1: config/_launch.sh.
+COMMAND=train PRESET=atlas-anofpdm-v2 MASTER_PORT=${MASTER_PORT:-12366}
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Classifier-free guided training, ATLAS, UNet hae_v2_conservative; GPU if visible, else CPU.
-# Variables, flags, several GPUs or nodes, DRY_RUN=1: config/_launch_train.sh (NCCL options: config/_common.sh).
-UNET_VER=hae_v2_conservative DATASET=atlas MASTER_PORT=${MASTER_PORT:-12368} SCRIPT=${SCRIPT:-scripts/train_hae_v2_conservative.py}
-source "$(dirname "${BASH_SOURCE[0]}")/_launch_train.sh"
+# AnoFPDM's classifier-free guided UNet (hae_v2_conservative), ATLAS: training (GPU if visible, else CPU).
+# Settings: `anofpdm presets atlas-anofpdm-hae_v2_conservative`; variables, several GPUs or nodes, DRY_RUN=1: config/_launch.sh.
+COMMAND=train PRESET=atlas-anofpdm-hae_v2_conservative MASTER_PORT=${MASTER_PORT:-12368}
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Classifier-free guided training, BraTS, UNet v2; GPU if visible, else CPU.
-# Variables, flags, several GPUs or nodes, DRY_RUN=1: config/_launch_train.sh (NCCL options: config/_common.sh).
-UNET_VER=v2 DATASET=brats MASTER_PORT=${MASTER_PORT:-12356} SCRIPT=${SCRIPT:-scripts/train.py}
-source "$(dirname "${BASH_SOURCE[0]}")/_launch_train.sh"
+# AnoFPDM's classifier-free guided UNet (v2), BraTS: training (GPU if visible, else CPU).
+# Settings: `anofpdm presets brats-anofpdm-v2`; variables, several GPUs or nodes, DRY_RUN=1: config/_launch.sh.
+COMMAND=train PRESET=brats-anofpdm-v2 MASTER_PORT=${MASTER_PORT:-12356}
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"

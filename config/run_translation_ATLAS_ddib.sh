@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DDIB / classifier-free DDIM (S=300, w=1.3) anomaly segmentation, ATLAS, the AnoFPDM v2 checkpoint: threshold tuned on pixel-labelled validation slices; metrics.json, panels.png.
-# Variables (SWEEP, SAMPLE_STEPS, MODEL_DIR, ...): config/_baselines.sh and config/_launch_translation.sh.
-UNET_VER=v2 DATASET=atlas METHOD=ddib MASTER_PORT=${MASTER_PORT:-12482} SCRIPT=${SCRIPT:-scripts/translation_DDIB.py}
-source "$(dirname "${BASH_SOURCE[0]}")/_launch_translation.sh"
+# DDIB / classifier-free DDIM anomaly segmentation, ATLAS, on the AnoFPDM v2 checkpoint; threshold tuned on pixel-labelled validation slices.
+# Settings: `anofpdm presets atlas-ddib`; variables, several GPUs or nodes, DRY_RUN=1: config/_launch.sh.
+COMMAND=evaluate PRESET=atlas-ddib MASTER_PORT=${MASTER_PORT:-12482}
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"

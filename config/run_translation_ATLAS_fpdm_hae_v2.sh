@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AnoFPDM anomaly segmentation, ATLAS, UNet hae_v2: thresholds, test, metrics.json, panels.png.
-# Variables, flags, several GPUs or nodes, DRY_RUN=1: config/_launch_translation.sh (NCCL options: config/_common.sh).
-UNET_VER=hae_v2 DATASET=atlas MASTER_PORT=${MASTER_PORT:-12463} SCRIPT=${SCRIPT:-scripts/translation_FPDM.py}
-source "$(dirname "${BASH_SOURCE[0]}")/_launch_translation.sh"
+# AnoFPDM anomaly segmentation, ATLAS, UNet hae_v2: validation (thresholds), test, metrics.json, panels.png.
+# Settings: `anofpdm presets atlas-anofpdm-hae_v2`; variables, several GPUs or nodes, DRY_RUN=1: config/_launch.sh.
+COMMAND=evaluate PRESET=atlas-anofpdm-hae_v2 MASTER_PORT=${MASTER_PORT:-12463}
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"

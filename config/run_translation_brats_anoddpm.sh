@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AnoDDPM (simplex, DDPM, S=200) anomaly segmentation, BraTS, unconditional v1 UNet: threshold tuned on pixel-labelled validation slices; metrics.json, panels.png.
-# Variables (SWEEP, SAMPLE_STEPS, MODEL_DIR, ...): config/_baselines.sh and config/_launch_translation.sh.
-UNET_VER=v1 DATASET=brats METHOD=anoddpm MASTER_PORT=${MASTER_PORT:-12380} SCRIPT=${SCRIPT:-scripts/translation_HEALTHY.py}
-source "$(dirname "${BASH_SOURCE[0]}")/_launch_translation.sh"
+# AnoDDPM (DDPM, S=200) anomaly segmentation, BraTS (NOISE_TYPE=gaussian: AnoDDPM (G)); threshold tuned on pixel-labelled validation slices.
+# Settings: `anofpdm presets brats-anoddpm-${NOISE_TYPE:-simplex}`; variables, several GPUs or nodes, DRY_RUN=1: config/_launch.sh.
+COMMAND=evaluate PRESET=brats-anoddpm-${NOISE_TYPE:-simplex} MASTER_PORT=${MASTER_PORT:-12380}
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"

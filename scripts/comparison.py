@@ -1,13 +1,8 @@
-"""The paper's comparison table (Table 1) on one data set: train or reuse the models of AnoDDPM (G, S), DDIM +
-classifier, DDIM classifier-free (DDIB) and AnoFPDM at a small size, run every method on the same test slices, write
-comparison.md / comparison.csv / comparison.png. See guided_diffusion/evaluation/comparison.py and the README.
-
-    python scripts/comparison.py --out runs/comparison [--data_dir DATA] [--seeds 0 1 2]
-"""
+"""`anofpdm compare`: the paper's comparison table at a small size."""
 
 import sys
 
-from guided_diffusion.evaluation.comparison import main
+from guided_diffusion.commands import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("compare", sys.argv[1:], prog="scripts/comparison.py"))

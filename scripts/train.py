@@ -1,10 +1,8 @@
-"""Train a diffusion UNet (classifier-free guided, plain class-conditional or unconditional); see ``guided_diffusion/training/train_cli.py`` and the README.
+"""Upstream's name for `anofpdm train` (train a diffusion UNet); see `anofpdm train --help`."""
 
-    python scripts/train.py --data_dir DATA --unet_ver hae_v2_conservative --use_hae True ...
-    torchrun --nproc-per-node 2 --master-port 12356 scripts/train.py ...
-"""
+import sys
 
-from guided_diffusion.training.train_cli import main
+from guided_diffusion.commands import run
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("train", sys.argv[1:], prog="scripts/train.py"))

@@ -1,11 +1,8 @@
-"""Train the noisy-image classifier of classifier-guided sampling; see ``guided_diffusion/training/classifier_cli.py``
-and the README.
+"""Upstream's name for `anofpdm train-classifier` (the noisy-image classifier of classifier-guided DDIM)."""
 
-    python scripts/train_classifier.py --data_dir DATA --image_size 128 --in_channels 4 --batch_size 64 ...
-    torchrun --nproc-per-node 2 --master-port 12370 scripts/train_classifier.py ...
-"""
+import sys
 
-from guided_diffusion.training.classifier_cli import main
+from guided_diffusion.commands import run
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("train-classifier", sys.argv[1:], prog="scripts/train_classifier.py"))

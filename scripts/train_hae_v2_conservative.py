@@ -1,6 +1,8 @@
-"""Upstream's train_hae_v2_conservative.py: scripts/train.py with --unet_ver hae_v2_conservative --use_hae True fixed."""
+"""Upstream's train_hae_v2_conservative.py: `anofpdm train` with --unet_ver hae_v2_conservative fixed."""
 
-from guided_diffusion.training.train_cli import main
+import sys
+
+from guided_diffusion.commands import run
 
 if __name__ == "__main__":
-    main(unet_ver="hae_v2_conservative")
+    sys.exit(run("train", sys.argv[1:], unet_ver="hae_v2_conservative", prog="scripts/train_hae_v2_conservative.py"))

@@ -1,16 +1,8 @@
-"""Classifier-guided DDIM anomaly segmentation (upstream's translation_CLF.py): noise each slice to --sample_steps,
-decode with DDIM toward healthy, the noise prediction corrected by the noisy-image classifier (--clf_dir, --clf_num,
---classifier_scale), threshold the squared error (tuned on pixel-labelled validation slices), metrics and panels.
-
-    python scripts/translation_CLF.py --data_dir DATA --model_dir logs/clf_guided --clf_dir logs/clf \
-        --sample_steps 200 --classifier_scale 1000 --modality 0 3 ...
-Same driver, flags and outputs as scripts/translation_FPDM.py (--method clf_guided); see the README.
-"""
+"""Upstream's name for `anofpdm evaluate --method clf_guided` (classifier-guided DDIM)."""
 
 import sys
 
-from guided_diffusion.evaluation.translation import main
+from guided_diffusion.commands import run
 
 if __name__ == "__main__":
-    main(method="clf_guided")
-    sys.exit(0)
+    sys.exit(run("evaluate", sys.argv[1:], method="clf_guided", prog="scripts/translation_CLF.py"))

@@ -1,16 +1,8 @@
-"""AnoFPDM anomaly segmentation: validation (thresholds), test, metrics, pictures.
-
-One process:   python scripts/translation_FPDM.py --data_dir DATA --model_dir LOGS --ema True --w 2 ...
-Several GPUs:  torchrun --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint localhost:12358 \
-                   scripts/translation_FPDM.py ...
-Results go to $OPENAI_LOGDIR (metrics.json, metrics.csv, per_slice.csv, panels.png); a rerun resumes.
-Flags follow upstream AnoFPDM; see the README and guided_diffusion/evaluation/translation.py.
-"""
+"""Upstream's name for `anofpdm evaluate` (AnoFPDM by default; any --method); see `anofpdm evaluate --help`."""
 
 import sys
 
-from guided_diffusion.evaluation.translation import main
+from guided_diffusion.commands import run
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(run("evaluate", sys.argv[1:], prog="scripts/translation_FPDM.py"))

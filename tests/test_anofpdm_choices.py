@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import script_util
 from guided_diffusion.methods import anofpdm as af
 from guided_diffusion.methods import postprocess
 from guided_diffusion.script_util import create_gaussian_diffusion
@@ -186,21 +185,37 @@ def test_recorded_fallback_refused_for_another_function():
 # ------------------------------------------------------------------ flags -> method (gaps found by mutation testing)
 
 
-def _driver_args(*argv):
-    from guided_diffusion.evaluation import translation
+def _inference(*argv):
+    """AnoFPDM's settings from command-line flags (a tiny v2 model for a folder without config.json)."""
+    from guided_diffusion.commands import evaluate
+    from guided_diffusion.methods.settings import inference_from_flags
 
-    return translation.create_argparser().parse_args(["--w", "2", "--class_cond", "True", *argv])
+    values = vars(evaluate.create_parser().parse_args(["--w", "2", "--image_size", "32", "--in_channels", "4",
+                                                       *argv]))
+    return inference_from_flags(values, set(), method="anofpdm", dataset=values["name"])
+
+
+def _forward_config(*argv):
+    s = _inference(*argv)
+    return af.forward_config(s.options, s.maps.modality)
+
+
+def _built(monkeypatch, *argv):
+    """AnoFPDM built from the flags, its model loading replaced by an identity model."""
+    from guided_diffusion.loading import ModelSource
+
+    monkeypatch.setattr(ModelSource, "load", lambda self, device, warn=None: (torch.nn.Identity(), None, "m.pt"))
+    return af.AnoFPDM.build(_inference(*argv), torch.device("cpu"))
 
 
 def test_flags_give_the_forward_config():
-    args = _driver_args("--forward_steps", "10", "--modality", "3", "0", "--subset_interval", "0",
-                        "--use_gradient_para_sam", "True")
-    cfg = af.forward_config_from_args(args)
+    cfg = _forward_config("--forward_steps", "10", "--modality", "3", "0", "--subset_interval", "0",
+                          "--use_gradient_para_sam", "True")
     assert (cfg.modality, cfg.sub_anomaly, cfg.interval, cfg.forward_steps) == ([3, 0], "gradient_para", 1, 10)
-    assert af.forward_config_from_args(_driver_args("--use_gradient_sam", "True")).sub_anomaly == "gradient"
-    assert af.forward_config_from_args(_driver_args()).sub_anomaly == "input"
-    assert af.forward_config_from_args(_driver_args("--subset_interval", "3")).interval == 3
-    assert af.forward_config_from_args(_driver_args("--subset_interval", "-1")).interval == 1  # upstream: every step
+    assert _forward_config("--use_gradient_sam", "True").sub_anomaly == "gradient"
+    assert _forward_config().sub_anomaly == "input"
+    assert _forward_config("--subset_interval", "3").interval == 3
+    assert _forward_config("--subset_interval", "-1").interval == 1  # upstream: every step
 
 
 @pytest.mark.parametrize("image_size, flag, want", [(128, -1, 40), (64, -1, 10), (256, -1, 160), (64, 0, 0),
@@ -208,16 +223,13 @@ def test_flags_give_the_forward_config():
 def test_component_filter_size_scales_with_the_image_area(monkeypatch, image_size, flag, want):
     # upstream's 40 px at 128 x 128, scaled by the pixel count (40 (s / 128)^2); 0 switches the filter off
 
-    monkeypatch.setattr(script_util, "load_model", lambda args, device: (torch.nn.Identity(), None, "m.pt"))
-    args = _driver_args("--image_size", str(image_size), "--cc_filter_size", str(flag))
-    assert af.AnoFPDM.from_args(args, torch.device("cpu")).cc_max_size == want
+    assert _built(monkeypatch, "--image_size", str(image_size), "--cc_filter_size", str(flag)).cc_max_size == want
 
 
 @pytest.mark.parametrize("a, b", [(0.5, 1.5), (-0.1, 0.9), (0.9, 0.5)])
 def test_quantiles_outside_zero_one_or_reversed_are_refused(a, b):
-    args = _driver_args("--forward_steps", "10", "--quantile_a", str(a), "--quantile_b", str(b))
     with pytest.raises(ValueError, match="quantile_a"):
-        af.AnoFPDM.check_args(args, grid_steps=100)
+        _inference("--forward_steps", "10", "--quantile_a", str(a), "--quantile_b", str(b))
 
 
 def test_recorded_fallback_carries_upstream_diff_min():
@@ -272,7 +284,7 @@ def _process(**cfg):
 
 
 def test_defaults_encode_with_the_null_embedding_and_one_step_is_valid():
-    assert af.forward_config_from_args(_driver_args()).encode_null is True  # paper; upstream's False crashed
+    assert _forward_config().encode_null is True  # paper; upstream's False crashed
     af.ForwardConfig(w=2.0, forward_steps=1, modality=[0]).validate()
     with pytest.raises(ValueError, match="forward_steps"):
         af.ForwardConfig(w=2.0, forward_steps=0, modality=[0]).validate()
@@ -328,9 +340,8 @@ def test_last_only_window_is_clipped_to_the_last_step():
     assert w[0, 0].tolist() == [0, 0, 0, 0, 1]
 
 
-def test_from_args_passes_the_median_filter_and_the_data_set(monkeypatch):
+def test_build_passes_the_median_filter_and_the_data_set(monkeypatch):
 
-    monkeypatch.setattr(script_util, "load_model", lambda args, device: (torch.nn.Identity(), None, "m.pt"))
-    method = af.AnoFPDM.from_args(_driver_args("--median_kernel", "3", "--name", "atlas"), torch.device("cpu"))
+    method = _built(monkeypatch, "--median_kernel", "3", "--name", "atlas", "--modality", "0", "--in_channels", "1")
     assert (method.median_kernel, method.dataset) == (3, "atlas")
-    assert af.AnoFPDM.from_args(_driver_args(), torch.device("cpu")).median_kernel == 5  # upstream's 5 x 5 median
+    assert _built(monkeypatch).median_kernel == 5  # upstream's 5 x 5 median

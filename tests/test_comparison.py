@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from guided_diffusion.commands import compare
 from guided_diffusion.evaluation import comparison as cmp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ SCRIPT = REPO / "config" / "run_comparison.sh"
 
 TOY_ENV = {
     # the quickstart's data stage, as tests/test_quickstart.py shrinks it (32 px: the classifier's smallest size)
-    "SUBJECTS": "20", "SYNTH_SHAPE": "40 40 24", "IMAGE_SIZE": "32", "WORKERS": "1", "INSTALL": "never",
+    "SUBJECTS": "20", "SYNTH_SHAPE": "40 40 24", "IMAGE_SIZE": "32", "WORKERS": "1",
     # the comparison
     "CHANNEL_MULT": "1,2", "ATTENTION_RESOLUTIONS": "8", "TRAIN_STEPS": "1", "TRAIN_BATCH": "4",
     "PREVIEW_STEPS": "0", "RESPACING": "ddim10",
@@ -183,7 +184,7 @@ def test_from_runs_writes_the_table_and_picture_and_refuses_different_slices(tmp
     a = _fake_run(tmp_path / "ddib", "ddib", {("unhealthy", "dice"): 0.25}, True, SLICES, [1, 1, 0, 0])
     f = _fake_run(tmp_path / "fpdm", "anofpdm", {("unhealthy", "dice"): 0.5}, False, SLICES, [1, 1, 0, 0])
     out = tmp_path / "out"
-    assert cmp.main(["--out", str(out), "--num_slices", "3", "--from_runs", f"anofpdm={f}", f"ddib={a}"]) == 0
+    assert compare.main(["--output", str(out), "--num_slices", "3", "--from_runs", f"anofpdm={f}", f"ddib={a}"]) == 0
     rows = _csv_rows(out / "comparison.csv")
     assert list(rows) == ["ddib", "anofpdm"]  # the paper's order, whatever the command line's
     assert float(rows["ddib"]["unhealthy_dice_mean"]) == 0.25 and rows["ddib"]["pixel_labels_used"] == "True"
@@ -191,7 +192,9 @@ def test_from_runs_writes_the_table_and_picture_and_refuses_different_slices(tmp
         assert img.size == ((2 + 2) * 8 * 18, 18 + 3 * (2 * 8 * 18 + 3))  # 8 px tiles enlarged 18x to >= 140 px
     # a run on other slices cannot share a table
     g = _fake_run(tmp_path / "other", "anofpdm", {}, False, SLICES[::-1], [0, 0, 1, 1])
-    assert cmp.main(["--out", str(out), "--from_runs", f"anofpdm={g}", f"ddib={a}"]) == 1
+    with pytest.raises(SystemExit) as exc:  # a user error: one message, exit code 2
+        compare.main(["--output", str(out), "--from_runs", f"anofpdm={g}", f"ddib={a}"])
+    assert exc.value.code == 2
     with pytest.raises(ValueError, match="did not evaluate the same test slices"):
         cmp.check_same_slices({"anofpdm": [cmp.Run.read("anofpdm", g)], "ddib": [cmp.Run.read("ddib", a)]})
     with pytest.raises(ValueError, match="cannot read .*metrics.json"):
@@ -207,61 +210,60 @@ def test_picked_slices_are_large_lesions_then_healthy_ones():
     assert cmp.pick_slices(rows, 0) == []
 
 
-def test_commands_come_from_the_configs(tmp_path):
-    env = {"DATA_DIR": "/d", "OPENAI_LOGDIR": str(tmp_path / "clf"), "BATCH_SIZE": "8", "IMAGE_SIZE": "32",
-           "CLASSIFIER_WIDTH": "32"}
-    script, args = cmp.config_command("run_train_brats_clf.sh", env)
-    assert script == "scripts/train_classifier.py"
-    assert args[args.index("--batch_size") + 1] == "8" and args[args.index("--image_size") + 1] == "32"
-    assert args[args.index("--image_dir") + 1] == str(tmp_path / "clf" / "images")
-    with pytest.raises(cmp.StageError, match="no config"):
-        cmp.config_command("run_train_brats_nothing.sh", env)
-
-
 def test_bad_flags_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        cmp.main(["--out", str(tmp_path), "--data_dir", str(tmp_path / "nowhere")])
+        compare.main(["--output", str(tmp_path), "--data_dir", str(tmp_path / "nowhere")])
     assert "has no npy_test" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cmp.main(["--out", str(tmp_path), "--seeds", "1", "1"])
+        compare.main(["--output", str(tmp_path), "--seeds", "1", "1"])
     assert "distinct" in capsys.readouterr().err
-    assert cmp.main(["--out", str(tmp_path), "--from_runs", "anofpdm"]) == 1
-    assert "METHOD=DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--output", str(tmp_path), "--from_runs", "anofpdm"])
+    assert exc.value.code == 2 and "METHOD=DIR" in capsys.readouterr().err
 
 
 def test_plan_for_one_channel_atlas_data(tmp_path):
-    """Without running anything: every stage's command, as its ATLAS config prints it plus the appended flags."""
+    """Without running anything: every stage is a command over its ATLAS preset, with the small sizes appended, and
+    builds the settings it says (parsed here as the command would)."""
+    from guided_diffusion.commands import evaluate, train, train_classifier
+
     for split in ("train", "test"):
         (tmp_path / "data" / f"npy_{split}" / "patient_1").mkdir(parents=True)
         np.savez(tmp_path / "data" / f"npy_{split}" / "patient_1" / "slice_5.npz", x=np.zeros((1, 1, 32, 32)),
                  y=np.zeros((1, 1, 32, 32), np.float32))
     out = tmp_path / "out"
-    args = cmp.create_argparser().parse_args(["--out", str(out), "--name", "atlas", "--seeds", "3",
-                                              "--methods", "clf_guided", "anofpdm", "--train_steps", "40"])
-    plan = cmp.make_plan(args, str(tmp_path / "data"))
-    assert [s.name for s in plan.stages] == ["train anofpdm", "train clf_guided", "train classifier",
-                                             "evaluate clf_guided", "evaluate anofpdm"]
-    commands = {s.name: s.command() for s in plan.stages}
-    for stage in plan.stages:
-        script, argv = commands[stage.name]
-        assert stage.config.startswith(("run_train_ATLAS_", "run_translation_ATLAS_"))
-        assert option(argv, "--name") == "atlas" and option(argv, "--seed") == "3"
-        if stage.kind == "train":
-            assert option(argv, "--image_dir") == str(out / "seed3" / "models" / stage.name.split()[1] / "images")
-            assert option(argv, "--image_size") == "32" and option(argv, "--in_channels") == "1"
-            assert last(argv, "--batch_size") == "16" and option(argv, "--resume_checkpoint") == "auto"
-        else:
-            assert last(argv, "--modality") == "0" and last(argv, "--timestep_respacing") == "ddim50"
-            assert option(argv, "--num_batches") == "-1" and option(argv, "--model_num") == "40"
-    assert commands["train classifier"][0] == "scripts/train_classifier.py"
-    assert last(commands["train classifier"][1], "--iterations") == "40"  # the appended value wins
-    assert last(commands["train anofpdm"][1], "--max_steps") == "40"
-    clf = commands["evaluate clf_guided"][1]
-    assert option(clf, "--model_dir") == str(out / "seed3" / "models" / "clf_guided")
-    assert option(clf, "--clf_dir") == str(out / "seed3" / "models" / "classifier") and option(clf, "--clf_num") == "40"
-    assert option(clf, "--sample_steps") == "10" and option(clf, "--classifier_scale") == "500"  # ATLAS's s
-    fpdm = commands["evaluate anofpdm"][1]
-    assert option(fpdm, "--w") == "30" and option(fpdm, "--forward_steps") == "15"  # ATLAS's w
+    s = compare.build(compare.CompareSettings, compare.create_parser().parse_args(
+        ["--name", "atlas", "--seeds", "3", "--methods", "clf_guided", "anofpdm", "--train_steps", "40"]))
+    plan = compare.make_plan(s, str(tmp_path / "data"), out)
+    assert [st.name for st in plan.stages] == ["train anofpdm", "train clf_guided", "train classifier",
+                                               "evaluate clf_guided", "evaluate anofpdm"]
+    stages = {st.name: st for st in plan.stages}
+    for st in plan.stages:
+        assert option(st.argv, "--preset").startswith("atlas-") and option(st.argv, "--seed") == "3"
+    fpdm_train = train.parse(stages["train anofpdm"].argv)[0]
+    assert fpdm_train.output == str(out / "seed3" / "models" / "anofpdm")
+    assert (fpdm_train.model.image_size, fpdm_train.model.in_channels, fpdm_train.model.num_channels) == (32, 1, 32)
+    assert (fpdm_train.loop.batch_size, fpdm_train.loop.max_steps, fpdm_train.loop.resume_checkpoint) == (16, 40,
+                                                                                                          "auto")
+    assert fpdm_train.training.w == [30.0] and fpdm_train.image_dir == str(out / "seed3" / "models" / "anofpdm" /
+                                                                              "images")
+    clf = train_classifier.parse(stages["train classifier"].argv)[0]
+    assert (clf.training.iterations, clf.classifier.classifier_width, clf.classifier.in_channels) == (40, 32, 1)
+    ev = stages["evaluate clf_guided"].argv
+    assert option(ev, "--model_dir") == str(out / "seed3" / "models" / "clf_guided")
+    assert option(ev, "--clf_dir") == str(out / "seed3" / "models" / "classifier") and option(ev, "--clf_num") == "40"
+    assert option(ev, "--sample_steps") == "10" and "--classifier_scale" not in ev  # ATLAS's s, from the preset
+    assert option(ev, "--modality") == "0" and option(ev, "--timestep_respacing") == "ddim50"
+    fp = stages["evaluate anofpdm"].argv
+    assert option(fp, "--forward_steps") == "15" and option(fp, "--model_num") == "40" and "--w" not in fp
+    values = vars(evaluate.create_parser("anofpdm", compare_preset("atlas-anofpdm-v2")).parse_args(fp[2:]))
+    assert values["w"] == 30.0 and values["num_batches"] == -1  # ATLAS's w
+
+
+def compare_preset(name: str) -> dict:
+    from guided_diffusion import presets
+
+    return presets.values_for(name, "evaluate")
 
 
 def option(argv: list, flag: str) -> str:

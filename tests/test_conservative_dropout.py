@@ -8,7 +8,6 @@ attention dropout active the test is sharp: a wrong dropout scale or keep probab
 mean z² above 10.
 """
 
-import pytest
 import torch
 
 from guided_diffusion.models.unet import HAEUNetModelV2, HAEUNetModelV2Conservative

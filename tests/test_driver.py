@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.evaluation import translation
+from guided_diffusion.commands import evaluate
 from guided_diffusion.script_util import classifier_defaults, create_classifier, create_model_and_diffusion, \
     model_and_diffusion_defaults
 from test_translation import SIZE, _tiny_flags, _write_checkpoint, _write_dataset
@@ -75,7 +75,7 @@ def _run(ws, log_dir, monkeypatch, method, extra="", entry=None):
     argv = _argv(ws, method) + COMMON.split() + extra.split()
     if entry is None:
         argv += ["--method", method]
-    return translation.main(argv, method=entry)
+    return evaluate.main(argv, method=entry)
 
 
 def _csv(path):
@@ -141,7 +141,7 @@ def test_cache_is_reused_and_keyed_by_content(ws, tmp_path, monkeypatch):
     def run():
         argv = (f"--data_dir {data} --model_dir {model_dir} --sample_steps 3 --use_ddpm False".split() + V1
                 + ["--num_classes", "0"] + COMMON.split() + ["--num_panels", "0"])
-        return translation.main(argv, method="anoddpm")
+        return evaluate.main(argv, method="anoddpm")
 
     first = run()
     assert first["computed"] == {"val": 2, "test": 2}
@@ -187,7 +187,7 @@ def test_baseline_without_validation_needs_a_threshold(ws, tmp_path, monkeypatch
     ("ddib", "--num_classes 0", "ddib needs the classifier-free guided model: --num_classes"),
     ("ddib", "--w -1", "--w -1"),
     ("anoddpm", "--sample_steps 1001", "--sample_steps must lie in"),
-    ("anoddpm", "--noise_type perlin", "--noise_type 'perlin'"),
+    ("anoddpm", "--noise_type perlin", "--noise_type: invalid choice: 'perlin'"),
     ("anoddpm", "--num_classes 2 --clf_free False", "reconstructs unconditionally"),
     ("anoddpm", "--threshold_grid 0.1,0.05,0.01", "threshold grid"),
 ])
@@ -198,17 +198,16 @@ def test_method_flags_are_checked_before_any_model_is_built(ws, tmp_path, monkey
 
 
 def test_entry_points_fix_the_method_and_its_defaults(ws, tmp_path, monkeypatch, capsys):
-    parser = translation.create_argparser(method="clf_guided")
-    args = parser.parse_args([])
+    args = evaluate.create_parser("clf_guided").parse_args([])
     assert (args.method, args.unet_ver, args.clf_free, args.learn_sigma, args.ema) == ("clf_guided", "v1", False,
                                                                                           True, True)
-    assert translation.create_argparser(method="anoddpm").parse_args([]).num_classes == 0
-    assert translation.create_argparser().parse_args([]).method == "anofpdm"
+    assert evaluate.create_parser("anoddpm").parse_args([]).num_classes == 0
+    assert evaluate.create_parser().parse_args([]).method == "anofpdm"
     with pytest.raises(SystemExit):
         _run(ws, tmp_path / "logs", monkeypatch, "ddib", extra="--method anoddpm", entry="ddib")
-    assert "this script runs --method ddib" in capsys.readouterr().err
+    assert "--method: invalid choice: 'anoddpm' (choose from 'ddib')" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        translation.main(["--method", "nope"])
+        evaluate.main(["--method", "nope"])
 
 
 def test_upstream_named_script_runs_anoddpm(ws, tmp_path):
@@ -245,7 +244,7 @@ def test_two_processes_give_the_one_process_results_with_simplex_ddpm_noise(ws, 
     proc = subprocess.run(cmd + flags, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "one"))
-    translation.main(flags, method="anoddpm")
+    evaluate.main(flags, method="anoddpm")
     two = json.loads((log_ddp / "hyperparams.json").read_text())
     one = json.loads((tmp_path / "one" / "hyperparams.json").read_text())
     assert two["threshold"] == one["threshold"] and two["val_dice_by_threshold"] == one["val_dice_by_threshold"]

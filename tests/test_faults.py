@@ -23,7 +23,8 @@ import torch
 from guided_diffusion import errors, fileio, logger
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.data.loaders import get_data_iter
-from guided_diffusion.training import classifier_cli, train_cli
+from guided_diffusion.commands import train as train_cli
+from guided_diffusion.commands import train_classifier as classifier_cli
 from test_preprocess import _brats_subject
 from test_train import TINY_FLAGS, write_npz_dataset
 
@@ -521,9 +522,9 @@ def test_data_of_mixed_sizes_is_refused_naming_the_odd_file(tmp_path, monkeypatc
     (["--num_heads", "0"], "--num_heads must be >= 1, got 0"),
     (["--attention_resolutions", "16,x"], "--attention_resolutions must be comma-separated feature-map sizes"),
     (["--channel_mult", "1,two"], "--channel_mult must be comma-separated integers"),
-    (["--noise_schedule", "quadratic"], "--noise_schedule must be one of linear, cosine, got 'quadratic'"),
+    (["--noise_schedule", "quadratic"], "--noise_schedule: invalid choice: 'quadratic' (choose from 'linear', 'cosine')"),
     (["--timestep_respacing", "ddimx"], "--timestep_respacing 'ddimx' with --diffusion_steps 1000: malformed"),
-    (["--schedule_sampler", "fancy"], "--schedule_sampler must be one of uniform, loss-second-moment"),
+    (["--schedule_sampler", "fancy"], "--schedule_sampler: invalid choice: 'fancy' (choose from 'uniform', 'loss-second-moment')"),
     (["--num_classes", "-1"], "--num_classes must be >= 0, got -1"),
     (["--bottleneck_ratio", "0"], "--bottleneck_ratio must be in (0, 1]"),
 ])
@@ -599,10 +600,10 @@ def evaluation(tmp_path, monkeypatch):
 
 
 def _translate(argv):
-    from guided_diffusion.evaluation import translation
+    from guided_diffusion.commands import evaluate
 
     try:
-        return translation.main(argv)
+        return evaluate.main(argv)
     finally:
         logger.reset()
 

@@ -5,17 +5,17 @@ image h at every noise level, so every method must reconstruct h exactly and its
 anomaly; guidance on a classifier whose log-probability gradient is written out below.
 """
 
-import argparse
 
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
-from guided_diffusion.methods import base, threshold
+from guided_diffusion.methods import threshold
 from guided_diffusion.methods.anoddpm import AnoDDPM
-from guided_diffusion.methods.base import BatchContext, SliceOutput, build_method, model_fn
-from guided_diffusion.methods.clf_guided import ClassifierGuided, classifier_guided, load_classifier
+from guided_diffusion.methods.base import BatchContext, SliceOutput, model_fn
+from guided_diffusion.methods import registry
+from guided_diffusion.methods.clf_guided import ClassifierGuided, classifier_guided
 from guided_diffusion.methods.ddib import DDIB
 from guided_diffusion.methods.postprocess import threshold_mask
 from guided_diffusion.methods.reconstruction import reconstruction_map
@@ -282,35 +282,32 @@ def test_classifier_guided_accepts_unconditional_models():
                          classifier_scale=1.0, healthy_label=5, **_common())
 
 
-def _classifier_args(tmp_path, **kw):
-    from guided_diffusion.script_util import classifier_defaults
+def _classifier(tmp_path, clf_num="", given=(), **kw):
+    """The classifier of tmp_path/clf as the clf_guided method resolves it, with these flags."""
+    from guided_diffusion.architecture import ClassifierSettings
+    from guided_diffusion.loading import resolve_classifier
 
-    a = dict(classifier_defaults(), image_size=32, in_channels=2, classifier_width=32, classifier_depth=1,
-             classifier_attention_resolutions="8", clf_dir=str(tmp_path / "clf"), clf_num="")
-    a.update(kw)
-    return argparse.Namespace(**a)
+    flags = dict(image_size=32, in_channels=2, classifier_width=32, classifier_depth=1,
+                 classifier_attention_resolutions="8")
+    flags.update(kw)
+    return resolve_classifier(str(tmp_path / "clf"), clf_num, ClassifierSettings(**flags), set(given), (2, 32))
 
 
 def test_classifier_checkpoint_that_does_not_fit_the_flags(tmp_path):
-    from guided_diffusion.script_util import classifier_defaults, create_classifier
+    from guided_diffusion.script_util import create_classifier
 
-    args = _classifier_args(tmp_path)
     with pytest.raises(ValueError, match="--clf_dir"):
-        load_classifier(args, torch.device("cpu"))
+        _classifier(tmp_path)
     (tmp_path / "clf").mkdir()
-    flags = {k: getattr(args, k) for k in classifier_defaults() if k != "unet_ver"}
-    torch.save(create_classifier(**flags).state_dict(), tmp_path / "clf" / "model000007.pt")
-    clf, path = load_classifier(args, torch.device("cpu"))
+    torch.save(create_classifier(**_classifier(tmp_path).settings.flags()).state_dict(),
+               tmp_path / "clf" / "model000007.pt")
+    clf, path = _classifier(tmp_path).load(torch.device("cpu"))
     assert path.endswith("model000007.pt") and not clf.training
-    wrong = _classifier_args(tmp_path, classifier_width=64)
     with pytest.raises(RuntimeError, match=r"model000007\.pt does not fit the model built from the classifier flags "
                                            r"\(.*--classifier_width 64"):
-        load_classifier(wrong, torch.device("cpu"))
+        _classifier(tmp_path, classifier_width=64).load(torch.device("cpu"))
     with pytest.raises(FileNotFoundError, match="--clf_num 9: no such"):
-        load_classifier(_classifier_args(tmp_path, clf_num="9"), torch.device("cpu"))
-
-
-# ------------------------------------------------------------------ interface pieces
+        _classifier(tmp_path, clf_num="9").load(torch.device("cpu"))
 
 
 def test_batch_context_deals_the_global_noise_out_to_the_processes():
@@ -358,11 +355,11 @@ def test_slice_output_check_names_the_method():
 
 
 def test_registry():
-    assert set(base.METHODS) >= {"anofpdm", "anoddpm", "clf_guided", "ddib"}
-    assert base.method_class("ddib") is DDIB and base.method_class("anoddpm").uses_pixel_labels
-    assert not base.method_class("anofpdm").uses_pixel_labels
+    assert set(registry.METHODS) >= {"anofpdm", "anoddpm", "clf_guided", "ddib"}
+    assert registry.method_class("ddib") is DDIB and registry.method_class("anoddpm").uses_pixel_labels
+    assert not registry.method_class("anofpdm").uses_pixel_labels
     with pytest.raises(ValueError, match="--method 'nope'.*anofpdm"):
-        build_method("nope", argparse.Namespace(), "cpu")
+        registry.method_class("nope")
 
 
 def test_reconstruction_fit_and_fallbacks():
@@ -384,19 +381,20 @@ def test_reconstruction_fit_and_fallbacks():
 
 def test_classifier_from_its_config_json(tmp_path):
     from guided_diffusion import fileio
-    from guided_diffusion.script_util import classifier_and_diffusion_defaults, classifier_defaults, create_classifier
+    from guided_diffusion.script_util import classifier_and_diffusion_defaults, create_classifier
 
-    args = _classifier_args(tmp_path)
     (tmp_path / "clf").mkdir()
-    flags = {k: getattr(args, k) for k in classifier_defaults() if k != "unet_ver"}
+    from guided_diffusion.architecture import ClassifierSettings
+
+    flags = ClassifierSettings(image_size=32, in_channels=2, classifier_width=32, classifier_depth=1,
+                               classifier_attention_resolutions="8").flags()
     torch.save(create_classifier(**flags).state_dict(), tmp_path / "clf" / "model000002.pt")
     fileio.write_run_config(tmp_path / "clf", "classifier", {**classifier_and_diffusion_defaults(), **flags})
-    plain = _classifier_args(tmp_path, classifier_width=128, classifier_depth=2)  # the parser's defaults
-    clf, _ = load_classifier(plain, torch.device("cpu"))  # built as recorded, not as the defaults say
+    plain = _classifier(tmp_path, classifier_width=128, classifier_depth=2)  # the parser's defaults
+    clf, _ = plain.load(torch.device("cpu"))  # built as recorded, not as the defaults say
     assert clf.model_channels == 32
     with pytest.raises(fileio.RunConfigError, match="--classifier_width 64 .config.json: 32."):
-        load_classifier(_classifier_args(tmp_path, classifier_width=64), torch.device("cpu"),
-                        explicit={"classifier_width"})
+        _classifier(tmp_path, classifier_width=64, given={"classifier_width"})
     fileio.write_run_config(tmp_path / "clf", "diffusion", {})
     with pytest.raises(fileio.RunConfigError, match="'diffusion' model"):
-        load_classifier(args, torch.device("cpu"))
+        _classifier(tmp_path)

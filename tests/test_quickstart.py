@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided_diffusion.quickstart import final_checkpoint_exists, format_report, main
+from guided_diffusion.commands.quickstart import final_checkpoint_exists, format_report, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "config" / "run_quickstart.sh"
@@ -36,6 +36,7 @@ TOY_ENV = {
     "TEST_BATCHES": "1",
     "NUM_PANELS": "2",
     "WORKERS": "1",
+    "EVAL_PROCS": "1",
     "INSTALL": "never",
 }
 
@@ -83,7 +84,7 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
     assert json.loads((out / "results" / "metrics.json").read_text())["unhealthy"] == metrics["unhealthy"]
 
 
-def test_report_formatting_and_cli(tmp_path, capsys):
+def test_report_formatting_and_stage_checks(tmp_path):
     metrics = {
         "mixed": {"dice": 0.5, "iou": 0.25, "auprc": None, "n_slices": 64},
         "unhealthy": {"dice": 0.625, "iou": 0.4, "auprc": 0.75, "n_slices": 20},
@@ -99,15 +100,15 @@ def test_report_formatting_and_cli(tmp_path, capsys):
 
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "panels.png").write_bytes(b"png")
-    assert main(["report", "--results", str(tmp_path)]) == 0
-    assert "pictures:" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exc:
-        main(["report", "--results", str(tmp_path / "missing")])
-    assert exc.value.code == 2 and "cannot read" in capsys.readouterr().err
+    assert "pictures:" in format_report(read_metrics(str(tmp_path)), str(tmp_path))
+    from guided_diffusion.errors import UserError
+
+    with pytest.raises(UserError, match="cannot read"):
+        read_metrics(str(tmp_path / "missing"))
 
     torch.save({"w": torch.zeros(2)}, tmp_path / "model000010.pt")
-    assert main(["trained", "--model_dir", str(tmp_path), "--step", "10", "--ema_rate", "0.995"]) == 1
+    assert not final_checkpoint_exists(str(tmp_path), 10, "0.995")
     (tmp_path / "ema_0.995_000010.pt").write_bytes(b"PK\x03\x04 truncated")  # a killed copy: not finished
-    assert main(["trained", "--model_dir", str(tmp_path), "--step", "10", "--ema_rate", "0.995"]) == 1
+    assert not final_checkpoint_exists(str(tmp_path), 10, "0.995")
     torch.save({"w": torch.zeros(2)}, tmp_path / "ema_0.995_000010.pt")
-    assert main(["trained", "--model_dir", str(tmp_path), "--step", "10", "--ema_rate", "0.995"]) == 0
+    assert final_checkpoint_exists(str(tmp_path), 10, "0.995")

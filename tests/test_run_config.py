@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from guided_diffusion import fileio, logger, runtime, script_util
-from guided_diffusion.evaluation import translation
+from guided_diffusion.commands import evaluate
+from guided_diffusion.commands import train as train_command
 from guided_diffusion.script_util import model_and_diffusion_defaults
-from guided_diffusion.training import train_cli
 from test_train import TINY_FLAGS, write_npz_dataset
 from test_translation import _write_dataset as write_eval_dataset
 
@@ -41,7 +41,7 @@ def train(run: Path, data: Path, monkeypatch, *extra: str, unet_ver=None, max_st
     argv = ["--data_dir", str(data), "--in_channels", "4", "--batch_size", "2", "--ema_rate", "0.99",
             "--max_steps", str(max_steps), *TINY_FLAGS, "--save_interval", "1", "--preview_steps", "0", *extra]
     try:
-        return train_cli.main(argv, unet_ver=unet_ver)
+        return train_command.main(argv, unet_ver=unet_ver)
     finally:
         logger.reset()
 
@@ -82,13 +82,13 @@ def test_translation_needs_only_model_dir_data_and_method_flags(trained, tmp_pat
     argv = (f"--data_dir {trained / 'data'} --model_dir {trained / 'run'} --ema True --w 2 --forward_steps 2 "
             "--null True --batch_size 4 --num_batches 1 --batch_size_val 4 --num_batches_val 1 --modality 0 3 "
             "--num_panels 0 --progress False").split()
-    summary = translation.main(argv)  # without config.json this would build a 64 px, 128-channel model
+    summary = evaluate.main(argv)  # without config.json this would build a 64 px, 128-channel model
     assert summary["computed"] == {"val": 1, "test": 1}
     metrics = json.loads((tmp_path / "fpdm" / "metrics.json").read_text())
     assert metrics["checkpoint"].endswith("ema_0.99_000002.pt")  # the EMA rate recorded by training
     # a runtime flag (the forward grid) may differ from the recorded one
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "fpdm_respaced"))
-    out = translation.main(argv + ["--timestep_respacing", "ddim10", "--model_num", "1"])
+    out = evaluate.main(argv + ["--timestep_respacing", "ddim10", "--model_num", "1"])
     assert out["computed"]["test"] == 1
 
 
@@ -96,29 +96,35 @@ def test_an_explicit_contradicting_flag_is_a_clear_error(trained, capsys):
     argv = (f"--data_dir {trained / 'data'} --model_dir {trained / 'run'} --w 2 --forward_steps 2 "
             "--num_channels 64 --attention_resolutions 16,8").split()
     with pytest.raises(SystemExit) as exc:
-        translation.main(argv)
+        evaluate.main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--num_channels 64 (config.json: 32)" in err and str(trained / "run" / "config.json") in err
     assert "attention_resolutions" not in err and "usage:" not in err  # the same value as recorded: no complaint
     # the alias script's variant is as explicit as a flag
     with pytest.raises(SystemExit):
-        translation.main(argv[:-4], unet_ver="hae_v2_conservative")
+        evaluate.main(argv[:-4], unet_ver="hae_v2_conservative")
     assert "--unet_ver 'hae_v2_conservative' (config.json: 'v2')" in capsys.readouterr().err
 
 
-def test_apply_run_config_and_load_model_from_dir(trained):
-    parser = translation.create_argparser()
+def test_resolve_model_and_load_model_from_dir(trained):
+    from guided_diffusion.architecture import ModelSettings
+    from guided_diffusion.flags import build, explicit_flags
+    from guided_diffusion.loading import CheckpointSettings, resolve_model
+
+    parser = evaluate.create_parser()
     argv = ["--model_dir", str(trained / "run"), "--image_size", "32"]
     args = parser.parse_args(argv)
-    explicit = script_util.explicit_flags(parser, argv)
-    assert explicit == {"model_dir", "image_size"}
-    assert args.num_channels == 128 and args.ema_rate == "0.9999"  # parser defaults ...
-    script_util.apply_run_config(args, args.model_dir, explicit)
-    assert args.num_channels == 32 and args.channel_mult == "1,1,1,2" and args.ema_rate == "0.99"  # ... replaced
+    given = explicit_flags(parser, argv)
+    assert given == {"model_dir", "image_size"}
+    assert args.num_channels == 128 and args.ema_rate == ""  # parser defaults ...
+    source = resolve_model(build(CheckpointSettings, args), build(ModelSettings, args), given)
+    m = source.model  # ... replaced by config.json's
+    assert (m.num_channels, m.channel_mult, source.checkpoint.ema_rate) == (32, "1,1,1,2", "0.99")
+    assert source.config_file == str(trained / "run" / "config.json")
     # equivalent spellings are no contradiction
-    args = parser.parse_args(["--attention_resolutions", "8, 16"])
-    script_util.apply_run_config(args, str(trained / "run"), {"attention_resolutions"})
+    args = parser.parse_args(["--model_dir", str(trained / "run"), "--attention_resolutions", "8, 16"])
+    resolve_model(build(CheckpointSettings, args), build(ModelSettings, args), {"attention_resolutions"})
     model, diffusion, path = script_util.load_model_from_dir(str(trained / "run"), ema=True, model_num=1)
     assert path.endswith("ema_0.99_000001.pt") and not model.training
     assert model.image_size == 32 and diffusion.num_timesteps == 1000
@@ -150,7 +156,7 @@ def test_resume_checks_config_json(trained, tmp_path, monkeypatch, capsys):
               "--resume_checkpoint", "auto", max_steps=3)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "--num_channels 64 (config.json: 32)" in err and "OPENAI_LOGDIR" in err
+    assert "--num_channels 64 (config.json: 32)" in err and "another --output" in err
     # runtime flags may change on resume (activation checkpointing here)
     assert train(run, trained / "data", monkeypatch, "--unet_ver", "v2", "--use_checkpoint", "True",
                  "--resume_checkpoint", "auto", max_steps=3) == 3
@@ -187,7 +193,7 @@ def test_alias_script_trains_the_variant_with_its_hae_blocks(trained, tmp_path, 
     without_hae = set(script_util.create_model_and_diffusion(**plain)[0].state_dict())
     assert len(keys - without_hae) > 50  # the HAE blocks' weights (conv and transformer branches)
     text = (REPO / "scripts" / "train_hae_v2_conservative.py").read_text()
-    assert 'main(unet_ver="hae_v2_conservative")' in text
+    assert 'unet_ver="hae_v2_conservative"' in text
 
 
 def test_translation_sweeps_leftovers_at_start(trained, tmp_path, monkeypatch):
@@ -198,7 +204,7 @@ def test_translation_sweeps_leftovers_at_start(trained, tmp_path, monkeypatch):
     for p in stale:
         p.write_bytes(b"half")
     monkeypatch.setenv("OPENAI_LOGDIR", str(out))
-    translation.main((f"--data_dir {trained / 'data'} --model_dir {trained / 'run'} --w 2 --forward_steps 1 "
+    evaluate.main((f"--data_dir {trained / 'data'} --model_dir {trained / 'run'} --w 2 --forward_steps 1 "
                       "--batch_size 4 --num_batches 1 --batch_size_val 4 --num_batches_val 1 --num_panels 0 "
                       "--progress False").split())
     assert not any(p.exists() for p in stale)
@@ -233,7 +239,7 @@ def test_wait_policy_is_passive_before_torch_loads_and_the_user_wins():
 
 def test_classifier_training_records_its_kind_and_loads_from_it(trained, tmp_path, monkeypatch, capsys):
     from guided_diffusion.script_util import classifier_and_diffusion_defaults
-    from guided_diffusion.training import classifier_cli
+    from guided_diffusion.commands import train_classifier as classifier_cli
 
     run = tmp_path / "clf"
     monkeypatch.setenv("OPENAI_LOGDIR", str(run))

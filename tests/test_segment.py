@@ -22,11 +22,11 @@ from guided_diffusion import metrics as M
 from guided_diffusion.data import nifti
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.data.loaders import normalise_slice
-from guided_diffusion.evaluation.volumes import cli as seg_cli
+from guided_diffusion.commands import segment as seg_cli
 from guided_diffusion.evaluation.volumes import report as seg_report
 from guided_diffusion.evaluation.volumes import run as seg_run
 from guided_diffusion.evaluation.volumes import subject as seg_subject
-from guided_diffusion.methods import base
+from guided_diffusion.methods import base, registry
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,8 +285,10 @@ def _hyper_file(tmp_path: Path) -> Path:
     return path
 
 
-def _argv(model_dir: Path, out: Path, *inputs, extra=()) -> list:
-    return (["--model_dir", str(model_dir), "--w", "2", "--forward_steps", "2", "--modality", "0", "3",
+def _argv(model_dir: Path, out: Path, *inputs, extra=(), anofpdm: bool = True) -> list:
+    """The segment command's flags for a tiny model (AnoFPDM's own flags unless ``anofpdm`` is False)."""
+    method = ["--w", "2", "--forward_steps", "2"] if anofpdm else []
+    return (["--model_dir", str(model_dir), *method, "--modality", "0", "3",
              "--batch_size", "4", "--output", str(out), "--progress", "False", "--overlay_slices", "2"]
             + _tiny_flags() + ["--input", *map(str, inputs)] + list(extra))
 
@@ -486,27 +488,28 @@ def test_validation_pass_is_run_once_and_reused(tmp_path, model_dir, monkeypatch
     out = tmp_path / "out"
     argv = _argv(model_dir, out, src / "S00", src / "S01", extra=[
         "--data_dir", str(tmp_path / "pre"), "--batch_size_val", "4", "--num_batches_val", "-1"])
-    from guided_diffusion.evaluation import translation
+    from guided_diffusion.commands import evaluate
+    from guided_diffusion.evaluation.driver import Evaluation
 
     computed = []  # validation batches computed (not reused) by each run
-    real = translation.Translation.validation
+    real = Evaluation.validation
 
     def spy(self):
         hyper = real(self)
         computed.append(self.summary["computed"]["val"])
         return hyper
 
-    monkeypatch.setattr(translation.Translation, "validation", spy)
+    monkeypatch.setattr(Evaluation, "validation", spy)
     assert seg_cli.main(argv) == 0
     hyper = json.loads((out / seg_run.VALIDATION_DIR / "hyperparams.json").read_text())
     assert hyper["n_val"] == 6 and len(hyper["diff_max"]) == 2  # one val subject, 6 brain slices
     record = json.loads((out / f"S00{seg_subject.RECORD_SUFFIX}").read_text())
     assert record["hyperparams"] == hyper and "validation pass" in record["hyperparams_source"]
     assert seg_cli.main(argv) == 0 and computed == [2, 0]  # the second run reuses the validation batches
-    # the same hyper-parameters as translation's validation pass with the same flags
+    # the same hyper-parameters as the evaluation's validation pass with the same flags
 
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "translation"))
-    translation.main(["--data_dir", str(tmp_path / "pre"), "--model_dir", str(model_dir), "--w", "2",
+    evaluate.main(["--data_dir", str(tmp_path / "pre"), "--model_dir", str(model_dir), "--w", "2",
                       "--forward_steps", "2", "--modality", "0", "3", "--batch_size", "4", "--num_batches", "1",
                       "--batch_size_val", "4", "--num_batches_val", "-1", "--num_panels", "0", "--progress", "False",
                       *_tiny_flags()])
@@ -548,7 +551,7 @@ class _OracleMethod(base.SliceMethod):
     name = "oracle_test"
 
     @classmethod
-    def from_args(cls, args, device):
+    def build(cls, s, device):
         return cls()
 
     def settings(self):
@@ -572,7 +575,7 @@ class _OracleMethod(base.SliceMethod):
 def test_oracle_method_lands_on_the_lesion_voxels(tmp_path, model_dir, monkeypatch):
     """End to end through real files on the rotated, anisotropic grid: a method whose slice-space mask is the
     planted lesion gives a NIfTI mask on the lesion's voxels, lesion volume and 3-D Dice to match."""
-    monkeypatch.setitem(base.METHODS, "oracle_test", _OracleMethod)
+    monkeypatch.setitem(registry.METHODS, "oracle_test", _OracleMethod)
     src = tmp_path / "raw"
     vols = {m: np.zeros(SHAPE, np.float32) for m in pp.MODALITIES}
     for v in vols.values():
@@ -585,7 +588,8 @@ def test_oracle_method_lands_on_the_lesion_voxels(tmp_path, model_dir, monkeypat
         _save(src / "P" / f"P_{m}.nii.gz", v)
     _save(src / "P" / "P_seg.nii.gz", seg, dtype=np.uint8)
     out = tmp_path / "out"
-    assert seg_cli.main(_argv(model_dir, out, src, extra=["--method", "oracle_test", "--num_batches_val", "0"])) == 0
+    assert seg_cli.main(_argv(model_dir, out, src, anofpdm=False,
+                              extra=["--method", "oracle_test", "--num_batches_val", "0"])) == 0
     record = json.loads((out / f"P{seg_subject.RECORD_SUFFIX}").read_text())
     mask = np.asanyarray(nib.load(str(out / f"P{seg_subject.MASK_SUFFIX}")).dataobj).astype(bool)
     box = seg.astype(bool)
@@ -617,7 +621,7 @@ def test_a_baseline_method_through_the_same_command(tmp_path):
     _write_subject(src, "A", 0)
     hyper = tmp_path / "h.json"
     hyper.write_text(json.dumps({"threshold": 0.05, "source": "test"}))
-    argv = _argv(tmp_path / "m", tmp_path / "out", src, extra=[
+    argv = _argv(tmp_path / "m", tmp_path / "out", src, anofpdm=False, extra=[
         "--method", "anoddpm", "--sample_steps", "2", "--hyperparams_file", str(hyper)])
     argv[argv.index("--unet_ver") + 1] = "v1"
     argv[argv.index("--num_classes") + 1] = "0"
@@ -642,7 +646,7 @@ def test_config_launcher(tmp_path, model_dir):
     assert record["settings"]["forward_steps"] == 2 and record["settings"]["w"] == 2.0
     missing = subprocess.run(["bash", str(REPO / "config" / "run_segment.sh")], env={**env, "MODEL_DIR": "/nope"},
                              cwd="/", capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 1 and "MODEL_DIR=/nope" in missing.stderr
+    assert missing.returncode == 2 and "--model_dir '/nope' is not a folder" in missing.stderr
     # a training folder with config.json gets no model flags from the launcher (DRY_RUN prints the command)
     from guided_diffusion import fileio
 
@@ -651,7 +655,8 @@ def test_config_launcher(tmp_path, model_dir):
                          env={**env, "MODEL_DIR": str(tmp_path), "DRY_RUN": "1", "NUM_GPUS": "2", "NNODES": "2"},
                          timeout=60)
     assert dry.returncode == 0, dry.stderr
-    assert "--nnodes 2" in dry.stdout and "--nproc-per-node 2" in dry.stdout and "scripts/segment.py" in dry.stdout
+    assert "--nnodes 2" in dry.stdout and "--nproc-per-node 2" in dry.stdout
+    assert "-m guided_diffusion segment --preset brats-anofpdm-hae_v2_conservative" in dry.stdout
     assert "--image_size" not in dry.stdout and f"--model_dir {tmp_path}" in dry.stdout
 
 

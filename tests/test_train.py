@@ -21,7 +21,7 @@ from guided_diffusion.script_util import create_model_and_diffusion, model_and_d
 from guided_diffusion.training.train_util import TrainLoop, get_rng_state, iterate_from, parse_ema_rates, parse_resume_step
 
 REPO = Path(__file__).resolve().parents[1]
-from guided_diffusion.training import train_cli as train_script  # noqa: E402
+from guided_diffusion.commands import train as train_script  # noqa: E402
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16,8",
             channel_mult="1,1,1,2", in_channels=4, num_classes=2)
@@ -224,15 +224,16 @@ def cli_error(capsys, argv) -> str:
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--unet_ver", "v3"], "unknown --unet_ver 'v3'; valid: v2, hae, hae_lite, hae_v2, hae_v2_conservative"),
+        (["--unet_ver", "v3"], "--unet_ver: invalid choice: 'v3' (choose from 'v2', 'hae', 'hae_lite', "
+                               "'hae_v2', 'hae_v2_conservative', 'v1')"),
         (["--data_dir", ""], "--data_dir is required"),
         (["--data_dir", "/nonexistent/data"], "--data_dir /nonexistent/data does not exist"),
-        (["--w", "1", "two"], "--w takes guidance weights"),
+        (["--w", "1", "two"], "argument --w: invalid value 'two'"),
         (["--threshold", "-1"], "needs 0 < threshold <= 1"),
-        (["--sample_shape", "12", "3", "32", "32"], "must match --in_channels 4"),
-        (["--precision", "fp8"], "--precision must be one of fp32, bf16, fp16"),
+        (["--sample_shape", "12", "3", "32", "32"], "must match the model's 4 channels and 32 px"),
+        (["--precision", "fp8"], "--precision: invalid choice: 'fp8' (choose from 'fp32', 'bf16', 'fp16')"),
         (["--ema_rate", "1.5"], "--ema_rate values must lie in [0, 1)"),
-        (["--noise_type", "perlin"], "--noise_type 'perlin' is not known"),
+        (["--noise_type", "perlin"], "--noise_type: invalid choice: 'perlin' (choose from 'gaussian', 'simplex')"),
     ],
 )
 def test_bad_flags_give_clear_errors(capsys, tmp_path, extra, message):
@@ -241,16 +242,15 @@ def test_bad_flags_give_clear_errors(capsys, tmp_path, extra, message):
 
 
 def test_flag_parsing_and_normalisation(tmp_path):
-    parser = train_script.create_argparser()
-    args = parser.parse_args(["--data_dir", str(tmp_path), "--w", "1", "1.8,2", "3", "--use_fp16", "True",
-                              "--in_channels", "4", "--image_size", "128", "--batch_size", "28"])
-    train_script.check_args(args, world_size=2)
-    assert args.w == [1.0, 1.8, 2.0, 3.0]
-    assert args.precision == "fp16" and args.use_fp16 is False
-    assert args.sample_shape == [12, 4, 128, 128]
-    assert args.class_cond is True
+    settings, _ = train_script.parse(["--data_dir", str(tmp_path), "--w", "1", "1.8,2", "3", "--use_fp16", "True",
+                                      "--in_channels", "4", "--image_size", "128", "--batch_size", "28"], world=2)
+    assert settings.training.w == [1.0, 1.8, 2.0, 3.0]
+    assert settings.loop.precision == "fp16" and settings.model.use_fp16 is False
+    assert settings.sample_shape == [12, 4, 128, 128]
+    assert settings.model.class_cond is True and settings.label_drop == 0.1
     with pytest.raises(ValueError, match="--batch_size 28 .* multiple of the number of processes \\(3\\)"):
-        train_script.check_args(parser.parse_args(["--data_dir", str(tmp_path), "--batch_size", "28"]), world_size=3)
+        train_script.parse(["--data_dir", str(tmp_path), "--batch_size", "28", "--in_channels", "4",
+                            "--image_size", "128"], world=3)
 
 
 # -- two processes, gloo ---------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def test_train_script_end_to_end_with_auto_resume(tmp_path, monkeypatch):
     assert sorted(os.listdir(run / "images")) == ["000002_1.0.png", "000002_2.0.png", "000003_1.0.png",
                                                   "000003_2.0.png", "real_brats_train.png"]
     log = (run / "log.txt").read_text()
-    assert "resuming from" in log and "model000002.pt" in log and "Model params" in log
+    assert "resuming from" in log and "model000002.pt" in log and "M parameters" in log
     rows = (run / "progress.csv").read_text().splitlines()
     assert len(rows) == 4  # header + 3 steps, appended across the two runs
 
@@ -415,11 +415,15 @@ def test_config_script_runs_on_cpu_with_torchrun_on_its_port(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "running on the CPU with 2 process" in proc.stderr
-    assert f"--master-port {port}" in proc.stderr and "scripts/train_hae_v2_conservative.py" in proc.stderr
+    assert f"--master-port {port}" in proc.stderr
+    assert "-m guided_diffusion train --preset brats-anofpdm-hae_v2_conservative" in proc.stderr
     assert (tmp_path / "run" / "model000001.pt").exists()
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert settings["command"] == "train" and settings["preset"] == "brats-anofpdm-hae_v2_conservative"
+    s = settings["settings"]
+    assert (s["model"]["unet_ver"], s["model"]["use_hae"], s["loop"]["batch_size"]) == ("hae_v2_conservative", True, 2)
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert "'unet_ver': 'hae_v2_conservative'" in log and "'batch_size': 2" in log and "'use_hae': True" in log
-    assert f"process group: gloo, rendezvous localhost:{port}" in log and "2 process(es)" in log
+    assert f"process group gloo at localhost:{port}" in log and "2 process(es)" in log
     assert not [f for f in os.listdir(tmp_path / "run") if "rank" in f]  # only rank 0 writes
 
 
@@ -427,7 +431,7 @@ def test_config_script_runs_on_cpu_with_torchrun_on_its_port(tmp_path):
 def test_config_scripts_are_valid_bash(config):
     assert subprocess.run(["bash", "-n", str(config)]).returncode == 0
     text = config.read_text()
-    assert "_launch_train.sh" in text and "MASTER_PORT" in text
+    assert "_launch.sh" in text and "MASTER_PORT" in text and "PRESET=" in text
 
 
 # --- gaps found by mutation testing (bench/mutation.py --module train_util) ---

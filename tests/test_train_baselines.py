@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from guided_diffusion import logger
-from guided_diffusion.training import classifier_cli
-from guided_diffusion.training import train_cli
+from guided_diffusion.commands import train as train_cli
+from guided_diffusion.commands import train_classifier as classifier_cli
 from test_train import TINY_FLAGS, write_npz_dataset
 
 CLF_FLAGS = ["--image_size", "32", "--in_channels", "4", "--classifier_width", "32", "--classifier_depth", "1",
@@ -56,7 +56,7 @@ def test_train_classifier_end_to_end_with_validation_and_auto_resume(data, run_d
         assert 0 <= float(row["acc"]) <= 1 and float(row["loss"]) > 0 and float(row["val_loss"]) > 0
         assert float(row["val_acc"]) * 4 == round(float(row["val_acc"]) * 4)  # 2 val batches of 2 slices
     log = (run_dir / "log.txt").read_text()
-    assert "resuming from" in log and "Classifier params" in log
+    assert "resuming from" in log and "M parameters" in log
     assert (run_dir / "images" / "real_brats_clf_train.png").exists()
     # the checkpoint is a plain state_dict of the classifier the flags describe
     from guided_diffusion.script_util import classifier_and_diffusion_defaults, create_classifier_and_diffusion
@@ -77,14 +77,14 @@ def cli_error(capsys, main, argv) -> str:
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--classifier_use_fp16", "True", "--precision", "bf16"], "--classifier_use_fp16 True asks for fp16 but --precision is bf16"),
+        (["--classifier_use_fp16", "True", "--precision", "bf16"], "--classifier_use_fp16 true asks for fp16 but --precision is bf16"),
         (["--out_channels", "1"], "out_channels (number of classes) >= 2"),
-        (["--mixed", "False"], "the classifier needs both classes: --mixed True"),
+        (["--mixed", "False"], "the classifier needs both classes: --mixed true"),
         (["--iterations", "0"], "--iterations must be >= 1"),
-        (["--noised", "False", "--schedule_sampler", "loss-second-moment"], "--noised False trains on clean inputs"),
-        (["--unet_ver", "v2"], "no other classifier is offered"),
+        (["--noised", "False", "--schedule_sampler", "loss-second-moment"], "--noised false trains on clean inputs"),
+        (["--unet_ver", "v2"], "--unet_ver: invalid choice: 'v2' (choose from 'v1')"),
         (["--image_size", "48"], "image_size 48 is not one of"),
-        (["--batch_size", "0"], "--batch_size 0 (global) must be a positive multiple"),
+        (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
     ],
 )
 def test_classifier_bad_flags_give_clear_errors(capsys, data, extra, message):
@@ -95,13 +95,13 @@ def test_classifier_bad_flags_give_clear_errors(capsys, data, extra, message):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--noise_type", "foo"], "--noise_type 'foo' is not known; use one of gaussian, simplex"),
+        (["--noise_type", "foo"], "--noise_type: invalid choice: 'foo' (choose from 'gaussian', 'simplex')"),
         (["--unet_ver", "v1", "--clf_free", "False", "--threshold", "0.1"],
-         "--clf_free False trains a plain class-conditional model"),
-        (["--clf_free", "False"], "--clf_free False (a plain class-conditional model, the classifier-guided DM) exists "
+         "--clf_free false trains a plain class-conditional model"),
+        (["--clf_free", "False"], "--clf_free false (a plain class-conditional model, the classifier-guided DM) exists "
                                   "for --unet_ver v1 only"),
         (["--num_classes", "0", "--threshold", "0.2"], "--num_classes 0 trains an unconditional model"),
-        (["--use_fp16", "True", "--precision", "bf16"], "--use_fp16 True asks for fp16"),
+        (["--use_fp16", "True", "--precision", "bf16"], "--use_fp16 true asks for fp16"),
     ],
 )
 def test_diffusion_baseline_bad_flags_give_clear_errors(capsys, tmp_path, extra, message):
@@ -110,13 +110,12 @@ def test_diffusion_baseline_bad_flags_give_clear_errors(capsys, tmp_path, extra,
 
 
 def test_threshold_defaults_follow_the_kind_of_model(tmp_path):
-    parser = train_cli.create_argparser()
     cases = [([], 0.1), (["--unet_ver", "v1", "--clf_free", "False"], -1.0), (["--num_classes", "0"], -1.0),
              (["--threshold", "0.3"], 0.3)]
     for extra, expected in cases:
-        args = parser.parse_args(["--data_dir", str(tmp_path), *extra])
-        train_cli.check_args(args)
-        assert args.threshold == expected, extra
+        settings, _ = train_cli.parse(["--data_dir", str(tmp_path), "--in_channels", "4", "--image_size", "32",
+                                       *extra])
+        assert settings.label_drop == expected, extra
 
 
 def test_anoddpm_healthy_only_v1_with_simplex_noise(tmp_path, run_dir):
@@ -158,4 +157,6 @@ def test_plain_class_conditional_v1_uses_the_label(tmp_path, run_dir):
     assert "vb" in rows[0] and "mse" in rows[0]  # learn_sigma: MSE + VB
     assert sorted(p.name for p in (run_dir / "images").iterdir()) == [
         "000001.png", "000002.png", "000003.png", "real_brats_train.png"]  # plain conditional: no guidance weight
-    assert "'threshold': -1.0" in (run_dir / "log.txt").read_text()
+    import json
+
+    assert json.loads((run_dir / "config.json").read_text())["training"]["threshold"] == -1.0  # no label drop

@@ -7,7 +7,6 @@ fixed list of (t, weight) row by row, and a diffusion whose noise is a fixed fun
 import copy
 
 import numpy as np
-import pytest
 import torch
 
 from guided_diffusion.diffusion.resample import ScheduleSampler

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import script_util
-from guided_diffusion.evaluation import translation
+from guided_diffusion.commands import evaluate
+from guided_diffusion.loading import ModelSource
 from guided_diffusion.script_util import create_gaussian_diffusion
 
 SIZE = 32
@@ -128,14 +128,14 @@ def _run(planted, tmp_path, monkeypatch, extra=""):
     diffusion = create_gaussian_diffusion(steps=1000)
     model = PlantedModel(diffusion)
     ckpt = str(planted / "model" / "model000001.pt")
-    monkeypatch.setattr(script_util, "load_model", lambda args, device: (model, diffusion, ckpt))
+    monkeypatch.setattr(ModelSource, "load", lambda self, device, warn=None: (model, diffusion, ckpt))
     log_dir = tmp_path / "logs"
     monkeypatch.setenv("OPENAI_LOGDIR", str(log_dir))
     argv = (f"--data_dir {planted / 'data'} --model_dir {planted / 'model'} --w {W} --forward_steps {len(D)} "
             "--batch_size 4 --num_batches -1 --batch_size_val 3 --num_batches_val -1 --modality 0 "
             "--image_size 32 --in_channels 1 --num_channels 32 --num_classes 2 --unet_ver v2 "
             "--num_panels 0 --progress False").split() + extra.split()
-    summary = translation.main(argv)
+    summary = evaluate.main(argv)
     # x0 is recovered exactly while the latent's noise stays under half the lattice spacing (0.3 / 2); at t <= 2
     # its scale is sqrt(1 - abar_2) ~ 0.019 (about 0.09 at the largest of these draws)
     assert model.max_snap < 0.15, "the planted model could not recover x0 from the latent"
@@ -217,12 +217,13 @@ def test_planted_model_gives_the_known_metrics(planted, tmp_path, monkeypatch):
 
 
 def test_null_encoding_is_the_default_and_false_stays_reachable(planted):
-    parser = translation.create_argparser()
-    base = f"--data_dir {planted / 'data'} --model_dir {planted / 'model'} --w 2".split()
-    args = parser.parse_args(base)
-    assert args.null is True and translation.forward_config(args).encode_null is True
-    args = parser.parse_args(base + ["--null", "False"])
-    assert translation.forward_config(args).encode_null is False
+    from guided_diffusion.methods import anofpdm as af
+
+    base = f"--data_dir {planted / 'data'} --model_dir {planted / 'model'} --w 2 --modality 0".split()
+    s = evaluate.parse(base)[0].inference
+    assert s.options.null is True and af.forward_config(s.options, s.maps.modality).encode_null is True
+    s = evaluate.parse(base + ["--null", "False"])[0].inference
+    assert af.forward_config(s.options, s.maps.modality).encode_null is False
 
 
 def test_recorded_fallback_refused_by_the_run_before_any_forward_step(planted, tmp_path, monkeypatch, capsys):

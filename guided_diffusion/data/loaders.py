@@ -102,6 +102,19 @@ def read_slice_shape(path: Path) -> Tuple[int, ...]:
     return tuple(int(n) for n in shape[1:])
 
 
+def data_shape(data_dir: str, splits: Sequence[str] = SPLITS) -> Tuple[int, int]:
+    """(channels, image size) of a preprocessed folder's slices: the first slice of the first of ``splits`` that has
+    one; a ``DataError`` naming the folder when none has."""
+    for split in splits:
+        for patient in sorted(Path(data_dir, f"npy_{split}").glob("patient_*")):
+            files = slice_paths(patient)
+            if files:
+                channels, height, _ = read_slice_shape(files[0])
+                return channels, height
+    raise DataError(f"{data_dir} holds no slices (npy_{{{','.join(splits)}}}/patient_*/slice_*.npz): preprocess "
+                    "data into it first (the preprocess command)")
+
+
 def slice_label(path: Path) -> int:
     return int((read_slice(path, ("y",))["y"] > 0.5).any())
 

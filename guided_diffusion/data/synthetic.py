@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from guided_diffusion import fileio, runtime
-from guided_diffusion.errors import UserError, entry_point
+from guided_diffusion.errors import UserError
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 BRATS_SHAPE = (240, 240, 155)
@@ -408,43 +408,3 @@ def make_synthetic_brats(
                 bar.update()
     bar.close()
     return names
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Command line (scripts/make_synthetic_brats.py)
-
-
-@entry_point
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python scripts/make_synthetic_brats.py --output DIR [--preset small] ...``; returns the exit code."""
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="make_synthetic_brats.py",
-        description="Write a BraTS-2021-like synthetic data set (flair/t1/t1ce/t2/seg NIfTI per subject) from "
-                    "nilearn's MNI152 templates. Presets: " + "; ".join(
-                        f"{n}: radius {s.radius_mm[0]:g}-{s.radius_mm[1]:g} mm, contrast {s.contrast:g}, "
-                        f"{s.lesions[0]}-{s.lesions[1]} lesion(s)" for n, s in PRESETS.items()))
-    p.add_argument("--output", required=True, help="folder for the subject folders (BraTS raw layout)")
-    p.add_argument("--num_subjects", type=int, default=24)
-    p.add_argument("--healthy_fraction", type=float, default=0.25, help="share of subjects without a tumour")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    p.add_argument("--shape", type=int, nargs=3, default=list(BRATS_SHAPE), metavar=("X", "Y", "Z"),
-                   help="volume size (default BraTS 240 240 155; smaller volumes cover the same field of view)")
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="lesion preset")
-    p.add_argument("--lesion_radius_mm", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="outer lesion radius range in mm (overrides the preset)")
-    p.add_argument("--lesion_contrast", type=float, default=None,
-                   help="lesion conspicuity, 1 = default contrasts (overrides the preset)")
-    p.add_argument("--lesions_per_subject", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="number of lesions per tumour subject, inclusive range (overrides the preset)")
-    args = p.parse_args(argv)
-    from guided_diffusion import runtime
-
-    runtime.configure_threads(args.workers)
-    lesions = lesion_settings(args.preset, args.lesion_radius_mm, args.lesion_contrast, args.lesions_per_subject)
-    names = make_synthetic_brats(args.output, num_subjects=args.num_subjects, healthy_fraction=args.healthy_fraction,
-                                 seed=args.seed, workers=args.workers, shape=tuple(args.shape), lesions=lesions)
-    print(f"{len(names)} subjects in {args.output}")
-    return 0

@@ -14,26 +14,40 @@ A classifier-free model may be given instead of an unconditional one: its null-e
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from guided_diffusion.diffusion.noise import check_noise_type
+from guided_diffusion.diffusion.noise import NOISE_TYPES, check_noise_type
+from guided_diffusion.flags import option
 from guided_diffusion.methods.base import (
     BatchContext,
     autocast_dtype,
-    conditioning_from_flags,
     has_null_embedding,
     is_class_conditional,
     model_fn,
 )
-from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model, run_counted
+from guided_diffusion.methods.reconstruction import (
+    ReconstructionMethod,
+    ReconstructionSettings,
+    check_sample_steps,
+    loaded_model,
+    run_counted,
+)
 
 
-def anoddpm_flags() -> Dict[str, Any]:
-    """Upstream ``translation_HEALTHY.py`` flags (defaults as upstream)."""
-    return dict(use_ddpm=True, noise_type="gaussian")
+@dataclass(frozen=True)
+class AnoDDPMSettings(ReconstructionSettings):
+    """AnoDDPM's flags (upstream ``translation_HEALTHY.py``'s names and defaults)."""
+
+    use_ddpm: bool = option(True, "ancestral DDPM reconstruction (upstream); false: DDIM with eta 0")
+    noise_type: str = option("gaussian", "noise of the partial noising: gaussian (AnoDDPM G) or simplex (AnoDDPM S)",
+                             choices=NOISE_TYPES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_noise_type(self.noise_type)
 
 
 def reconstruct_anoddpm(model, diffusion, x0: torch.Tensor, ctx: BatchContext, *, sample_steps: int,
@@ -55,22 +69,18 @@ def reconstruct_anoddpm(model, diffusion, x0: torch.Tensor, ctx: BatchContext, *
 
 class AnoDDPM(ReconstructionMethod):
     name = "anoddpm"
+    Settings = AnoDDPMSettings
     # upstream's AnoDDPM model: the unconditional v1 UNet (its configs pass --unet_ver v1 --num_classes 0)
-    flag_overrides = {"unet_ver": "v1", "num_classes": 0}
+    shared_defaults = {"unet_ver": "v1", "num_classes": 0}
 
     @classmethod
-    def flag_defaults(cls) -> Dict[str, Any]:
-        return {**super().flag_defaults(), **anoddpm_flags()}
-
-    @classmethod
-    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
-        super().check_args(args, grid_steps, explicit)
-        check_noise_type(args.noise_type)
-        conditioning_from_flags(args)
-        if args.class_cond and not args.clf_free:
+    def check(cls, s) -> None:
+        super().check(s)
+        m = s.source.model
+        if m.class_cond and not m.clf_free:
             raise ValueError("anoddpm reconstructs unconditionally: --num_classes 0 (the unconditional AnoDDPM model) "
-                             f"or a classifier-free model (its null prediction); got --num_classes {args.num_classes} "
-                             "--clf_free False")
+                             f"or a classifier-free model (its null prediction); got --num_classes {m.num_classes} "
+                             f"--clf_free false (from {s.source.flags_source})")
 
     def __init__(self, model: torch.nn.Module, diffusion, *, sample_steps: int, noise_type: str = "gaussian",
                  use_ddpm: bool = True, checkpoint: Optional[str] = None, precision: str = "fp32", **common: Any):
@@ -89,12 +99,11 @@ class AnoDDPM(ReconstructionMethod):
             else model_fn(model, dtype=autocast_dtype(precision))
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, device: torch.device) -> "AnoDDPM":
-        conditioning_from_flags(args)  # upstream: --num_classes 0 is the unconditional AnoDDPM model
-        model, diffusion, path = loaded_model(args, device, what="anoddpm (--model_dir)")
-        return cls(model, diffusion, sample_steps=args.sample_steps, noise_type=args.noise_type,
-                   use_ddpm=args.use_ddpm, checkpoint=path, precision=getattr(args, "precision", "fp32"),
-                   **cls.common_kwargs(args))
+    def build(cls, s, device: torch.device) -> "AnoDDPM":
+        model, diffusion, path = loaded_model(s, device, what="anoddpm (--model_dir)")
+        o = s.options
+        return cls(model, diffusion, sample_steps=o.sample_steps, noise_type=o.noise_type, use_ddpm=o.use_ddpm,
+                   checkpoint=path, precision=s.precision, **cls.common_kwargs(s))
 
     def settings(self) -> Dict[str, Any]:
         return {**self.common_settings(), "sample_steps": self.sample_steps, "noise_type": self.noise_type,

@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from guided_diffusion.errors import HyperparameterError
-from guided_diffusion.methods.postprocess import component_size, median_filter2d, remove_small_components
+from guided_diffusion.flags import option
+from guided_diffusion.methods.postprocess import median_filter2d, remove_small_components
 
 # Algorithm 1 of the paper: the quantile moves from B_QUANTILE (small divergence) to A_QUANTILE (M_te >= M_max).
 A_QUANTILE = 0.90
@@ -622,41 +623,56 @@ def segment_batch(
 from guided_diffusion.methods.base import BatchContext, SliceMethod, SliceOutput, require_classifier_free  # noqa: E402
 
 
-def anofpdm_flags() -> dict:
-    """Upstream ``translation_FPDM.py`` flags of the method (``--w``, ``--modality``, ``--t_e_ratio`` are the
-    driver's), then this project's additions."""
-    return dict(
-        forward_steps=600,
-        null=True,  # paper: encode with the null embedding (upstream's default False crashed); False: healthy label
-        d_reverse=True,
-        last_only=False,
-        subset_interval=-1,
-        use_gradient_sam=False,
-        use_gradient_para_sam=False,
-        # additions
-        ugp_mode="null",
-        legacy_ddim_encoding=False,
-        include_t_e=False,
-        quantile_a=A_QUANTILE,
-        quantile_b=B_QUANTILE,
-    )
+@dataclass(frozen=True)
+class AnoFPDMSettings:
+    """AnoFPDM's flags (upstream ``translation_FPDM.py``'s names, then this project's additions)."""
+
+    w: float = option(2.0, "guidance weight of the healthy guided prediction (paper: BraTS 2, ATLAS 30)")
+    forward_steps: int = option(600, "forward steps T (on the --timestep_respacing grid; paper: 600 of 1000)")
+    d_reverse: bool = option(True, "DDIM encoding (deterministic, \"AnoFPDM (DDIM)\"); false: DDPM q_sample")
+    null: bool = option(True, "encode with the null embedding (paper); false: healthy-conditional")
+    ugp_mode: str = option("null", "unguided prediction: null embedding (paper) or upstream's healthy-conditional "
+                           "one (reproduces upstream's numbers)", choices=UGP_MODES)
+    legacy_ddim_encoding: bool = option(False, "upstream's off-by-one DDIM encoding (reproduces upstream's numbers)")
+    last_only: bool = option(False, "aggregate only the map at t_e - 1 (the paper's S_te rows)")
+    subset_interval: int = option(-1, "aggregate every k-th step before t_e, plus t_e (<= 0: every step)")
+    include_t_e: bool = option(False, "include t_e in the aggregation window (paper Eq. 20; upstream excludes it)")
+    t_e_ratio: List[float] = option([1.0], "scale t_e before aggregating; several values give several results, the "
+                                    "first is metrics.json's", comma_list=True)
+    quantile_a: float = option(A_QUANTILE, "mask quantile for the strongest anomalies (Algorithm 1's a)")
+    quantile_b: float = option(B_QUANTILE, "mask quantile for the weakest anomalies (Algorithm 1's b)")
+    use_gradient_sam: bool = option(False, "ablation: gradient sub-anomaly maps")
+    use_gradient_para_sam: bool = option(False, "ablation: parallel-gradient sub-anomaly maps")
+
+    def __post_init__(self) -> None:
+        if self.w < 0:
+            raise ValueError(f"--w {self.w}: the guidance weight must be >= 0 (paper: BraTS 2, ATLAS 30)")
+        if self.forward_steps < 1:
+            raise ValueError(f"--forward_steps must be >= 1, got {self.forward_steps}")
+        if self.use_gradient_sam and self.use_gradient_para_sam:
+            raise ValueError("--use_gradient_sam and --use_gradient_para_sam are exclusive")
+        if not self.t_e_ratio or any(not r > 0 for r in self.t_e_ratio):
+            raise ValueError(f"--t_e_ratio values must be > 0 (1: t_e as found), got {list(self.t_e_ratio)}")
+        if not 0 <= self.quantile_a <= self.quantile_b <= 1:
+            raise ValueError(f"need 0 <= --quantile_a ({self.quantile_a}) <= --quantile_b ({self.quantile_b}) <= 1")
 
 
-def forward_config_from_args(args) -> ForwardConfig:
-    sub = "gradient" if args.use_gradient_sam else ("gradient_para" if args.use_gradient_para_sam else "input")
+def forward_config(o: AnoFPDMSettings, modality: Sequence[int]) -> ForwardConfig:
+    """The forward loop's options from AnoFPDM's settings and the map's channels."""
+    sub = "gradient" if o.use_gradient_sam else ("gradient_para" if o.use_gradient_para_sam else "input")
     return ForwardConfig(
-        w=args.w,
-        forward_steps=args.forward_steps,
-        modality=list(args.modality),
-        ddim=args.d_reverse,
-        ugp_mode=args.ugp_mode,
-        encode_null=args.null,
-        legacy_ddim_encoding=args.legacy_ddim_encoding,
+        w=o.w,
+        forward_steps=o.forward_steps,
+        modality=list(modality),
+        ddim=o.d_reverse,
+        ugp_mode=o.ugp_mode,
+        encode_null=o.null,
+        legacy_ddim_encoding=o.legacy_ddim_encoding,
         sub_anomaly=sub,
-        last_only=args.last_only,
-        interval=args.subset_interval if args.subset_interval > 0 else 1,
-        include_end=args.include_t_e,
-        store_maps=any(r != 1 for r in args.t_e_ratio),
+        last_only=o.last_only,
+        interval=o.subset_interval if o.subset_interval > 0 else 1,
+        include_end=o.include_t_e,
+        store_maps=any(r != 1 for r in o.t_e_ratio),
     )
 
 
@@ -669,6 +685,7 @@ class AnoFPDM(SliceMethod):
     uses_pixel_labels = False
     variant_key = "t_e_ratio"
     caption_columns = ("end_step",)
+    Settings = AnoFPDMSettings
 
     def __init__(
         self,
@@ -699,36 +716,23 @@ class AnoFPDM(SliceMethod):
         self.process = ForwardProcess(model, diffusion, cfg, autocast_dtype(precision))
 
     @classmethod
-    def flag_defaults(cls) -> dict:
-        return anofpdm_flags()
+    def check(cls, s) -> None:
+        o = s.options
+        require_classifier_free(s.source.model, "AnoFPDM", f" (from {s.source.flags_source})")
+        if o.forward_steps > s.grid_steps:
+            raise ValueError(f"--forward_steps must lie in [1, {s.grid_steps}] (the diffusion's steps"
+                             f"{', respaced' if s.source.model.timestep_respacing else ''}), got {o.forward_steps}")
+        forward_config(o, s.maps.modality).validate(s.source.model.in_channels)
 
     @classmethod
-    def check_args(cls, args, grid_steps: int, explicit: Optional[set] = None) -> None:
-        require_classifier_free(args, "AnoFPDM")
-        if args.w < 0:
-            raise ValueError(f"--w {args.w}: pass the guidance weight (>= 0; paper: BraTS 2, ATLAS 30). Upstream's "
-                             "default -1 silently disabled guidance")
-        if args.forward_steps < 1 or args.forward_steps > grid_steps:
-            raise ValueError(f"--forward_steps must lie in [1, {grid_steps}] (the diffusion's steps"
-                             f"{', respaced' if args.timestep_respacing else ''}), got {args.forward_steps}")
-        if args.use_gradient_sam and args.use_gradient_para_sam:
-            raise ValueError("--use_gradient_sam and --use_gradient_para_sam are exclusive")
-        if any(not r > 0 for r in args.t_e_ratio):
-            raise ValueError(f"--t_e_ratio values must be > 0 (1: t_e as found), got {list(args.t_e_ratio)}")
-        if not 0 <= args.quantile_a <= args.quantile_b <= 1:
-            raise ValueError(f"need 0 <= --quantile_a ({args.quantile_a}) <= --quantile_b ({args.quantile_b}) <= 1")
-        forward_config_from_args(args).validate(args.in_channels)
+    def build(cls, s, device: torch.device) -> "AnoFPDM":
+        from guided_diffusion import logger
 
-    @classmethod
-    def from_args(cls, args, device: torch.device) -> "AnoFPDM":
-        from guided_diffusion import script_util  # model loading (tests may replace it)
-
-        require_classifier_free(args, "AnoFPDM")
-        model, diffusion, path = script_util.load_model(args, device)
-        cc = component_size(args.cc_filter_size, args.image_size)
-        return cls(model, diffusion, forward_config_from_args(args), checkpoint=path, t_e_ratio=args.t_e_ratio,
-                   median_kernel=args.median_kernel, cc_max_size=cc, a=args.quantile_a,
-                   b=args.quantile_b, precision=args.precision, dataset=args.name)
+        o = s.options
+        model, diffusion, path = s.source.load(device, warn=logger.warn)
+        return cls(model, diffusion, forward_config(o, s.maps.modality), checkpoint=path, t_e_ratio=o.t_e_ratio,
+                   median_kernel=s.maps.kernel, cc_max_size=s.component_size, a=o.quantile_a, b=o.quantile_b,
+                   precision=s.precision, dataset=s.dataset)
 
     def settings(self) -> dict:
         c = self.cfg

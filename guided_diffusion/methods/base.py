@@ -1,27 +1,21 @@
-"""The interface of a slice method behind the evaluation driver, the registry of methods, and what they share.
+"""The interface of a slice method behind the evaluation driver, and what methods share to call their models.
 
 A *slice method* turns a batch of 2-D slices into an anomaly map, a post-processed binary mask and a predicted
 slice label, after fitting its hyper-parameters on validation slices. The evaluation driver
-(``guided_diffusion/evaluation/translation.py``) owns everything else: data, sharding over processes, the
-per-batch cache and its fingerprints, metrics, outputs and progress bars. A method owns its model calls.
+(``guided_diffusion/evaluation/driver.py``) owns everything else: data, sharding over processes, the per-batch cache
+and its fingerprints, metrics, outputs and progress bars. A method owns its model calls.
 
-Stable calls (other code relies on them, e.g. whole-volume NIfTI segmentation)::
+A method is built from one settings object (``methods.settings.InferenceSettings``: the model to load, the map's
+post-processing, the method's own ``Settings``), made by the command line or in code::
 
-    from guided_diffusion.methods.base import BatchContext, build_method
-    method = build_method("anoddpm", args, device)      # args: the driver's flags, see below
+    from guided_diffusion.methods.registry import build_method
+    method = build_method(settings, device)             # models loaded, in eval mode
     hyper = method.fit(records, labels, gt_masks)       # or json.load(...hyperparams.json) of an earlier run
     out = method.test_batch(x, hyper, BatchContext.for_seed(0))
     out.anomaly_map    # float32 [B, 1, H, W]
     out.mask           # bool    [B, 1, H, W], post-processed (median filter, threshold, component filter)
     out.pred_label     # int64   [B], 1 = unhealthy
     out.columns        # {name: array [B] or [B, k]}: per-slice table columns (e.g. the threshold used)
-
-``args`` is what the driver parses and checks (every method's flags, model flags from ``--model_dir/config.json``)::
-
-    from guided_diffusion.evaluation import translation
-    parser = translation.create_argparser(method="anoddpm")
-    args = parser.parse_args(argv)
-    translation.check_args(args, world_size=1, explicit=script_util.explicit_flags(parser, argv))
 
 ``x`` is float32 ``[B, C, H, W]`` in [-1, 1] (the loaders' per-slice min-max scaling) on ``device``;
 ``hyper`` is the JSON-able dict returned by ``fit`` (``hyperparams.json``). Outputs stay on ``device``.
@@ -39,22 +33,21 @@ changes a result) and by the content of the files in ``method.checkpoints()``. R
 ``ctx`` (:class:`BatchContext`), which deals the noise of a global batch out to the processes so that results do
 not depend on the number of processes.
 
-A method is registered in :data:`METHODS` (name -> ``"module:Class"``, imported on first use) or with
-:func:`register_method`; ``build_method`` calls the class's ``from_args(args, device)``.
+A method is registered in ``methods.registry.METHODS`` (name -> ``"module:Class"``, imported on first use) or with
+``register_method``; ``build_method`` calls the class's ``build(settings, device)``.
 """
 
 from __future__ import annotations
 
 import abc
-import argparse
-import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type, Union
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from guided_diffusion.diffusion.noise import check_noise_type, fractal_simplex, random_permutations
+from guided_diffusion.flags import build
 from guided_diffusion.runtime import PRECISIONS, check_precision
 
 Records = Dict[str, np.ndarray]
@@ -178,6 +171,20 @@ class SliceOutput:
 # --------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class NoSettings:
+    """A method without flags of its own."""
+
+
+@dataclass(frozen=True)
+class ResolveContext:
+    """What ``SliceMethod.resolve`` may use: the flags given on the command line or by a preset, and the model."""
+
+    given: frozenset
+    in_channels: int
+    image_size: int
+
+
 class SliceMethod(abc.ABC):
     """A segmentation method behind the evaluation driver (see the module docstring)."""
 
@@ -190,26 +197,31 @@ class SliceMethod(abc.ABC):
     #: per-slice columns shown in the panels' captions
     caption_columns: ClassVar[Sequence[str]] = ()
 
-    #: defaults of shared flags that differ for this method (applied by its entry point / ``--method``)
-    flag_overrides: ClassVar[Dict[str, Any]] = {}
+    #: the method's own flags (a frozen dataclass of ``flags.option`` fields; listed by --help for this method)
+    Settings: ClassVar[type] = NoSettings
+    #: further flag groups the method reads (e.g. the classifier's), shown for this method only
+    option_groups: ClassVar[Sequence[type]] = ()
+    #: defaults of shared flags that differ for this method (model flags for folders without config.json, --ema)
+    shared_defaults: ClassVar[Dict[str, Any]] = {}
 
     @classmethod
-    def flag_defaults(cls) -> Dict[str, Any]:
-        """The method's own command-line flags and their defaults (the driver adds them to its parser)."""
-        return {}
+    def read_settings(cls, values: Any) -> Any:
+        """The method's ``Settings`` from parsed flag values (a Namespace or mapping)."""
+        return build(cls.Settings, values)
 
     @classmethod
-    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
-        """Validate and normalise the method's flags before any model is built; a ValueError names the flag.
+    def resolve(cls, options: Any, context: "ResolveContext") -> Any:
+        """Complete the method's settings once the model is known (e.g. the classifier's folder); default: as is."""
+        return options
 
-        ``grid_steps``: steps of the diffusion grid (respaced if asked); ``explicit``: flags given on the command
-        line (for configuration files that must not be contradicted).
-        """
+    @classmethod
+    def check(cls, s: Any) -> None:
+        """Validate ``s`` (``InferenceSettings``) before any model is loaded; a ValueError names the flag."""
 
     @classmethod
     @abc.abstractmethod
-    def from_args(cls, args: argparse.Namespace, device: torch.device) -> "SliceMethod":
-        """Build the method (load its models) from command-line flags."""
+    def build(cls, s: Any, device: torch.device) -> "SliceMethod":
+        """The method with its models loaded on ``device``, from ``s`` (``InferenceSettings``)."""
 
     @abc.abstractmethod
     def settings(self) -> Dict[str, Any]:
@@ -258,40 +270,6 @@ class SliceMethod(abc.ABC):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------------------
-
-#: name -> "module:Class" (imported on first use) or the class itself
-METHODS: Dict[str, Union[str, Type[SliceMethod]]] = {
-    "anofpdm": "guided_diffusion.methods.anofpdm:AnoFPDM",
-    "anoddpm": "guided_diffusion.methods.anoddpm:AnoDDPM",
-    "clf_guided": "guided_diffusion.methods.clf_guided:ClassifierGuided",
-    "ddib": "guided_diffusion.methods.ddib:DDIB",
-}
-
-
-def register_method(name: str, cls: Union[str, Type[SliceMethod]]) -> None:
-    """Add a method to the registry (a class, or ``"module:Class"``)."""
-    METHODS[name] = cls
-
-
-def method_class(name: str) -> Type[SliceMethod]:
-    if name not in METHODS:
-        raise ValueError(f"--method {name!r} is not known; use one of {', '.join(METHODS)}")
-    entry = METHODS[name]
-    if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        entry = getattr(importlib.import_module(module), attr)
-        METHODS[name] = entry
-    return entry
-
-
-def build_method(name: str, args: argparse.Namespace, device: Union[str, torch.device]) -> SliceMethod:
-    """The method ``name`` built from the flags in ``args`` on ``device`` (models loaded, in eval mode)."""
-    return method_class(name).from_args(args, torch.device(device))
-
-
-# --------------------------------------------------------------------------------------------------------
 # Calling a model: the prediction a method asks for, as a model_fn(x, t) for the diffusion's loops
 # --------------------------------------------------------------------------------------------------------
 
@@ -301,24 +279,15 @@ def autocast_dtype(precision: str) -> Optional[torch.dtype]:
     return PRECISIONS[check_precision(precision)]
 
 
-def conditioning_from_flags(args: argparse.Namespace) -> None:
-    """Upstream's rule ``--num_classes > 0`` means class-conditional, unless config.json recorded the model."""
-    if not getattr(args, "config_recorded", False):
-        args.class_cond = args.num_classes > 0
-
-
-def require_classifier_free(args: argparse.Namespace, method: str) -> None:
-    """A ValueError naming the flags unless the flags describe a classifier-free guided model."""
-    conditioning_from_flags(args)
-    where = " (recorded in --model_dir's config.json)" if getattr(args, "config_recorded", False) else ""
-    if args.num_classes < 1 or not args.class_cond:
+def require_classifier_free(model: Any, method: str, where: str = "") -> None:
+    """A ValueError naming the flags unless ``model`` (``ModelSettings``) is a classifier-free guided model."""
+    if model.num_classes < 1 or not model.class_cond:
         raise ValueError(f"{method} needs the classifier-free guided model: --num_classes must be >= 1 (2 in the "
-                         f"configs); got --num_classes {args.num_classes} --class_cond {args.class_cond}{where}, an "
+                         f"presets); got --num_classes {model.num_classes} --class_cond {model.class_cond}{where}, an "
                          "unconditional model")
-    if not args.clf_free:
-        raise ValueError(f"{method} needs the classifier-free guided model (with a null embedding); --clf_free False"
+    if not model.clf_free:
+        raise ValueError(f"{method} needs the classifier-free guided model (with a null embedding); --clf_free false"
                          f"{where} is a plain class-conditional model")
-    args.class_cond = True
 
 
 def is_class_conditional(model: torch.nn.Module) -> bool:
@@ -387,6 +356,6 @@ def autocast_model(model: Callable[..., torch.Tensor], dtype: Optional[torch.dty
 
 
 __all__ = [
-    "BatchContext", "SliceOutput", "SliceMethod", "METHODS", "register_method", "method_class", "build_method",
-    "autocast_dtype", "autocast_model", "conditioning_from_flags", "require_classifier_free", "is_class_conditional", "has_null_embedding", "model_fn",
+    "BatchContext", "SliceOutput", "SliceMethod", "NoSettings", "ResolveContext", "autocast_dtype", "autocast_model",
+    "require_classifier_free", "is_class_conditional", "has_null_embedding", "model_fn",
 ]

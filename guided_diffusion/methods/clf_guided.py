@@ -24,29 +24,54 @@ non-EMA file) with the ``classifier_*`` flags, ``--image_size`` and ``--in_chann
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from guided_diffusion.architecture import ClassifierSettings
+from guided_diffusion.flags import build, option
+from guided_diffusion.loading import ClassifierSource, resolve_classifier
 from guided_diffusion.methods.base import (
+    ResolveContext,
     BatchContext,
     autocast_dtype,
-    conditioning_from_flags,
     has_null_embedding,
     is_class_conditional,
     model_fn,
 )
-from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model, run_counted
+from guided_diffusion.methods.reconstruction import (
+    ReconstructionMethod,
+    ReconstructionSettings,
+    check_sample_steps,
+    loaded_model,
+    run_counted,
+)
 
 HEALTHY = 0
 
 
-def clf_guided_flags() -> Dict[str, Any]:
-    """Upstream ``translation_CLF.py`` flags: the classifier's folder and step, the guidance scale (default 100)."""
-    return dict(clf_dir="", clf_num="", classifier_scale=100.0)
+@dataclass(frozen=True)
+class ClfGuidedSettings(ReconstructionSettings):
+    """Classifier-guided DDIM's flags (upstream ``translation_CLF.py``): the classifier's folder and step, the scale.
+
+    ``classifier`` holds the classifier's architecture flags (``architecture.ClassifierSettings``, shown for this
+    method only); ``source`` is filled once the classifier's folder has been read (``ClassifierGuided.resolve``).
+    """
+
+    clf_dir: str = option("", "folder of the noisy-image classifier's checkpoints (model*.pt, config.json)")
+    clf_num: str = option("", "classifier checkpoint step (default: the newest readable one)")
+    classifier_scale: float = option(100.0, "guidance scale s (upstream's configs: BraTS 1000, ATLAS 500)")
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
+    source: Optional[ClassifierSource] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.classifier_scale < 0:
+            raise ValueError(f"--classifier_scale must be >= 0, got {self.classifier_scale}")
 
 
 def model_timestep_alpha_bar(diffusion) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -99,83 +124,29 @@ def classifier_guided(model: Callable, classifier: Callable, diffusion, label: i
     return guided
 
 
-SHARED_WITH_THE_MODEL = ("image_size", "in_channels", "unet_ver")  # upstream: one flag for the DM and classifier
-
-
-def classifier_flag_defaults() -> Dict[str, Any]:
-    """The classifier's own flags (``classifier_*``, ``out_channels``); image size and channels are the data's."""
-    from guided_diffusion.script_util import classifier_defaults
-
-    return {k: v for k, v in classifier_defaults().items() if k not in SHARED_WITH_THE_MODEL}
-
-
-def classifier_flags(args: argparse.Namespace, explicit: Optional[set] = None) -> Dict[str, Any]:
-    """The flags the classifier is built from: ``--clf_dir/config.json`` (kind ``classifier``, written by
-    ``scripts/train_classifier.py``) when there is one, explicit flags that contradict it being an error; else the
-    command line (an upstream classifier folder)."""
-    from guided_diffusion import fileio
-    from guided_diffusion.script_util import classifier_defaults, config_conflicts, recorded_flags
-
-    flags = {k: getattr(args, k) for k in classifier_defaults() if k != "unet_ver"}
-    recorded = recorded_flags(args.clf_dir, "classifier")  # a RunConfigError for a folder of another kind
-    if recorded is None:
-        return flags
-    recorded = {k: recorded[k] for k in flags}
-    if explicit is not None:
-        conflicts = config_conflicts(recorded, {k: flags[k] for k in flags if k in explicit})
-        if conflicts:
-            raise fileio.RunConfigError(
-                f"{fileio.config_path(args.clf_dir)} records how the classifier in {args.clf_dir} was built, and the "
-                f"command line contradicts it: {'; '.join(conflicts)}. Drop these flags")
-    return recorded
-
-
-def load_classifier(args: argparse.Namespace, device: torch.device, explicit: Optional[set] = None):
-    """(classifier in eval mode, checkpoint path) from ``--clf_dir``/``--clf_num`` and the classifier flags."""
-    import os
-
-    from guided_diffusion import fileio
-    from guided_diffusion.script_util import create_classifier
-
-    if not args.clf_dir or not os.path.isdir(args.clf_dir):
-        raise ValueError(f"--clf_dir {args.clf_dir!r} is not a folder holding the classifier's model*.pt checkpoints")
-    flags = classifier_flags(args, explicit)
-    path = fileio.find_checkpoint(args.clf_dir, args.clf_num, flag="--clf_num")
-    classifier = create_classifier(**flags)
-    shown = " ".join(f"--{k} {v}" for k, v in flags.items())
-    fileio.load_state_dict_into(classifier, path, hint=f"the classifier flags ({shown})")
-    return classifier.to(device).eval(), path
-
-
 class ClassifierGuided(ReconstructionMethod):
     name = "clf_guided"
+    Settings = ClfGuidedSettings
+    option_groups = (ClassifierSettings,)
     # upstream's guided DM: v1, class-conditional without a null embedding, learned sigma; EMA weights by default
-    flag_overrides = {"unet_ver": "v1", "clf_free": False, "learn_sigma": True, "ema": True}
+    shared_defaults = {"unet_ver": "v1", "clf_free": False, "learn_sigma": True, "ema": True}
 
     @classmethod
-    def flag_defaults(cls) -> Dict[str, Any]:
-        return {**super().flag_defaults(), **clf_guided_flags(), **classifier_flag_defaults()}
+    def read_settings(cls, values: Any) -> ClfGuidedSettings:
+        return build(ClfGuidedSettings, values, classifier=build(ClassifierSettings, values))
 
     @classmethod
-    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
-        import os
+    def resolve(cls, options: ClfGuidedSettings, context: ResolveContext) -> ClfGuidedSettings:
+        source = resolve_classifier(options.clf_dir, options.clf_num, options.classifier, set(context.given),
+                                    (context.in_channels, context.image_size))
+        return dataclasses.replace(options, classifier=source.settings, source=source)
 
-        super().check_args(args, grid_steps, explicit)
-        if not args.clf_dir or not os.path.isdir(args.clf_dir):
-            raise ValueError(f"--clf_dir {args.clf_dir!r} is not a folder holding the classifier's model*.pt "
-                             "checkpoints (scripts/train_classifier.py writes them)")
-        if args.classifier_scale < 0:
-            raise ValueError(f"--classifier_scale must be >= 0, got {args.classifier_scale}")
-        flags = classifier_flags(args, explicit)  # config.json of the classifier, if any
-        for k in ("image_size", "in_channels"):
-            if flags[k] != getattr(args, k):
-                raise ValueError(f"the classifier in --clf_dir {args.clf_dir} was built for --{k} {flags[k]}, the "
-                                 f"diffusion model and data use {getattr(args, k)}")
-        for k in classifier_flag_defaults():
-            setattr(args, k, flags[k])
-        conditioning_from_flags(args)
-        if flags["out_channels"] < 2:
-            raise ValueError(f"--out_channels (the classifier's classes) must be >= 2, got {flags['out_channels']}")
+    @classmethod
+    def check(cls, s) -> None:
+        super().check(s)
+        if s.options.classifier.out_channels < 2:
+            raise ValueError(f"--out_channels (the classifier's classes) must be >= 2, got "
+                             f"{s.options.classifier.out_channels}")
 
     def __init__(self, model: torch.nn.Module, diffusion, classifier: torch.nn.Module, *, sample_steps: int,
                  classifier_scale: float, checkpoints: Optional[List[str]] = None, precision: str = "fp32",
@@ -196,16 +167,17 @@ class ClassifierGuided(ReconstructionMethod):
         self._fn = classifier_guided(base, classifier, diffusion, healthy_label, self.classifier_scale)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, device: torch.device) -> "ClassifierGuided":
-        conditioning_from_flags(args)
-        model, diffusion, path = loaded_model(args, device, what="clf_guided diffusion model (--model_dir)")
+    def build(cls, s, device: torch.device) -> "ClassifierGuided":
+        o = s.options
+        model, diffusion, path = loaded_model(s, device, what="clf_guided diffusion model (--model_dir)")
         try:
-            classifier, clf_path = load_classifier(args, device)
+            if o.source is None:
+                raise ValueError("the classifier's folder was not read (ClassifierGuided.resolve)")
+            classifier, clf_path = o.source.load(device)
         except (FileNotFoundError, RuntimeError, ValueError) as e:
             raise type(e)(f"clf_guided classifier (--clf_dir): {e}") from None
-        return cls(model, diffusion, classifier, sample_steps=args.sample_steps,
-                   classifier_scale=args.classifier_scale, checkpoints=[path, clf_path],
-                   precision=getattr(args, "precision", "fp32"), **cls.common_kwargs(args))
+        return cls(model, diffusion, classifier, sample_steps=o.sample_steps, classifier_scale=o.classifier_scale,
+                   checkpoints=[path, clf_path], precision=s.precision, **cls.common_kwargs(s))
 
     def settings(self) -> Dict[str, Any]:
         return {**self.common_settings(), "sample_steps": self.sample_steps,

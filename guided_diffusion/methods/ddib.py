@@ -18,11 +18,12 @@ step, so the flag matters for reproducing old numbers mostly there.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
 
+from guided_diffusion.flags import option
 from guided_diffusion.methods.base import (
     BatchContext,
     autocast_dtype,
@@ -31,13 +32,29 @@ from guided_diffusion.methods.base import (
     model_fn,
     require_classifier_free,
 )
-from guided_diffusion.methods.reconstruction import ReconstructionMethod, check_sample_steps, loaded_model, run_counted
+from guided_diffusion.methods.reconstruction import (
+    ReconstructionMethod,
+    ReconstructionSettings,
+    check_sample_steps,
+    loaded_model,
+    run_counted,
+)
 
 HEALTHY = 0
 
 
-def ddib_flags() -> Dict[str, Any]:
-    return dict(legacy_ddib=False)
+@dataclass(frozen=True)
+class DDIBSettings(ReconstructionSettings):
+    """DDIB's flags (upstream ``translation_DDIB.py``)."""
+
+    w: float = option(1.1, "healthy guidance weight of the decoding (upstream: BraTS 1.1, ATLAS 1.3)")
+    legacy_ddib: bool = option(False, "upstream's inversion: the input as the step-0 latent, decoding one level "
+                               "below the latent (reproduces upstream's numbers)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.w < 0:
+            raise ValueError(f"--w {self.w}: the healthy guidance weight must be >= 0 (upstream BraTS 1.1, ATLAS 1.3)")
 
 
 def ddib_encode(null_model, diffusion, x0: torch.Tensor, sample_steps: int, ctx: Optional[BatchContext] = None,
@@ -60,17 +77,12 @@ def ddib_encode(null_model, diffusion, x0: torch.Tensor, sample_steps: int, ctx:
 
 class DDIB(ReconstructionMethod):
     name = "ddib"
+    Settings = DDIBSettings
 
     @classmethod
-    def flag_defaults(cls) -> Dict[str, Any]:
-        return {**super().flag_defaults(), **ddib_flags()}
-
-    @classmethod
-    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
-        super().check_args(args, grid_steps, explicit)
-        require_classifier_free(args, "ddib")
-        if args.w < 0:
-            raise ValueError(f"--w {args.w}: pass the healthy guidance weight (>= 0; upstream BraTS 1.1, ATLAS 1.3)")
+    def check(cls, s) -> None:
+        super().check(s)
+        require_classifier_free(s.source.model, "ddib", f" (from {s.source.flags_source})")
 
     def __init__(self, model: torch.nn.Module, diffusion, *, sample_steps: int, w: float, legacy_ddib: bool = False,
                  checkpoint: Optional[str] = None, precision: str = "fp32", healthy_label: int = HEALTHY,
@@ -93,11 +105,11 @@ class DDIB(ReconstructionMethod):
         self._model = autocast_model(model, dtype)  # called with cond and null rows by the guided sampler
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, device: torch.device) -> "DDIB":
-        require_classifier_free(args, "ddib")
-        model, diffusion, path = loaded_model(args, device, what="ddib (--model_dir)")
-        return cls(model, diffusion, sample_steps=args.sample_steps, w=args.w, legacy_ddib=args.legacy_ddib,
-                   checkpoint=path, precision=getattr(args, "precision", "fp32"), **cls.common_kwargs(args))
+    def build(cls, s, device: torch.device) -> "DDIB":
+        model, diffusion, path = loaded_model(s, device, what="ddib (--model_dir)")
+        o = s.options
+        return cls(model, diffusion, sample_steps=o.sample_steps, w=o.w, legacy_ddib=o.legacy_ddib, checkpoint=path,
+                   precision=s.precision, **cls.common_kwargs(s))
 
     def settings(self) -> Dict[str, Any]:
         return {**self.common_settings(), "sample_steps": self.sample_steps, "w": self.w,

@@ -16,16 +16,17 @@ classifier-guided DDIM; DDIB). As upstream (``obtain_hyperpara.get_mask_batch`` 
 from __future__ import annotations
 
 import abc
-import argparse
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from guided_diffusion.errors import HyperparameterError
+from guided_diffusion.flags import option
 from guided_diffusion.methods import threshold as thr_search
 from guided_diffusion.methods.base import BatchContext, Hyper, Records, SliceMethod, SliceOutput
-from guided_diffusion.methods.postprocess import component_size, median_filter2d, threshold_mask
+from guided_diffusion.methods.postprocess import median_filter2d, threshold_mask
 
 T = TypeVar("T")
 
@@ -54,11 +55,6 @@ def run_counted(steps: Iterable[T], ctx: Optional[BatchContext]) -> T:
     return last
 
 
-def reconstruction_flags() -> Dict[str, Any]:
-    """Flags every reconstruction method reads (upstream's names where upstream had them)."""
-    return dict(sample_steps=1000, opt_thr=-1.0, threshold_grid="0.01,0.7,0.01")
-
-
 def parse_grid(text: str) -> tuple[float, float, float]:
     try:
         start, stop, step = (float(v) for v in str(text).split(","))
@@ -68,22 +64,36 @@ def parse_grid(text: str) -> tuple[float, float, float]:
     return start, stop, step
 
 
+@dataclass(frozen=True)
+class ReconstructionSettings:
+    """The flags every reconstruction baseline reads (upstream's names where upstream had them)."""
+
+    sample_steps: int = option(1000, "S: noise to step S-1 and reconstruct from there (on the --timestep_respacing "
+                               "grid; upstream: AnoDDPM 200, DDIM clf 200, DDIB BraTS 450 / ATLAS 300 of 1000)")
+    opt_thr: float = option(-1.0, "mask threshold for a run without validation (--num_batches_val 0; -1: none)")
+    threshold_grid: str = option("0.01,0.7,0.01", "start,stop,step of the threshold search on pixel-labelled "
+                                 "validation slices (upstream's)")
+
+    def __post_init__(self) -> None:
+        if self.sample_steps < 1:
+            raise ValueError(f"--sample_steps must be >= 1, got {self.sample_steps}")
+        parse_grid(self.threshold_grid)
+
+
 class ReconstructionMethod(SliceMethod):
     """A baseline that reconstructs each slice; subclasses implement ``reconstruct`` and ``settings``."""
 
     uses_pixel_labels = True
     caption_columns = ("threshold",)
 
-    @classmethod
-    def flag_defaults(cls) -> Dict[str, Any]:
-        return reconstruction_flags()
+    Settings = ReconstructionSettings
 
     @classmethod
-    def check_args(cls, args: argparse.Namespace, grid_steps: int, explicit: Optional[set] = None) -> None:
-        if not 1 <= args.sample_steps <= grid_steps:
-            raise ValueError(f"--sample_steps must lie in [1, {grid_steps}] (the diffusion's steps"
-                             f"{', respaced' if args.timestep_respacing else ''}), got {args.sample_steps}")
-        parse_grid(args.threshold_grid)
+    def check(cls, s) -> None:
+        if s.options.sample_steps > s.grid_steps:
+            raise ValueError(f"--sample_steps must lie in [1, {s.grid_steps}] (the diffusion's steps"
+                             f"{', respaced' if s.source.model.timestep_respacing else ''}), got "
+                             f"{s.options.sample_steps}")
 
     def __init__(self, *, modality: Sequence[int], median_kernel: int = 5, cc_max_size: int = 40,
                  grid: Sequence[float] = thr_search.UPSTREAM_GRID, opt_thr: float = -1.0):
@@ -96,10 +106,10 @@ class ReconstructionMethod(SliceMethod):
         self.opt_thr = opt_thr
 
     @staticmethod
-    def common_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-        return dict(modality=list(args.modality), median_kernel=args.median_kernel,
-                    cc_max_size=component_size(getattr(args, "cc_filter_size", -1), args.image_size), grid=parse_grid(getattr(args, "threshold_grid", "0.01,0.7,0.01")),
-                    opt_thr=getattr(args, "opt_thr", -1.0))
+    def common_kwargs(s) -> Dict[str, Any]:
+        """The constructor's shared arguments from ``InferenceSettings``."""
+        return dict(modality=list(s.maps.modality), median_kernel=s.maps.kernel, cc_max_size=s.component_size,
+                    grid=parse_grid(s.options.threshold_grid), opt_thr=s.options.opt_thr)
 
     def common_settings(self) -> Dict[str, Any]:
         return {"method": self.name, "modality": self.modality, "median_kernel": self.median_kernel,
@@ -180,16 +190,16 @@ def check_sample_steps(sample_steps: int, diffusion, flag: str = "--sample_steps
                          f"is set), got {sample_steps}")
 
 
-def loaded_model(args: argparse.Namespace, device: torch.device, *, what: str):
-    """(model in eval mode, diffusion, checkpoint path) from ``--model_dir``/``--model_num``/``--ema``
-    (``script_util.load_model``); errors say which of the method's models failed."""
-    from guided_diffusion import script_util
+def loaded_model(s, device: torch.device, *, what: str):
+    """(model in eval mode, diffusion, checkpoint path) of ``s.source`` (``InferenceSettings``); errors say which of
+    the method's models failed."""
+    from guided_diffusion import logger
 
     try:
-        return script_util.load_model(args, device)
+        return s.source.load(device, warn=logger.warn)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise type(e)(f"{what}: {e}") from None
 
 
-__all__: List[str] = ["reconstruction_map", "ReconstructionMethod", "reconstruction_flags",
+__all__: List[str] = ["reconstruction_map", "ReconstructionMethod", "ReconstructionSettings",
                       "UPSTREAM_THRESHOLDS", "check_sample_steps", "loaded_model", "parse_grid", "run_counted"]

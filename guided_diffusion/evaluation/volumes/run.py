@@ -3,7 +3,6 @@ processes), the summary."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -13,7 +12,8 @@ from typing import List, Optional, Tuple
 from guided_diffusion import dist_util, fileio, logger
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.evaluation import fingerprint as fp
-from guided_diffusion.evaluation import translation
+from guided_diffusion.evaluation.driver import Evaluation, read_hyperparams
+from guided_diffusion.evaluation.settings import EvaluationSettings
 from guided_diffusion.evaluation.volumes.report import (
     CSV_COLUMNS,
     CSV_FILE,
@@ -33,7 +33,9 @@ from guided_diffusion.evaluation.volumes.subject import (
     segment_subject,
 )
 from guided_diffusion.evaluation.volumes.subjects import collect_subjects
+from guided_diffusion.evaluation.volumes.settings import SegmentSettings
 from guided_diffusion.methods import base
+from guided_diffusion.methods.registry import build_method
 
 RUN_FILE = "segment_run.json"
 
@@ -44,28 +46,33 @@ RUN_FILE = "segment_run.json"
 VALIDATION_DIR = "validation"  # the driver's validation batches and hyperparams.json (reused on a rerun)
 
 
-def resolve_hyperparams(method: base.SliceMethod, args: argparse.Namespace, out_dir: Path) -> Tuple[dict, str]:
+def resolve_hyperparams(method: base.SliceMethod, s: SegmentSettings, out_dir: Path) -> Tuple[dict, str]:
     """``(hyper-parameters, where they come from)``: ``--hyperparams_file``, or the method's recorded values with
-    ``--num_batches_val 0``, or translation's validation pass on ``--data_dir`` (the same code, slices, batches and
-    noise as a translation run with the same flags; its content-keyed batch files in ``<output>/validation/`` are
-    reused on a rerun)."""
-    driver = translation.Translation(args, method, log_dir=str(out_dir / VALIDATION_DIR))
-    if args.hyperparams_file:
-        return driver.read_hyperparams(), f"file {os.path.abspath(args.hyperparams_file)}"
-    if args.num_batches_val == 0:
-        return driver.read_hyperparams(), "recorded values (--num_batches_val 0)"
-    return driver.validation(), f"validation pass on {args.data_dir}"
+    ``--num_batches_val 0``, or the evaluation's validation pass on ``--data_dir`` (the same code, slices, batches
+    and noise as an evaluation run with the same flags; its content-keyed batch files in ``<output>/validation/``
+    are reused on a rerun)."""
+    val = s.validation
+    if val.hyperparams_file:
+        return read_hyperparams(method, val.hyperparams_file), f"file {os.path.abspath(val.hyperparams_file)}"
+    if val.num_batches_val == 0:
+        return read_hyperparams(method, ""), "recorded values (--num_batches_val 0)"
+    folder = str(out_dir / VALIDATION_DIR)
+    driver = Evaluation(EvaluationSettings(inference=s.inference, data=s.data, validation=val, output=folder,
+                                           resume=s.resume, progress=s.progress,
+                                           world_size=dist_util.get_world_size()), method, log_dir=folder)
+    return driver.validation(), f"validation pass on {s.data.data_dir}"
 
 
-def run_settings(method: base.SliceMethod, args: argparse.Namespace, hyper: dict, out_dir: Path) -> dict:
+def run_settings(method: base.SliceMethod, s: SegmentSettings, hyper: dict, out_dir: Path) -> dict:
     """Everything that determines a subject's outputs besides its input files."""
+    v = s.volumes
     return {
-        "format_version": FORMAT_VERSION, "method": args.method, "settings": method.settings(),
+        "format_version": FORMAT_VERSION, "method": s.inference.method, "settings": method.settings(),
         "checkpoints": _digests(method.checkpoints(), out_dir), "hyperparams": hyper,
-        "preprocessing": {"name": args.name, "mod": args.mod, "first": args.first, "last": args.last,
-                          "image_size": args.image_size},
-        "batch_size": args.batch_size, "seed": args.seed, "zero_healthy_slices": args.zero_healthy_slices,
-        "overlay": [args.overlay_slices, args.panel_modality],
+        "preprocessing": {"name": s.data.name, "mod": v.mod, "first": v.first, "last": v.last,
+                          "image_size": s.inference.image_size},
+        "batch_size": v.batch_size, "seed": s.inference.seed, "zero_healthy_slices": v.zero_healthy_slices,
+        "overlay": [v.overlay_slices, s.panel_modality],
     }
 
 
@@ -81,55 +88,55 @@ def _check_run_file(out_dir: Path, settings: dict, resume: bool) -> Optional[str
         if isinstance(old, dict) and old != now:
             diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
             return (f"--output {out_dir} holds results of a run with other settings (differing: {', '.join(diff)}; "
-                    f"see {path}). Use another --output, or --resume False to recompute every subject there")
+                    f"see {path}). Use another --output, or --resume false to recompute every subject there")
     fileio.write_json(path, settings)
     return None
 
 
-def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -> dict:
-    """Segment every subject of ``args`` (see the module docstring); returns the summary on rank 0 and
+def run(s: SegmentSettings, subjects: Optional[List[pp.Subject]] = None) -> dict:
+    """Segment every subject of ``s`` (see the package docstring); returns the summary on rank 0 and
     ``{"statuses": [...]}`` (this process's subjects) on the others."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     device = dist_util.dev()
-    out_dir = Path(args.output)
-    subjects = collect_subjects(args) if subjects is None else subjects
+    out_dir = Path(s.output)
+    subjects = collect_subjects(s.volumes, s.data.name) if subjects is None else subjects
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         fileio.sweep_temp_files(out_dir, warn=logger.warn)  # partial files of a killed run
     dist_util.barrier()
-    method = base.build_method(args.method, args, device)
-    hyper, source = resolve_hyperparams(method, args, out_dir)
-    logger.log(f"{args.method}: {method.describe(hyper)}")
-    settings = run_settings(method, args, hyper, out_dir)
+    method = build_method(s.inference, device)
+    hyper, source = resolve_hyperparams(method, s, out_dir)
+    logger.log(f"{s.inference.method}: {method.describe(hyper)}")
+    settings = run_settings(method, s, hyper, out_dir)
     run_key = fp.json_digest(settings)
-    problem = _check_run_file(out_dir, settings, args.resume) if rank == 0 else None
+    problem = _check_run_file(out_dir, settings, s.resume) if rank == 0 else None
     problem = dist_util.broadcast_object(problem)  # every rank stops, not only rank 0
     if problem:
         raise ValueError(problem)
     checkpoint = (method.checkpoints() or [None])[0]
-    run_info = {"device": device, "method": args.method, "settings": method.settings(), "hyperparams": hyper,
+    run_info = {"device": device, "method": s.inference.method, "settings": method.settings(), "hyperparams": hyper,
                 "hyperparams_source": source, "checkpoint": checkpoint,
                 "preprocessing": settings["preprocessing"]}
     logger.log(f"{len(subjects)} subject(s); {world} process(es); checkpoint {checkpoint}; output {out_dir}")
 
     mine = subjects[rank::world]
-    show = args.progress and rank == 0
+    show = s.progress and rank == 0
     outer = tqdm(total=len(mine), desc=f"subjects (rank 0 of {world})" if world > 1 else "subjects",
                  disable=not show, dynamic_ncols=True)
     inner = tqdm(total=0, desc="steps", leave=False, disable=not show, dynamic_ncols=True)
     statuses = []
     for subject in mine:
-        done = finished_record(out_dir, subject, run_key, overlay=args.overlay_slices > 0) if args.resume else None
+        done = finished_record(out_dir, subject, run_key, overlay=s.volumes.overlay_slices > 0) if s.resume else None
         if done is not None:
             statuses.append({"id": subject.name, "status": "skipped"})
             outer.update(1)
             continue
         outer.set_postfix_str(subject.name)
         try:
-            record = segment_subject(subject, method, hyper, args, out_dir, run_key, run_info, bar=inner)
+            record = segment_subject(subject, method, hyper, s, out_dir, run_key, run_info, bar=inner)
             statuses.append({"id": subject.name, "status": "done"})
             logger.log(f"{subject.name}: {record['slices']['n_unhealthy']} of {record['slices']['n_kept']} slices "
                        f"unhealthy, lesion {record['lesion']['ml']:.2f} ml ({record['seconds']:.1f} s)")
@@ -146,16 +153,16 @@ def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -
     inner.close()
     outer.close()
 
-    gathered = [s for part in dist_util.gather_objects(statuses) for s in part]
+    gathered = [st for part in dist_util.gather_objects(statuses) for st in part]
     if rank != 0:
         return {"statuses": statuses}
-    failures = [{"id": s["id"], "message": s["message"]} for s in gathered if s["status"] == "failed"]
+    failures = [{"id": st["id"], "message": st["message"]} for st in gathered if st["status"] == "failed"]
     failed = {f["id"] for f in failures}
     records = []
     for subject in subjects:
         if subject.name in failed:
             continue
-        rec = finished_record(out_dir, subject, run_key, overlay=args.overlay_slices > 0)
+        rec = finished_record(out_dir, subject, run_key, overlay=s.volumes.overlay_slices > 0)
         if rec is None:  # another rank could not write it: the folder must be shared by all ranks
             failures.append({"id": subject.name, "message": f"subject {subject.name}: no finished record in "
                                                            f"{out_dir} (is the output folder shared by all ranks?)"})
@@ -166,9 +173,9 @@ def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -
     rows.sort(key=lambda r: r["id"])
     fileio.write_csv(str(out_dir / CSV_FILE), CSV_COLUMNS, rows)
     summary = summarize(records, failures)
-    summary.update(method=args.method, settings=method.settings(), hyperparams=hyper, hyperparams_source=source,
-                   checkpoint=checkpoint, computed=sum(s["status"] == "done" for s in gathered),
-                   skipped=sum(s["status"] == "skipped" for s in gathered), seconds=time.time() - t0)
+    summary.update(method=s.inference.method, settings=method.settings(), hyperparams=hyper, hyperparams_source=source,
+                   checkpoint=checkpoint, computed=sum(st["status"] == "done" for st in gathered),
+                   skipped=sum(st["status"] == "skipped" for st in gathered), seconds=time.time() - t0)
     fileio.write_json(out_dir / SUMMARY_FILE, summary)
     logger.log(format_summary(summary))
     logger.log(f"results: {out_dir} ({CSV_FILE}, {SUMMARY_FILE}, <id>{MAP_SUFFIX}, <id>{MASK_SUFFIX}, "

@@ -3,7 +3,6 @@ the map, the mask, the overlay and the record on the scan's own grid."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from guided_diffusion import metrics as M
 from guided_diffusion.data import nifti
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.evaluation import fingerprint as fp
+from guided_diffusion.evaluation.volumes.settings import SegmentSettings
 from guided_diffusion.methods import base
 
 FORMAT = "guided_diffusion volume segmentation"
@@ -144,7 +144,7 @@ def _write_overlay(path: Path, name: str, image: np.ndarray, gt: Optional[np.nda
     save_panels(str(path), images, gts, maps, masks, captions)
 
 
-def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, args: argparse.Namespace,
+def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, s: SegmentSettings,
                     out_dir: Path, run_key: str, run_info: dict, bar=None) -> dict:
     """Prepare, segment and write one subject; returns its record (also written as ``<id>_segmentation.json``).
 
@@ -158,18 +158,18 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
                               f"{volume.shape[1:]}")
     notes = _grid_warnings(subject, reference)
     foreground = volume.mean(0) > 0  # sign-invariant under preprocessing's positive scaling
-    image = volume[args.panel_modality].copy() if args.overlay_slices else None
-    prepared = pp.prepare_slices(volume, gt_labels, args.image_size, args.first, args.last, subject.name)
+    image = volume[s.panel_modality].copy() if s.volumes.overlay_slices else None
+    prepared = pp.prepare_slices(volume, gt_labels, s.inference.image_size, s.volumes.first, s.volumes.last, subject.name)
     del volume
     device = run_info["device"]
     x = model_input(prepared).to(device)
     clock.lap("prepare")
     if bar is not None:
-        bar.reset(total=-(-x.shape[0] // args.batch_size) * method.steps_per_batch("test"))
-    res = segment_slices(method, x, hyper, subject=subject.name, seed=args.seed, batch_size=args.batch_size,
+        bar.reset(total=-(-x.shape[0] // s.volumes.batch_size) * method.steps_per_batch("test"))
+    res = segment_slices(method, x, hyper, subject=subject.name, seed=s.inference.seed, batch_size=s.volumes.batch_size,
                          progress=None if bar is None else bar.update)
     clock.lap("model")
-    gate = (res.pred_label == 1)[:, None, None, None] if args.zero_healthy_slices else True
+    gate = (res.pred_label == 1)[:, None, None, None] if s.volumes.zero_healthy_slices else True
     amap = nifti.slices_to_volume(res.anomaly_map, prepared)
     mask = nifti.mask_to_volume(res.mask & gate, prepared)
     kept = prepared.original_z
@@ -193,10 +193,10 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
     what = f"{method.name} anomaly"
     nifti.save_like(paths["anomaly_map"], amap, reference, np.float32, f"{what} map")
     nifti.save_like(paths["anomaly_mask"], mask, reference, np.uint8, f"{what} mask")
-    if args.overlay_slices:
+    if s.volumes.overlay_slices:
         import nibabel as nib
 
-        zs = overlay_slices(gt, mask, kept, args.overlay_slices)
+        zs = overlay_slices(gt, mask, kept, s.volumes.overlay_slices)
         if zs:
             _write_overlay(paths["overlay"], subject.name, image, gt, amap, mask, zs,
                            nib.aff2axcodes(reference.affine), set(unhealthy_z))

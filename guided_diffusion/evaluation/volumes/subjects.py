@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
-import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from guided_diffusion import logger
 from guided_diffusion.data import preprocess as pp
-
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-
-
-def channel_names(args: argparse.Namespace) -> Tuple[str, ...]:
-    """The modalities the model takes, in channel order, as preprocessing stacks them."""
-    if args.name == "atlas":
-        return ("t1",)
-    return pp.MODALITIES if args.mod == "all" else (args.mod,)
-
+from guided_diffusion.evaluation.volumes.settings import SAFE_ID, VolumeSettings, channel_names
 
 def _is_subject_folder(folder: Path) -> bool:
     if folder.name.startswith("sub-"):
@@ -46,31 +35,31 @@ def _subject_from_files(name: str, entries: Dict[str, str], mods: Sequence[str],
     return pp.Subject(name, images, seg, problem)
 
 
-def collect_subjects(args: argparse.Namespace, warn=logger.warn) -> List[pp.Subject]:
+def collect_subjects(v: VolumeSettings, dataset: str, warn=logger.warn) -> List[pp.Subject]:
     """Every subject of ``--input``, ``--files`` and ``--subjects_csv``, sorted by name (names must be unique)."""
-    mods = channel_names(args)
-    mod = "t1" if args.name == "atlas" else args.mod
+    mods = channel_names(dataset, v.mod)
+    mod = "t1" if dataset == "atlas" else v.mod
     found: List[Tuple[pp.Subject, str]] = []
-    for entry in args.input:
+    for entry in v.input:
         folder = Path(entry)
         if not folder.is_dir():
             raise ValueError(f"--input {entry}: not a folder")
         sink: List[str] = []
         if _is_subject_folder(folder):
-            subjects = [pp.subject_from_folder(folder, args.name, mod, sink, require_mask=False)]
+            subjects = [pp.subject_from_folder(folder, dataset, mod, sink, require_mask=False)]
         else:
-            subjects = pp.discover_subjects(folder, args.name, mod, sink, require_mask=False)
+            subjects = pp.discover_subjects(folder, dataset, mod, sink, require_mask=False)
         found += [(s, f"--input {entry}") for s in subjects]
-    if args.files:
+    if v.files:
         entries = {}
-        for item in args.files:
+        for item in v.files:
             key, sep, path = item.partition("=")
             if not sep or not path:
                 raise ValueError(f"--files {item!r}: expected KEY=PATH, e.g. flair=scan_flair.nii.gz")
             entries[key.strip().lower()] = path
-        found.append((_subject_from_files(args.id, entries, mods, "--files"), "--files"))
-    if args.subjects_csv:
-        csv_path = Path(args.subjects_csv)
+        found.append((_subject_from_files(v.id, entries, mods, "--files"), "--files"))
+    if v.subjects_csv:
+        csv_path = Path(v.subjects_csv)
         try:
             with open(csv_path, newline="") as f:
                 rows = list(csv.DictReader(f))
@@ -80,7 +69,7 @@ def collect_subjects(args: argparse.Namespace, warn=logger.warn) -> List[pp.Subj
             row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             name = row.pop("id", "")
             where = f"--subjects_csv {csv_path} line {i}"
-            if not _SAFE_ID.match(name):
+            if not SAFE_ID.match(name):
                 raise ValueError(f"{where}: id {name!r} must be letters, digits and . _ + - (it names output files)")
             found.append((_subject_from_files(name, row, mods, where, csv_path.parent), where))
     by_name: Dict[str, str] = {}
