@@ -48,7 +48,13 @@ from guided_diffusion.evaluation.volumes.report import test_split_volumes
 from guided_diffusion.methods import anofpdm as af
 from guided_diffusion.methods.base import METHODS, BatchContext, SliceMethod, build_method, method_class
 from guided_diffusion.methods.postprocess import check_median_kernel, component_size
-from guided_diffusion.metrics import AUPRC_POOLINGS, dice_iou_per_slice, evaluate_segmentation, foreground_mask
+from guided_diffusion.metrics import (
+    AUPRC_POOLINGS,
+    PR_POOLINGS,
+    dice_iou_per_slice,
+    evaluate_segmentation,
+    foreground_mask,
+)
 from guided_diffusion.runtime import PRECISIONS  # noqa: F401  (re-exported for older imports)
 from guided_diffusion.script_util import (
     UNET_VERSIONS,
@@ -94,6 +100,7 @@ def shared_defaults() -> dict:
         ema_rate="0.9999",
         cc_filter_size=-1,  # -1: upstream's 40 px at 128², scaled with the image area
         auprc_pooling="global",  # exact over the whole test set; "batch": upstream's per-batch pooling
+        pr_pooling="global",  # pixel precision/recall over all test pixels; "upstream": per-batch ratios averaged
         hyperparams_file="",
         num_panels=8,
         panel_modality=-1,
@@ -185,6 +192,8 @@ def check_args(args: argparse.Namespace, world_size: int = 1, explicit: Optional
     runtime.check_precision(args.precision)
     if args.auprc_pooling not in AUPRC_POOLINGS:
         raise ValueError(f"--auprc_pooling must be one of {', '.join(AUPRC_POOLINGS)}, got {args.auprc_pooling!r}")
+    if args.pr_pooling not in PR_POOLINGS:
+        raise ValueError(f"--pr_pooling must be one of {', '.join(PR_POOLINGS)}, got {args.pr_pooling!r}")
     if args.hyperparams_file and not os.path.isfile(args.hyperparams_file):
         raise ValueError(f"--hyperparams_file {args.hyperparams_file!r} does not exist")
     if len(args.modality) == 0 or len(set(args.modality)) != len(args.modality):
@@ -518,7 +527,8 @@ class Translation:
         variants = m.variants()
         results = []
         for i, value in enumerate(variants):
-            res = evaluate_segmentation(_ResultBatches(paths, i), auprc_pooling=a.auprc_pooling)
+            res = evaluate_segmentation(_ResultBatches(paths, i), auprc_pooling=a.auprc_pooling,
+                                        pr_pooling=a.pr_pooling)
             if m.variant_key:
                 res[m.variant_key] = value
             results.append(res)
@@ -529,7 +539,8 @@ class Translation:
         metrics["checkpoint"] = self.checkpoint
         metrics["checkpoints"] = m.checkpoints()
         metrics["settings"] = {**m.settings(), "batch_size": a.batch_size, "num_batches": a.num_batches,
-                               "world_size": self.world, "auprc_pooling": a.auprc_pooling}
+                               "world_size": self.world, "auprc_pooling": a.auprc_pooling,
+                               "pr_pooling": a.pr_pooling}
         if len(results) > 1:
             metrics[f"by_{m.variant_key}"] = {str(r[m.variant_key]): r for r in results}
         per_volume = test_split_volumes(_ResultBatches(paths, 0), paths, a.data_dir,
