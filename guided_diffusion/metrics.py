@@ -9,8 +9,9 @@ Definitions follow upstream ``scripts/evaluate.py`` with its bugs fixed:
   input channels > -0.95), scored by the anomaly map. By default the group is the whole test set (exact, in two
   streaming passes, memory proportional to the positive pixels), so the value does not depend on the batch size
   or the number of processes; ``auprc_pooling="batch"`` gives upstream's per-batch values.
-* Pixel precision = TP / (TP + FP) and recall = TP / (TP + FN) (upstream had them swapped), pooled over all
-  pixels of the setup's slices (as upstream and as Dice; the foreground restriction is AUPRC's/AUROC's only).
+* Pixel precision = TP / (TP + FP) and recall = TP / (TP + FN) (upstream had them swapped), by default pooled
+  over all pixels of the setup's slices (the foreground restriction is AUPRC's/AUROC's only); 0 where undefined.
+  ``pr_pooling="upstream"`` gives upstream's per-batch ratios averaged as its running metrics are.
 * A group without any positive pixel (or without any unhealthy slice) has no AUPRC; it is left out of the
   average instead of turning the result into NaN. A metric that is undefined over the whole test set is
   reported as ``None`` (JSON ``null``), never NaN.
@@ -203,6 +204,7 @@ def _weighted_mean(values: Sequence[Optional[float]], weights: Sequence[float]) 
 
 
 AUPRC_POOLINGS = ("global", "batch")
+PR_POOLINGS = ("global", "upstream")
 
 
 def _setup_pixels(b: Mapping[str, np.ndarray]) -> dict:
@@ -218,6 +220,7 @@ def evaluate_segmentation(
     batches: Iterable[Mapping[str, np.ndarray]],
     auprc_pooling: str = "global",
     with_auroc: bool = True,
+    pr_pooling: str = "global",
 ) -> dict:
     """Metrics of the two setups over a sequence of result batches.
 
@@ -227,20 +230,28 @@ def evaluate_segmentation(
       mask; the mixed setup zeroes it for slices predicted healthy), ``anomaly_map`` float [b,1,H,W],
       ``foreground`` bool [b,1,H,W].
 
-    Dice/IoU are means over slices; pixel precision/recall are pooled over all pixels. AUPRC/AUROC with
+    Dice/IoU are means over slices (see ``pr_pooling`` for precision/recall). AUPRC/AUROC with
     ``auprc_pooling="global"`` (default) pool the foreground pixels of all batches, exactly, reading ``batches``
     twice (pass a list or a re-iterable; a one-shot iterator is first materialised); the result depends only on
     the set of slices. ``"batch"`` is upstream's: per batch on its pooled foreground pixels, averaged (mixed: mean
     over batches; unhealthy: weighted by the number of unhealthy slices), skipping batches where it is undefined.
+
+    Pixel precision / recall with ``pr_pooling="global"`` (default): TP / (TP + FP) and TP / (TP + FN) of the pixel
+    counts summed over all batches. ``"upstream"``: the same ratios per batch (0 where a batch has no predicted
+    pixel, resp. no lesion pixel), then averaged like upstream's running metrics: mixed, the plain mean over
+    batches; unhealthy, weighted by each batch's number of unhealthy slices (None without any).
     """
     if auprc_pooling not in AUPRC_POOLINGS:
         raise ValueError(f"auprc_pooling must be one of {AUPRC_POOLINGS}, got {auprc_pooling!r}")
+    if pr_pooling not in PR_POOLINGS:
+        raise ValueError(f"pr_pooling must be one of {PR_POOLINGS}, got {pr_pooling!r}")
     if auprc_pooling == "global" and iter(batches) is batches:
         batches = list(batches)
     setups = ("mixed", "unhealthy")
     dice = {k: [] for k in setups}
     iou = {k: [] for k in setups}
     pixel_counts = {k: np.zeros(3, np.int64) for k in setups}  # tp, fp, fn over all pixels
+    batch_pr = {k: {"precision": [], "recall": [], "weight": []} for k in setups}  # pr_pooling="upstream"
     per_batch = {k: {"ap": [], "roc": [], "weight": []} for k in setups}
     counters = {k: RankCounter() for k in setups}
     labels_all, pred_labels_all = [], []
@@ -260,6 +271,9 @@ def evaluate_segmentation(
             iou[setup].append(i)
             pr = precision_recall(mask, g)
             pixel_counts[setup] += (pr["tp"], pr["fp"], pr["fn"])
+            weight = 1.0 if setup == "mixed" else float((lab == 1).sum())
+            for k, v in (("precision", pr["precision"]), ("recall", pr["recall"]), ("weight", weight)):
+                batch_pr[setup][k].append(v)
             scores, truth = amap[sel][fg[sel]], g[fg[sel]]
             if auprc_pooling == "global":
                 counters[setup].add_positives(scores[truth])
@@ -267,7 +281,7 @@ def evaluate_segmentation(
             ranked = _ranked(scores, truth)
             per_batch[setup]["ap"].append(ranked.average_precision())
             per_batch[setup]["roc"].append(ranked.roc_auc() if with_auroc else None)
-            per_batch[setup]["weight"].append(1.0 if setup == "mixed" else float((lab == 1).sum()))
+            per_batch[setup]["weight"].append(weight)
     if n_batches == 0:
         raise ValueError("no result batches to evaluate")
 
@@ -295,12 +309,17 @@ def evaluate_segmentation(
         d = np.concatenate(dice[setup])
         i = np.concatenate(iou[setup])
         tp, fp, fn = (int(v) for v in pixel_counts[setup])
+        if pr_pooling == "global":
+            precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+        else:
+            bp = batch_pr[setup]
+            precision, recall = (_weighted_mean(bp[k], bp["weight"]) for k in ("precision", "recall"))
         out[setup] = {
             "dice": float(d.mean()) if d.size else None,
             "iou": float(i.mean()) if i.size else None,
             "auprc": ranking[setup][0],
-            "precision": _ratio(tp, tp + fp),
-            "recall": _ratio(tp, tp + fn),
+            "precision": precision,
+            "recall": recall,
             "n_slices": int(labels_all.size) if setup == "mixed" else n_unh,
         }
         if with_auroc:
@@ -312,6 +331,7 @@ def evaluate_segmentation(
         "accuracy": cls["accuracy"],
         "classification": cls,
         "auprc_pooling": auprc_pooling,
+        "pr_pooling": pr_pooling,
         "n_batches": n_batches,
     }
 
@@ -320,13 +340,87 @@ def evaluate_segmentation(
 # Per-volume metrics (whole-volume segmentation, guided_diffusion/evaluation/volumes/)
 
 
-def volume_metrics(pred, gt, scores=None, foreground=None, voxel_ml: float = 1.0) -> dict:
+# Normalised surface Dice tolerance: one voxel of the BraTS grid (1 mm isotropic), the strictest meaningful one.
+NSD_TOLERANCE_MM = 1.0
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Surface voxels: foreground voxels with a face neighbour (6-connectivity in 3-D) in the background; outside
+    the array counts as background."""
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1), border_value=0)
+    return mask & ~inner
+
+
+def _checked_spacing(spacing: Sequence[float], ndim: int) -> tuple:
+    out = tuple(float(s) for s in spacing)
+    if len(out) != ndim or not all(math.isfinite(s) and s > 0 for s in out):
+        raise ValueError(f"spacing must be {ndim} positive voxel sizes (one per axis), got {tuple(spacing)}")
+    return out
+
+
+def surface_distances(pred, gt, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``(pred -> gt, gt -> pred)``: for each surface voxel of one mask, the Euclidean distance between its centre
+    and the nearest surface-voxel centre of the other, in the units of ``spacing`` (one size per axis). Both masks
+    must be non-empty."""
+    from scipy import ndimage
+
+    pred, gt = _as_bool(pred), _as_bool(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {gt.shape}")
+    spacing = _checked_spacing(spacing, pred.ndim)
+    if not pred.any() or not gt.any():
+        raise ValueError("surface distances need a non-empty prediction and ground truth")
+    # Every surface voxel lies in the bounding box of the union, and outside it all is background: crop, exactly.
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(pred | gt))
+    sp, sg = _surface(pred[box]), _surface(gt[box])
+    to_gt = ndimage.distance_transform_edt(~sg, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    return to_gt[sp], to_pred[sg]
+
+
+def surface_metrics(pred, gt, spacing: Sequence[float], nsd_tolerance_mm: float = NSD_TOLERANCE_MM) -> dict:
+    """HD95 and normalised surface Dice of two binary masks on a grid of voxel size ``spacing`` (mm per axis).
+
+    With ``d(a, B)`` the distance from surface voxel ``a`` to the nearest surface voxel of ``B`` (``surface_distances``;
+    voxel centres, face-connected surface):
+
+    * ``hd95_mm`` = max(P95{d(p, G) : p in dP}, P95{d(g, P) : g in dG}), P95 numpy's linearly interpolated 95th
+      percentile (the robust Hausdorff distance of the BraTS evaluation and of MONAI's
+      ``compute_hausdorff_distance(percentile=95)``; the BraTS code weights surface elements by their area).
+    * ``nsd`` = (#{p in dP : d(p, G) <= tol} + #{g in dG : d(g, P) <= tol}) / (|dP| + |dG|), tol =
+      ``nsd_tolerance_mm`` (MONAI ``compute_surface_dice``, Nikolov et al. 2021).
+
+    Empty masks: both empty gives ``hd95_mm`` 0 and ``nsd`` 1 (perfect agreement, as the BraTS evaluation scores
+    it and as Dice's smoothing does); exactly one empty gives ``hd95_mm`` None (no surface to measure to; left out
+    of ``mean_sd``, whose ``n`` then says how many volumes had one; the BraTS evaluation substitutes 374 mm, the
+    diagonal of its 240x240x155 grid) and ``nsd`` 0 (no surface voxel within tolerance).
+    """
+    if not nsd_tolerance_mm >= 0:
+        raise ValueError(f"the NSD tolerance must be >= 0 mm, got {nsd_tolerance_mm}")
+    pred, gt = _as_bool(pred), _as_bool(gt)
+    _checked_spacing(spacing, pred.ndim)
+    if not pred.any() and not gt.any():
+        return {"hd95_mm": 0.0, "nsd": 1.0}
+    if not pred.any() or not gt.any():
+        return {"hd95_mm": None, "nsd": 0.0}
+    d_pg, d_gp = surface_distances(pred, gt, spacing)
+    hd95 = max(float(np.percentile(d_pg, 95)), float(np.percentile(d_gp, 95)))
+    nsd = (int((d_pg <= nsd_tolerance_mm).sum()) + int((d_gp <= nsd_tolerance_mm).sum())) / (d_pg.size + d_gp.size)
+    return {"hd95_mm": hd95, "nsd": float(nsd)}
+
+
+def volume_metrics(pred, gt, scores=None, foreground=None, voxel_ml: float = 1.0,
+                   spacing: Optional[Sequence[float]] = None, nsd_tolerance_mm: float = NSD_TOLERANCE_MM) -> dict:
     """3-D metrics of one subject: the whole volume is one sample.
 
     ``pred`` / ``gt`` binary volumes of one shape; ``scores`` the anomaly map (AUPRC, over the ``foreground``
-    voxels when given); ``voxel_ml`` the volume of one voxel in millilitres. Dice and IoU use the slices' 1e-6
-    smoothing (a subject without lesion and an empty prediction scores 1). Returns ``dice``, ``iou``, ``auprc``
-    (None without a lesion voxel), voxel ``precision``/``recall``, voxel counts and volumes in ml.
+    voxels when given); ``voxel_ml`` the volume of one voxel in millilitres; ``spacing`` the voxel size in mm per
+    axis (for the surface metrics). Dice and IoU use the slices' 1e-6 smoothing (a subject without lesion and an
+    empty prediction scores 1). Returns ``dice``, ``iou``, ``auprc`` (None without a lesion voxel), voxel
+    ``precision``/``recall``, voxel counts, volumes in ml, and ``hd95_mm``, ``nsd`` at ``nsd_tolerance_mm``
+    (``surface_metrics``; None without ``spacing``).
     """
     pred, gt = _as_bool(pred), _as_bool(gt)
     dice, iou = dice_iou_per_slice(pred[None], gt[None])
@@ -339,9 +433,11 @@ def volume_metrics(pred, gt, scores=None, foreground=None, voxel_ml: float = 1.0
         fg = np.ones(gt.shape, bool) if foreground is None else _as_bool(foreground)
         ap = auprc(scores[fg], gt[fg]) if gt[fg].any() else None
     n_pred, n_gt = int(pred.sum()), int(gt.sum())
+    surface = (surface_metrics(pred, gt, spacing, nsd_tolerance_mm) if spacing is not None
+               else {"hd95_mm": None, "nsd": None})
     return {"dice": float(dice[0]), "iou": float(iou[0]), "auprc": ap, "precision": pr["precision"],
             "recall": pr["recall"], "pred_voxels": n_pred, "gt_voxels": n_gt, "pred_ml": n_pred * voxel_ml,
-            "gt_ml": n_gt * voxel_ml}
+            "gt_ml": n_gt * voxel_ml, **surface, "nsd_tolerance_mm": nsd_tolerance_mm}
 
 
 def mean_sd(values: Iterable[Optional[float]]) -> dict:
@@ -358,11 +454,14 @@ def per_volume_metrics(batches: Iterable[Mapping[str, np.ndarray]], key: str = "
 
     All slices of a volume together are one sample (as ``volume_metrics``): Dice / IoU (1e-6 smoothing),
     precision / recall from the voxel counts of the mixed-setup mask (slices predicted healthy are empty), and the
-    exact AUPRC of the anomaly map over the volume's foreground pixels, in two passes over ``batches`` (a list or
-    a re-iterable; memory O(lesion pixels)). Batches are ``evaluate_segmentation``'s plus ``key``. ``volumes``
-    restricts the result to those ids. Returns ``{id: {dice, iou, auprc, precision, recall, pred_voxels,
-    gt_voxels, n_slices}}``.
+    exact AUPRC of the anomaly map over the volume's foreground pixels, in two passes over ``batches`` (memory
+    O(lesion pixels) for a list or a re-iterable; a one-shot iterator is first materialised). Batches are
+    ``evaluate_segmentation``'s plus ``key``. ``volumes`` restricts the result to those ids. Returns ``{id: {dice,
+    iou, auprc, precision, recall, pred_voxels, gt_voxels, n_slices}}``. No surface metrics (HD95, NSD): slices
+    come in any order and carry no voxel size (see ``volume_metrics`` for them).
     """
+    if iter(batches) is batches:  # a one-shot iterator: the second pass would see nothing
+        batches = list(batches)
     wanted = None if volumes is None else set(volumes)
     counts: Dict[str, np.ndarray] = {}  # tp, predicted, true, slices
     counters: Dict[str, RankCounter] = {}

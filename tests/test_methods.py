@@ -105,6 +105,59 @@ def test_threshold_search_compares_in_float32():
         threshold.threshold_grid(0.1, 0.7, 0)
 
 
+def upstream_optimal_threshold(maps: np.ndarray, gt: np.ndarray) -> float:
+    """Upstream ``obtain_optimal_threshold``'s loop, written from its code (component filter left out: callers
+    use components above its size): torch float32 masks and Dice (``dice_coeff``), strict ``>`` from 0."""
+    maps_t, gt_t = torch.from_numpy(maps), torch.from_numpy(gt)
+    dice_max, thr_opt = 0, 0
+    for thr in np.arange(0.01, 0.7, 0.01):
+        recon = maps_t >= thr
+        intersection = torch.logical_and(recon, gt_t).sum(dim=[1, 2, 3])
+        union = torch.sum(recon, dim=[1, 2, 3]) + torch.sum(gt_t, dim=[1, 2, 3])
+        dice = torch.mean((2.0 * intersection + 0.000001) / (union + 0.000001)).item()
+        if dice > dice_max:
+            dice_max, thr_opt = dice, thr
+    return thr_opt
+
+
+def test_threshold_ties_are_broken_as_upstream_on_a_dice_plateau():
+    """Issue 19's case: a healthy slice with a 12x12 false-positive square at 0.45 around an 8x8 square at 0.75, an
+    unhealthy slice whose 8x8 lesion has 0.58. Up to 0.58 the lesion is found (Dice 1) and the healthy slice scores
+    1e-6 / (|P| + 1e-6): 1e-6/144 up to 0.45, 1e-6/64 above, so the float64 mean rises by 4e-9 at 0.46 - below
+    float32 resolution at 0.5 (6e-8). Upstream (float32, strict >) keeps 0.01; a float64 argmax would pick 0.46."""
+    maps = np.zeros((2, 1, H, H), np.float32)
+    gt = np.zeros((2, 1, H, H), bool)
+    maps[0, 0, 2:14, 2:14] = 0.45
+    maps[0, 0, 4:12, 4:12] = 0.75
+    maps[1, 0, 4:12, 4:12] = 0.58
+    gt[1, 0, 4:12, 4:12] = True
+    thr, dice, curve = threshold.search_threshold(maps, gt)  # upstream's grid and 40-px component filter
+    assert thr == pytest.approx(0.01) == upstream_optimal_threshold(maps, gt)
+    assert dice == 0.5 and curve[44] == curve[45] == 0.5  # 0.45 and 0.46: equal in float32
+    grid = threshold.threshold_grid()
+    p = np.where(grid <= 0.45 + 1e-9, 144, 64)  # the healthy slice's prediction, by hand
+    f64 = np.where(grid <= 0.58 + 1e-9, (1 + 1e-6 / (p + 1e-6)) / 2, 1e-6 / (64 + 1e-6) / 2)
+    assert grid[np.argmax(f64)] == pytest.approx(0.46)  # what a float64 comparison picks
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_threshold_search_picks_upstreams_threshold_on_random_plateaus(seed):
+    """Random blocky maps on a 0.05 grid of levels, lesions on some slices, false positives on healthy ones."""
+    rng = np.random.default_rng(seed)
+    n = 6
+    maps = np.zeros((n, 1, H, H), np.float32)
+    gt = np.zeros((n, 1, H, H), bool)
+    for i in range(n):
+        for _ in range(rng.integers(1, 4)):
+            r, c, h, w = rng.integers(0, H - 4, 2).tolist() + rng.integers(2, 8, 2).tolist()
+            maps[i, 0, r:r + h, c:c + w] = np.float32(rng.integers(1, 14) * 0.05 + 0.003)
+        if i % 2 == 0:
+            r, c = rng.integers(0, H - 6, 2)
+            gt[i, 0, r:r + 6, c:c + 6] = True
+    thr, _, _ = threshold.search_threshold(maps, gt, cc_max_size=0)
+    assert thr == pytest.approx(upstream_optimal_threshold(maps, gt))
+
+
 def test_threshold_map_labels_before_the_component_filter():
     amap = torch.zeros(2, 1, 8, 8)
     amap[0, 0, 1, 1] = 0.5  # one pixel: removed by the filter, but the slice is predicted unhealthy (upstream)

@@ -147,3 +147,46 @@ def test_rank_counter_edge_cases():
     counter = metrics.RankCounter()
     with pytest.raises(RuntimeError, match="freeze"):
         counter.add([0.1], [True])
+
+
+def _pr_batches():
+    """Four batches of 2x2 slices (label, predicted label, gt, mask per slice), per-setup pixel counts:
+    1: unhealthy slice tp 1 fp 1 fn 1, healthy slice empty   mixed P 1/2 R 1/2   unhealthy (1 slice) P 1/2 R 1/2
+    2: two healthy slices, one with 3 false positives        mixed P 0, R 0 (no lesion pixel)   unhealthy: none
+    3: two unhealthy, the second predicted healthy (1 of 2)  mixed tp 4 fn 2: P 1 R 2/3   unhealthy tp 5 fn 1: P 1 R 5/6
+    4: one unhealthy slice, nothing predicted                mixed P 0 (no prediction), R 0   unhealthy P 0 R 0"""
+    zeros = [[0] * 4] * 2
+    return [
+        _slices([1, 0], [1, 0], gts=[[1, 1, 0, 0], [0, 0, 0, 0]], preds=[[1, 0, 1, 0], [0, 0, 0, 0]], maps=zeros),
+        _slices([0, 0], [1, 0], gts=[[0, 0, 0, 0], [0, 0, 0, 0]], preds=[[1, 1, 1, 0], [0, 0, 0, 0]], maps=zeros),
+        _slices([1, 1], [1, 0], gts=[[1, 1, 1, 1], [1, 1, 0, 0]], preds=[[1, 1, 1, 1], [1, 0, 0, 0]], maps=zeros),
+        _slices([1], [0], gts=[[0, 0, 1, 1]], preds=[[0, 0, 0, 0]], maps=[[0] * 4]),
+    ]
+
+
+def test_precision_recall_pooling_global_and_upstream_hand_computed():
+    batches = _pr_batches()
+    glob = metrics.evaluate_segmentation(batches)  # the default: pixel counts summed over every batch
+    assert glob["pr_pooling"] == "global"
+    # mixed: tp 1+0+4+0 = 5, fp 1+3 = 4, fn 1+2+2 = 5; unhealthy: tp 1+5 = 6, fp 1, fn 1+1+2 = 4
+    assert (glob["mixed"]["precision"], glob["mixed"]["recall"]) == (pytest.approx(5 / 9), pytest.approx(5 / 10))
+    assert glob["unhealthy"]["precision"] == pytest.approx(6 / 7)
+    assert glob["unhealthy"]["recall"] == pytest.approx(6 / 10)
+    up = metrics.evaluate_segmentation(batches, pr_pooling="upstream")
+    assert up["pr_pooling"] == "upstream"
+    # mixed: plain mean of the per-batch ratios, a batch where one is undefined counting 0
+    assert up["mixed"]["precision"] == pytest.approx((1 / 2 + 0 + 1 + 0) / 4)
+    assert up["mixed"]["recall"] == pytest.approx((1 / 2 + 0 + 2 / 3 + 0) / 4)
+    # unhealthy: weighted by the batches' unhealthy slices (1, 0, 2, 1)
+    assert up["unhealthy"]["precision"] == pytest.approx((1 / 2 * 1 + 1 * 2 + 0 * 1) / 4)
+    assert up["unhealthy"]["recall"] == pytest.approx((1 / 2 * 1 + 5 / 6 * 2 + 0 * 1) / 4)
+    # everything else is the same under both
+    for setup in ("mixed", "unhealthy"):
+        for k in ("dice", "iou", "auprc", "n_slices"):
+            assert up[setup][k] == glob[setup][k]
+    # no unhealthy slice at all: upstream's weighted mean is undefined (null), never NaN
+    with pytest.warns(UserWarning, match="no unhealthy slice"):
+        none = metrics.evaluate_segmentation(batches[1:2], pr_pooling="upstream")
+    assert none["unhealthy"]["precision"] is None and none["unhealthy"]["recall"] is None
+    with pytest.raises(ValueError, match="pr_pooling"):
+        metrics.evaluate_segmentation(batches, pr_pooling="batch")

@@ -226,15 +226,24 @@ def test_volume_metrics_hand_computed():
 
 
 def test_summary_pools_slices_and_volumes():
-    def rec(name, dice, gt_voxels, n_mixed, d_mixed, n_unh, d_unh):
+    def rec(name, dice, gt_voxels, n_mixed, d_mixed, n_unh, d_unh, hd95, nsd):
         slice_ = {"mixed": {"dice": d_mixed, "iou": d_mixed, "auprc": None, "n_slices": n_mixed},
                   "unhealthy": {"dice": d_unh, "iou": d_unh, "auprc": None, "n_slices": n_unh}, "accuracy": 1.0}
         vol = {"dice": dice, "iou": dice, "auprc": 0.5, "precision": 1, "recall": 1, "pred_ml": 1.0, "gt_ml": 1.0,
-               "gt_voxels": gt_voxels, "pred_voxels": 1}
+               "gt_voxels": gt_voxels, "pred_voxels": 1, "hd95_mm": hd95, "nsd": nsd, "nsd_tolerance_mm": 1.0}
         return {"id": name, "lesion": {"ml": 2.0}, "metrics": {"volume": vol, "slice": slice_}}
 
-    s = seg_report.summarize([rec("a", 0.6, 10, 10, 0.9, 4, 0.5), rec("b", 0.8, 5, 30, 0.7, 2, 0.2),
-                           rec("h", 1.0, 0, 20, 1.0, 0, None)], [{"id": "x", "message": "bad"}])
+    a = rec("a", 0.6, 10, 10, 0.9, 4, 0.5, 3.0, 0.5)
+    b = rec("b", 0.8, 5, 30, 0.7, 2, 0.2, None, 0.0)  # lesion missed: no HD95
+    h = rec("h", 1.0, 0, 20, 1.0, 0, None, 0.0, 1.0)  # no lesion, nothing predicted
+    s = seg_report.summarize([a, b, h], [{"id": "x", "message": "bad"}])
+    assert s["volume_with_lesion"]["hd95_mm"] == {"mean": 3.0, "sd": None, "n": 1}  # the undefined one left out
+    assert s["volume_with_lesion"]["nsd"]["mean"] == pytest.approx(0.25)
+    assert s["volume_all"]["hd95_mm"]["mean"] == pytest.approx(1.5) and s["volume_all"]["nsd"]["n"] == 3
+    assert s["nsd_tolerance_mm"] == 1.0
+    text = seg_report.format_summary(s)
+    assert "NSD at 1.0 mm 25.0 ± 35.4 (n=2)" in text and "HD95 3.0 (n=1) mm" in text
+    assert seg_report._csv_row({**a, "slices": {"n_kept": 3, "n_unhealthy": 1}})["hd95_mm"] == 3.0
     assert (s["subjects"], s["done"], s["with_lesion"]) == (4, 3, 2)
     assert s["volume_with_lesion"]["dice"]["mean"] == pytest.approx(0.7)
     assert s["volume_with_lesion"]["dice"]["sd"] == pytest.approx(math.sqrt(0.02))
@@ -601,6 +610,12 @@ def test_oracle_method_lands_on_the_lesion_voxels(tmp_path, model_dir, monkeypat
     vm = record["metrics"]["volume"]
     assert vm["dice"] == pytest.approx(2 * mask.sum() / (mask.sum() + 48), abs=1e-6) and vm["dice"] > 0.9
     assert vm["gt_ml"] == pytest.approx(48 * 0.0027)
+    # HD95 / NSD in mm on the scan's anisotropic voxels (0.9, 1.2, 2.5 mm), by brute force
+    from test_metrics_surface import brute_hd95_nsd
+
+    hd95, nsd = brute_hd95_nsd(mask, box, ZOOMS, vm["nsd_tolerance_mm"])
+    assert vm["nsd_tolerance_mm"] == 1.0 and hd95 > 0  # the corner ties: one voxel off along the 0.9-mm axis
+    assert vm["hd95_mm"] == pytest.approx(hd95, rel=1e-6) and vm["nsd"] == pytest.approx(nsd, abs=1e-12)
     # AUPRC: the written map scored over the brain voxels (any input > 0), by sklearn
     from sklearn.metrics import average_precision_score
 
@@ -709,6 +724,7 @@ def test_translation_reports_per_volume_metrics_of_its_test_split(tmp_path, monk
     metrics = tt._run(tmp_path, log_dir, "v2", monkeypatch)["metrics"]
     pv = metrics["per_volume"]
     assert (pv["n_volumes"], pv["n_incomplete"]) == (2, 0) and pv["with_lesion"]["dice"]["n"] == 2
+    assert "hd95" not in pv["with_lesion"] and "voxel size" in pv["surface_metrics"]  # unknown in slice space
     rows = {r["patient"]: r for r in csv.DictReader(open(log_dir / "per_volume.csv"))}
     assert sorted(rows) == ["test0", "test1"]
     # recompute from the batch files by hand: rows named by slice_file, grouped by patient

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from guided_diffusion import dist_util, fileio, logger
 from guided_diffusion.diffusion.resample import ScheduleSampler
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion.training.objectives import StepLosses, TrainingObjective
 from guided_diffusion.training.train_util import TrainLoop, get_rng_state, iterate_from, parse_ema_rates, parse_resume_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,6 +202,41 @@ def test_mixed_precision_step_with_gradient_clipping(logdir, precision):
     values = dict(zip(header.split(","), row.split(",")))
     assert float(values["grad_norm"]) > 0.05
     assert ("lg_loss_scale" in values) == (precision == "fp16")
+
+
+class _RecordingObjective(TrainingObjective):
+    """Squared error of a linear model; records the parameters each step starts from."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, model, x, cond):
+        self.seen.append([p.detach().double().clone() for p in model.parameters()])
+        return StepLosses(loss=((model(x) - cond["target"]) ** 2).mean(1), metrics={})
+
+
+def test_ema_after_several_steps_at_two_rates_equals_the_average_written_out(logdir):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, generator=g), {"target": torch.randn(4, 2, generator=g)}) for _ in range(5)]
+    objective = _RecordingObjective()
+    loop = TrainLoop(model=model, objective=objective, data=data, batch_size=4, lr=0.05, ema_rate="0.5,0.9",
+                     total_epochs=1, log_interval=100, save_interval=100, progress=False)
+    assert loop.run_loop() == 5
+    params = objective.seen[1:] + [[p.detach().double() for p in model.parameters()]]  # after steps 1..5
+    for k, rate in enumerate((0.5, 0.9)):
+        ema = objective.seen[0]  # the initial weights
+        for p in params:  # ema_k = rate * ema_{k-1} + (1 - rate) * param_k
+            ema = [rate * e + (1 - rate) * q for e, q in zip(ema, p)]
+        saved = torch.load(logdir / f"ema_{rate}_000005.pt", weights_only=True)
+        for name, e, got in zip(("weight", "bias"), ema, loop.ema_params[k]):
+            torch.testing.assert_close(got.double(), e, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(saved[name].double(), e, rtol=1e-6, atol=1e-7)
+    # the steps moved the weights well beyond the tolerance, and the two rates lag behind them differently
+    final = params[-1][0]
+    assert (final - objective.seen[0][0]).abs().max() > 0.1
+    assert (loop.ema_params[0][0].double() - loop.ema_params[1][0].double()).abs().max() > 0.05
 
 
 def test_ema_rates_and_checkpoint_names():

@@ -15,6 +15,7 @@ import torch
 
 from guided_diffusion import fileio
 from guided_diffusion.commands import evaluate
+from guided_diffusion.methods import base, registry
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,11 +81,13 @@ def workspace(tmp_path_factory):
     return root
 
 
-def _run(workspace: Path, log_dir: Path, unet_ver: str, monkeypatch, extra: str = "", script_ver=None) -> dict:
+def _run(workspace: Path, log_dir: Path, unet_ver: str, monkeypatch, extra: str = "", script_ver=None,
+         anofpdm: bool = True) -> dict:
     monkeypatch.setenv("OPENAI_LOGDIR", str(log_dir))
     model_dir = workspace / ("model_v2" if unet_ver == "v2" else "model_hae")
-    argv = (f"--data_dir {workspace / 'data'} --model_dir {model_dir} --ema True --w 2 --forward_steps 2 "
-            "--null True --batch_size 3 --num_batches -1 --batch_size_val 4 --num_batches_val -1 "
+    method = "--w 2 --forward_steps 2 --null True " if anofpdm else ""  # AnoFPDM's own flags
+    argv = (f"--data_dir {workspace / 'data'} --model_dir {model_dir} --ema True {method}"
+            "--batch_size 3 --num_batches -1 --batch_size_val 4 --num_batches_val -1 "
             "--modality 0 3 --num_panels 4 --progress False").split() + _tiny_flags(unet_ver) + extra.split()
     return evaluate.main(argv, unet_ver=script_ver)
 
@@ -173,6 +176,64 @@ def test_reused_hyperparams_file_and_fallback(workspace, tmp_path, monkeypatch, 
     assert exc.value.code == 2 and "forward_steps 2" in capsys.readouterr().err
 
 
+class _ShiftedOracle(base.SliceMethod):
+    """Finds the bright lesion blobs from the input (channel 0 above its slice's midrange), then shifts the mask by
+    two pixels: partial overlaps, so precision and recall are neither 0 nor 1."""
+
+    name = "shifted_oracle_test"
+
+    @classmethod
+    def build(cls, s, device):
+        return cls()
+
+    def settings(self):
+        return {"method": self.name}
+
+    def validation_batch(self, x, ctx):
+        return {}
+
+    def fit(self, records, labels, gt_masks):
+        return {}
+
+    def hyperparams_without_validation(self):
+        return {}
+
+    def test_batch(self, x, hyper, ctx):
+        amap = x[:, :1].float()
+        lo, hi = amap.amin((2, 3), keepdim=True), amap.amax((2, 3), keepdim=True)
+        mask = torch.roll(amap > (lo + hi) / 2, shifts=2, dims=3)
+        return base.SliceOutput(anomaly_map=amap, mask=mask, pred_label=mask.flatten(1).any(1).long())
+
+
+def test_upstream_precision_recall_pooling_reaches_metrics_json(workspace, tmp_path, monkeypatch):
+    """--pr_pooling upstream: per-batch precision/recall averaged over batches (mixed) or weighted by their
+    unhealthy slices, recomputed here from the batch files; changing the pooling reuses every batch file."""
+    monkeypatch.setitem(registry.METHODS, _ShiftedOracle.name, _ShiftedOracle)
+    log_dir = tmp_path / "logs_pr"
+    extra = f"--method {_ShiftedOracle.name} --num_batches_val 0"
+    glob = _run(workspace, log_dir, "v2", monkeypatch, extra=extra, anofpdm=False)
+    glob_metrics = json.loads((log_dir / "metrics.json").read_text())
+    up = _run(workspace, log_dir, "v2", monkeypatch, extra=extra + " --pr_pooling upstream", anofpdm=False)
+    assert (glob["computed"]["test"], up["computed"]["test"], up["reused"]["test"]) == (3, 0, 3)
+    metrics = json.loads((log_dir / "metrics.json").read_text())
+    assert metrics["settings"]["pr_pooling"] == "upstream" and glob_metrics["settings"]["pr_pooling"] == "global"
+    ratios = {"mixed": [], "unhealthy": []}
+    for f in sorted((log_dir / "batches").glob("test_*.npz")):
+        with np.load(f) as z:
+            gt, lab = z["gt"], z["label"]
+            mixed = z["mask_0"] & (z["pred_label_0"] == 1)[:, None, None, None]
+            for setup, sel, pred in (("mixed", slice(None), mixed), ("unhealthy", lab == 1, z["mask_0"][lab == 1])):
+                tp, p, g = (pred & gt[sel]).sum(), pred.sum(), gt[sel].sum()
+                ratios[setup].append((tp / p if p else 0.0, tp / g if g else 0.0, 1 if setup == "mixed" else sum(lab)))
+    for setup, rows in ratios.items():
+        prec, rec, w = np.array(rows).T
+        assert 0 < prec.max() < 1 and 0 < rec.max() < 1, (setup, rows)  # a case where the pooling matters
+        assert metrics[setup]["precision"] == pytest.approx((prec * w).sum() / w.sum())
+        assert metrics[setup]["recall"] == pytest.approx((rec * w).sum() / w.sum())
+        assert metrics[setup]["dice"] == glob_metrics[setup]["dice"]
+        assert metrics[setup]["precision"] != pytest.approx(glob_metrics[setup]["precision"])
+
+
 def test_find_checkpoint(tmp_path):
     for name in ("model000100.pt", "model065000.pt", "ema_0.9999_065000.pt", "opt065000.pt", "ema_0.99_000100.pt"):
         torch.save({"w": torch.zeros(1)}, tmp_path / name)
@@ -199,6 +260,7 @@ def test_find_checkpoint(tmp_path):
         ("--unet_ver hae_v2 --use_hae False", "--use_hae true"),
         ("--precision fp8", "--precision"),
         ("--median_kernel 4", "--median_kernel"),
+        ("--pr_pooling batch", "--pr_pooling: invalid choice: 'batch' (choose from 'global', 'upstream')"),
     ],
 )
 def test_bad_flags_give_clear_errors(workspace, tmp_path, extra, message, capsys):

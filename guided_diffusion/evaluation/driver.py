@@ -326,7 +326,8 @@ class Evaluation:
         m = self.method
         results = []
         for i, value in enumerate(m.variants()):
-            res = evaluate_segmentation(ResultBatches(paths, i), auprc_pooling=t.auprc_pooling)
+            res = evaluate_segmentation(ResultBatches(paths, i), auprc_pooling=t.auprc_pooling,
+                                        pr_pooling=t.pr_pooling)
             if m.variant_key:
                 res[m.variant_key] = value
             results.append(res)
@@ -337,7 +338,8 @@ class Evaluation:
         metrics["checkpoint"] = self.checkpoint
         metrics["checkpoints"] = m.checkpoints()
         metrics["settings"] = {**m.settings(), "batch_size": t.batch_size, "num_batches": t.num_batches,
-                               "world_size": self.world, "auprc_pooling": t.auprc_pooling}
+                               "world_size": self.world, "auprc_pooling": t.auprc_pooling,
+                               "pr_pooling": t.pr_pooling}
         if len(results) > 1:
             metrics[f"by_{m.variant_key}"] = {str(r[m.variant_key]): r for r in results}
         per_volume = test_split_volumes(ResultBatches(paths, 0), paths, self.s.data.data_dir,

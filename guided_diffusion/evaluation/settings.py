@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from guided_diffusion.flags import option
 from guided_diffusion.methods.settings import InferenceSettings
-from guided_diffusion.metrics import AUPRC_POOLINGS
+from guided_diffusion.metrics import AUPRC_POOLINGS, PR_POOLINGS
 
 DATASETS = ("brats", "atlas")
 
@@ -69,6 +69,9 @@ class TestSettings:
     save_data: bool = option(False, "also write every slice's arrays (per_slice_arrays.npz)")
     auprc_pooling: str = option("global", "AUPRC over all test pixels (global) or upstream's mean over batches "
                                 "(batch)", choices=AUPRC_POOLINGS)
+    pr_pooling: str = option("global", "pixel precision/recall over all test pixels (global) or upstream's per-batch "
+                             "ratios averaged (mixed: mean over batches; unhealthy: weighted by unhealthy slices)",
+                             choices=PR_POOLINGS)
     image_dir: str = option("", "folder for the pictures (default: --output)")
     dynamic_clip: bool = option(False, "upstream's flag; only false is supported", hidden=True)
     threshold: float = option(-1.0, "upstream's training flag, unused at inference", hidden=True)

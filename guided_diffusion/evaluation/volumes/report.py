@@ -45,6 +45,8 @@ def test_split_volumes(batches, paths: Sequence[str], data_dir: str, csv_path: s
     ``batches``: the run's result batches with ``slice_file`` (``patient_<P>/slice_<z>.npz``); ``paths``: its batch
     files. Writes ``csv_path`` (one row per complete patient) and returns the summary (mean ± sd over patients with a
     lesion and over all), or None when the batch files do not name their slices (written by an older version).
+    No surface metrics (HD95, NSD) here: the slices were resized to ``image_size``² and the voxel size of that grid
+    is not known in mm; whole-volume segmentation (scripts/segment.py) reports them on the scan's own grid.
     """
     from guided_diffusion.data.loaders import slice_paths
 
@@ -58,7 +60,9 @@ def test_split_volumes(batches, paths: Sequence[str], data_dir: str, csv_path: s
     root = Path(data_dir) / "npy_test"
     complete = sorted(v for v, n in seen.items() if n == len(slice_paths(root / f"patient_{v}")))
     summary: Dict[str, Any] = {"space": "preprocessed slices (kept range, image_size^2)", "n_volumes": len(complete),
-                               "n_incomplete": len(seen) - len(complete)}
+                               "n_incomplete": len(seen) - len(complete),
+                               "surface_metrics": "none in slice space (voxel size in mm unknown after resizing); "
+                                                  "scripts/segment.py reports HD95 and NSD in mm"}
     if not complete:
         summary["note"] = "no test patient had every slice evaluated (--num_batches -1 evaluates the whole split)"
         return summary
@@ -77,7 +81,7 @@ def test_split_volumes(batches, paths: Sequence[str], data_dir: str, csv_path: s
 
 
 CSV_COLUMNS = ["id", "status", "n_slices", "n_unhealthy_slices", "lesion_ml", "gt_ml", "dice", "iou", "auprc",
-               "slice_dice_mixed", "slice_iou_mixed", "slice_auprc_mixed", "slice_dice_unhealthy",
+               "hd95_mm", "nsd", "slice_dice_mixed", "slice_iou_mixed", "slice_auprc_mixed", "slice_dice_unhealthy",
                "slice_iou_unhealthy", "slice_auprc_unhealthy", "slice_accuracy", "seconds", "message"]
 
 
@@ -88,7 +92,8 @@ def _csv_row(record: dict) -> dict:
     m = record.get("metrics")
     if m:
         v, s = m["volume"], m["slice"]
-        row.update(gt_ml=v["gt_ml"], dice=v["dice"], iou=v["iou"], auprc=v["auprc"], slice_accuracy=s["accuracy"])
+        row.update(gt_ml=v["gt_ml"], dice=v["dice"], iou=v["iou"], auprc=v["auprc"], hd95_mm=v.get("hd95_mm"),
+                   nsd=v.get("nsd"), slice_accuracy=s["accuracy"])
         for setup in ("mixed", "unhealthy"):
             for k in ("dice", "iou", "auprc"):
                 row[f"slice_{k}_{setup}"] = s[setup][k]
@@ -104,8 +109,9 @@ def summarize(records: Sequence[dict], failures: Sequence[dict]) -> dict:
                            "with_ground_truth": len(with_gt), "with_lesion": len(lesion),
                            "lesion_ml": M.mean_sd(r["lesion"]["ml"] for r in records)}
     for group, rs in (("volume_with_lesion", lesion), ("volume_all", with_gt)):
-        out[group] = {k: M.mean_sd(r["metrics"]["volume"][k] for r in rs)
-                      for k in ("dice", "iou", "auprc", "precision", "recall", "pred_ml", "gt_ml")}
+        out[group] = {k: M.mean_sd(r["metrics"]["volume"].get(k) for r in rs)
+                      for k in ("dice", "iou", "auprc", "precision", "recall", "pred_ml", "gt_ml", "hd95_mm", "nsd")}
+    out["nsd_tolerance_mm"] = next((r["metrics"]["volume"].get("nsd_tolerance_mm") for r in with_gt), None)
     out["slice_per_subject"] = {f"{k}_{setup}": M.mean_sd(r["metrics"]["slice"][setup][k] for r in with_gt)
                                 for setup in ("mixed", "unhealthy") for k in ("dice", "iou", "auprc")}
     pooled = {}
@@ -134,7 +140,8 @@ def format_summary(summary: dict) -> str:
     if summary["with_ground_truth"]:
         v, s = summary["volume_with_lesion"], summary["slice_per_subject"]
         lines.append(f"per volume (subjects with a lesion), %: Dice {_fmt_ms(v['dice'])}, IoU {_fmt_ms(v['iou'])}, "
-                     f"AUPRC {_fmt_ms(v['auprc'])}")
+                     f"AUPRC {_fmt_ms(v['auprc'])}, NSD at {summary['nsd_tolerance_mm']} mm {_fmt_ms(v['nsd'])}; "
+                     f"HD95 {_fmt_ms(v['hd95_mm'], pct=False)} mm")
         lines.append(f"per slice, mean over subjects, %: Dice mixed {_fmt_ms(s['dice_mixed'])}, unhealthy "
                      f"{_fmt_ms(s['dice_unhealthy'])}; AUPRC unhealthy {_fmt_ms(s['auprc_unhealthy'])}")
     for f in summary["failed"]:

@@ -186,7 +186,9 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
                 "label": slice_gt.reshape(len(kept), -1).any(1).astype(np.int64), "pred_label": res.pred_label,
                 "gt": slice_gt, "pred_mask": res.mask, "anomaly_map": res.anomaly_map,
                 "foreground": M.foreground_mask(x.cpu().numpy())}])
-        metrics = {"volume": M.volume_metrics(mask, gt, amap, foreground, voxel_ml),
+        zooms = np.asarray(reference.header.get_zooms()[:3], dtype=np.float64)
+        spacing_mm = zooms * (voxel_ml * 1e3 / zooms.prod()) ** (1 / 3)  # in the header's units, as voxel_volume_ml
+        metrics = {"volume": M.volume_metrics(mask, gt, amap, foreground, voxel_ml, spacing=spacing_mm),
                    "slice": {"mixed": sl["mixed"], "unhealthy": sl["unhealthy"], "accuracy": sl["accuracy"]}}
 
     paths = output_paths(out_dir, subject.name)
