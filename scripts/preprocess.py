@@ -26,10 +26,13 @@ def main() -> int:
     p.add_argument("--min_val_lesion_subjects", type=int, default=0,
                    help="put at least this many subjects with a lesion into validation when the split is made "
                         "(0: upstream's split; small data sets may otherwise get none, and AnoFPDM needs one)")
+    p.add_argument("--orientation", default="",
+                   help="orientation scans are brought into before slicing, e.g. LPS (empty: the data set's own, BraTS "
+                        "LPS, ATLAS RAS; 'stored': slice the array as stored, as upstream)")
     args = p.parse_args()
     summary = preprocess(args.source, name=args.name, mod=args.mod, first=args.first, last=args.last,
                          output=args.output or None, image_size=args.image_size, workers=args.workers,
-                         min_val_lesion=args.min_val_lesion_subjects)
+                         min_val_lesion=args.min_val_lesion_subjects, orientation=args.orientation)
     return 1 if summary["errors"] else 0
 
 

@@ -18,9 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPE = (12, 10, 9)
 
 
-def _save(path: Path, arr: np.ndarray) -> None:
+# BraTS 2021 stores its volumes LPS (first axis towards the patient's left, second towards posterior), the default
+# canonical orientation of --name brats: such volumes are sliced as stored, exactly as upstream did.
+BRATS_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
+ATLAS_AFFINE = np.eye(4)  # ATLAS v2.0 (MNI152NLin2009aSym grid) is stored RAS, the default for --name atlas
+
+
+def _save(path: Path, arr: np.ndarray, affine=BRATS_AFFINE) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(arr, np.float32), np.eye(4)), str(path))
+    nib.save(nib.Nifti1Image(np.asarray(arr, np.float32), affine), str(path))
 
 
 def _volumes(seed: int, shape=SHAPE, lesion=True):
@@ -97,7 +103,10 @@ def test_upstream_semantics_exact(brats):
     assert total == 20 * 5
     unhealthy = sum(s["unhealthy_slices"] for s in summary["splits"].values())
     assert unhealthy == sum(1 for i in range(20) if i % 3 != 0)  # one lesion slice per tumour subject
-    assert (root / pp.SUMMARY_FILE).exists() and summary["errors"] == [] and summary["warnings"] == []
+    assert (root / pp.SUMMARY_FILE).exists() and summary["errors"] == []
+    # upstream's one validation subject (index 0) has no lesion: said at once, with the fix
+    assert len(summary["warnings"]) == 1 and "validation split has no slice with a lesion" in summary["warnings"][0]
+    assert "--min_val_lesion_subjects 1" in summary["warnings"][0]
 
     # The loaders read it: labels from the mask at 0.5, per-slice min-max to [-1, 1].
     loader = get_data_iter("brats", root, 4, "test", mixed=True)
@@ -249,11 +258,11 @@ def test_atlas_flattened_and_bids_layouts_agree(tmp_path):
     for i in range(4):
         t1, mask = _atlas_arrays(i)
         p = f"sub-r00{i}s00{i}"
-        _save(flat / p / f"{p}_T1w.nii.gz", t1)
-        _save(flat / p / f"{p}_mask.nii.gz", mask)
+        _save(flat / p / f"{p}_T1w.nii.gz", t1, ATLAS_AFFINE)
+        _save(flat / p / f"{p}_mask.nii.gz", mask, ATLAS_AFFINE)
         anat = bids / f"R00{i % 2}" / p / "ses-1" / "anat"
-        _save(anat / f"{p}_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz", t1)
-        _save(anat / f"{p}_ses-1_space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask.nii.gz", mask)
+        _save(anat / f"{p}_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz", t1, ATLAS_AFFINE)
+        _save(anat / f"{p}_ses-1_space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask.nii.gz", mask, ATLAS_AFFINE)
     (bids.parent / "dataset_description.json").write_text("{}")
     (bids / "participants.tsv").write_text("")
     s_flat = pp.preprocess(flat, name="atlas", image_size=8, progress=False)  # --mod all -> t1 for ATLAS

@@ -92,7 +92,9 @@ def test_prepared_slices_are_the_training_slices(tmp_path):
     files = sorted((tmp_path / "pre").glob("npy_*/patient_S0/slice_*.npz"), key=lambda p: int(p.stem[6:]))
     subject = pp.subject_from_folder(src / "S0", "brats", "all")
     volume, mask = pp.load_subject(subject)
-    prepared = pp.prepare_slices(volume, mask, SIZE)
+    geometry = pp.subject_geometry(subject, "LPS")  # the default of both for --name brats
+    assert geometry.axcodes == "LAS" and geometry.ornt == ((0, 1), (1, -1), (2, 1))  # this grid: A flipped to P
+    prepared = pp.prepare_slices(volume, mask, SIZE, geometry=geometry)
     assert [int(f.stem[6:]) for f in files] == list(range(prepared.start, prepared.stop)) == list(range(2, 8))
     x = seg_subject.model_input(prepared)
     for i, f in enumerate(files):

@@ -7,6 +7,7 @@ import os
 from typing import Optional, Sequence
 
 from guided_diffusion import dist_util, fileio, logger, runtime
+from guided_diffusion.data import geometry as geo
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.errors import entry_point
 from guided_diffusion.evaluation import translation
@@ -30,6 +31,8 @@ def segment_defaults() -> dict:
         last=0,
         zero_healthy_slices=True,
         overlay_slices=4,
+        orientation="",  # orientation scans are sliced in, as preprocessing's (empty: BraTS LPS, ATLAS RAS)
+        raw_map=False,  # True: write the model's map everywhere (upstream), not zero outside the brain
     )
 
 
@@ -113,6 +116,7 @@ def check_args(args: argparse.Namespace, explicit: Optional[set] = None) -> None
         raise ValueError(f"--batch_size (slices per forward) must be >= 1, got {args.batch_size}")
     if args.first < 0 or args.last < 0:
         raise ValueError(f"--first/--last must be >= 0, got {args.first}/{args.last}")
+    args.orientation = geo.resolve_orientation(args.orientation, args.name)
     if args.overlay_slices < 0:
         raise ValueError(f"--overlay_slices must be >= 0, got {args.overlay_slices}")
     if args.hyperparams_file and not os.path.isfile(args.hyperparams_file):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from guided_diffusion import dist_util, fileio, logger
+from guided_diffusion.data import geometry as geo
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.evaluation import fingerprint as fp
 from guided_diffusion.evaluation import translation
@@ -63,8 +64,10 @@ def run_settings(method: base.SliceMethod, args: argparse.Namespace, hyper: dict
         "format_version": FORMAT_VERSION, "method": args.method, "settings": method.settings(),
         "checkpoints": _digests(method.checkpoints(), out_dir), "hyperparams": hyper,
         "preprocessing": {"name": args.name, "mod": args.mod, "first": args.first, "last": args.last,
-                          "image_size": args.image_size},
+                          "image_size": args.image_size,
+                          "orientation": geo.resolve_orientation(getattr(args, "orientation", ""), args.name)},
         "batch_size": args.batch_size, "seed": args.seed, "zero_healthy_slices": args.zero_healthy_slices,
+        "raw_map": bool(getattr(args, "raw_map", False)),
         "overlay": [args.overlay_slices, args.panel_modality],
     }
 
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace, subjects: Optional[List[pp.Subject]] = None) -
     checkpoint = (method.checkpoints() or [None])[0]
     run_info = {"device": device, "method": args.method, "settings": method.settings(), "hyperparams": hyper,
                 "hyperparams_source": source, "checkpoint": checkpoint,
-                "preprocessing": settings["preprocessing"]}
+                "preprocessing": settings["preprocessing"],
+                "training_geometry": pp.training_geometry(args.name, getattr(args, "data_dir", None))}
     logger.log(f"{len(subjects)} subject(s); {world} process(es); checkpoint {checkpoint}; output {out_dir}")
 
     mine = subjects[rank::world]
