@@ -74,6 +74,24 @@ def test_canonical_frame_is_nibabels_reorientation_and_is_undone_exactly(orienta
         assert g.record()["slice_axis"]["stored_axis"] == next(i for i, c in enumerate(codes) if c in "SI")
 
 
+def test_brats_storage_gives_upstreams_slices_bit_for_bit():
+    """A volume stored as BraTS 2021 stores it (LPS; its affine) is sliced exactly as upstream sliced the array."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[:3, 3] = [0, 239, 0]  # BraTS 2021's affine
+    rng = np.random.default_rng(1)
+    volume = np.zeros((4, 24, 20, 12))
+    volume[:, 4:20, 3:17, 2:10] = rng.uniform(1, 50, size=(4, 16, 14, 8))
+    mask = np.zeros((24, 20, 12))
+    mask[8:12, 6:9, 4:6] = 1
+    g = geo.scan_geometry(_Img(affine, (24, 20, 12)), geo.resolve_orientation("", "brats"))
+    assert g.axcodes == "LPS" and g.is_identity
+    a = pp.prepare_slices(volume.copy(), mask, 8, geometry=g)
+    b = pp.prepare_slices(volume.copy(), mask, 8)  # upstream: the array as stored
+    assert (a.start, a.stop, a.shape) == (b.start, b.stop, b.shape)
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.y, b.y)
+
+
 def test_orientation_setting_is_checked_and_defaults_per_data_set():
     assert geo.resolve_orientation("", "brats") == "LPS" and geo.resolve_orientation("", "atlas") == "RAS"
     assert geo.resolve_orientation("ras") == "RAS" and geo.resolve_orientation("Stored") == geo.STORED
