@@ -798,7 +798,8 @@ def _check_validation_split(val: dict, min_val_lesion: int, root: Path, warnings
     empty validation split, or one without a slice with a lesion (AnoFPDM fits M_max on those)."""
     if val["patients"] and val["unhealthy_slices"]:
         return
-    what = ("is empty (5 % of the subjects, rounded down, is 0)" if not val["patients"] else
+    what = ("is empty (upstream's split gives it 5 % of the subjects rounded down: none for fewer than 20)"
+            if not val["patients"] else
             f"has no slice with a lesion ({val['patients']} subject(s), {val['healthy_slices']} healthy slices)")
     if min_val_lesion > 0:
         fix = (f"--min_val_lesion_subjects {min_val_lesion} found no training subject with a lesion to move there; "
