@@ -8,7 +8,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 source "$REPO/config/_common.sh"       # CPU thread policy
 ARGS=()
-for var in SOURCE NAME MOD FIRST LAST IMAGE_SIZE WORKERS OUTPUT MIN_VAL_LESION_SUBJECTS; do
+for var in SOURCE NAME MOD FIRST LAST IMAGE_SIZE WORKERS OUTPUT MIN_VAL_LESION_SUBJECTS ORIENTATION; do
     if [ -n "${!var:-}" ]; then ARGS+=("--$(echo "$var" | tr '[:upper:]' '[:lower:]')" "${!var}"); fi
 done
 run "$PYTHON" -m guided_diffusion preprocess "${ARGS[@]}" "$@"

@@ -39,17 +39,16 @@ def test_component_filter_size_scales_with_the_image_area(tmp_path):
         assert default_component_size(size) == expected[size]
         assert component_size(-1, size) == expected[size] and component_size(7, size) == 7
     assert default_component_size(64) == 10 and default_component_size(256) == 160
-    # the translation flag --cc_filter_size -1 resolves to it at each --image_size
-    from guided_diffusion.evaluation import translation
+    # the evaluation flag --cc_filter_size -1 resolves to it at each --image_size
+    from guided_diffusion.commands import evaluate
 
     (tmp_path / "data").mkdir()
     (tmp_path / "model").mkdir()
     for size in SIZES:
-        args = translation.create_argparser().parse_args(
+        settings, _ = evaluate.parse(
             ["--data_dir", str(tmp_path / "data"), "--model_dir", str(tmp_path / "model"), "--w", "2",
              "--image_size", str(size), "--in_channels", "4", "--num_classes", "2"])
-        translation.check_args(args)
-        assert args.cc_filter_size == expected[size]
+        assert settings.inference.component_size == expected[size]
 
 
 def _attention_inputs(model: torch.nn.Module, kind: type) -> list:
@@ -98,12 +97,10 @@ def test_classifier_follows_the_image_size(size):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_training_preview_shape_follows_the_image_size(tmp_path, size):
-    from guided_diffusion.training import train_cli
+    from guided_diffusion.commands import train
 
-    args = train_cli.create_argparser().parse_args(
-        ["--data_dir", str(tmp_path), "--in_channels", "4", "--image_size", str(size)])
-    train_cli.check_args(args)
-    assert args.sample_shape == [12, 4, size, size]
+    settings, _ = train.parse(["--data_dir", str(tmp_path), "--in_channels", "4", "--image_size", str(size)])
+    assert settings.sample_shape == [12, 4, size, size]
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -18,9 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPE = (12, 10, 9)
 
 
-def _save(path: Path, arr: np.ndarray) -> None:
+# BraTS 2021 stores its volumes LPS (first axis towards the patient's left, second towards posterior), the default
+# canonical orientation of --name brats: such volumes are sliced as stored, exactly as upstream did.
+BRATS_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
+ATLAS_AFFINE = np.eye(4)  # ATLAS v2.0 (MNI152NLin2009aSym grid) is stored RAS, the default for --name atlas
+
+
+def _save(path: Path, arr: np.ndarray, affine=BRATS_AFFINE) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(arr, np.float32), np.eye(4)), str(path))
+    nib.save(nib.Nifti1Image(np.asarray(arr, np.float32), affine), str(path))
 
 
 def _volumes(seed: int, shape=SHAPE, lesion=True):
@@ -97,7 +104,10 @@ def test_upstream_semantics_exact(brats):
     assert total == 20 * 5
     unhealthy = sum(s["unhealthy_slices"] for s in summary["splits"].values())
     assert unhealthy == sum(1 for i in range(20) if i % 3 != 0)  # one lesion slice per tumour subject
-    assert (root / pp.SUMMARY_FILE).exists() and summary["errors"] == [] and summary["warnings"] == []
+    assert (root / pp.SUMMARY_FILE).exists() and summary["errors"] == []
+    # upstream's one validation subject (index 0) has no lesion: said at once, with the fix
+    assert len(summary["warnings"]) == 1 and "validation split has no slice with a lesion" in summary["warnings"][0]
+    assert "--min_val_lesion_subjects 1" in summary["warnings"][0]
 
     # The loaders read it: labels from the mask at 0.5, per-slice min-max to [-1, 1].
     loader = get_data_iter("brats", root, 4, "test", mixed=True)
@@ -249,11 +259,11 @@ def test_atlas_flattened_and_bids_layouts_agree(tmp_path):
     for i in range(4):
         t1, mask = _atlas_arrays(i)
         p = f"sub-r00{i}s00{i}"
-        _save(flat / p / f"{p}_T1w.nii.gz", t1)
-        _save(flat / p / f"{p}_mask.nii.gz", mask)
+        _save(flat / p / f"{p}_T1w.nii.gz", t1, ATLAS_AFFINE)
+        _save(flat / p / f"{p}_mask.nii.gz", mask, ATLAS_AFFINE)
         anat = bids / f"R00{i % 2}" / p / "ses-1" / "anat"
-        _save(anat / f"{p}_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz", t1)
-        _save(anat / f"{p}_ses-1_space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask.nii.gz", mask)
+        _save(anat / f"{p}_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz", t1, ATLAS_AFFINE)
+        _save(anat / f"{p}_ses-1_space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask.nii.gz", mask, ATLAS_AFFINE)
     (bids.parent / "dataset_description.json").write_text("{}")
     (bids / "participants.tsv").write_text("")
     s_flat = pp.preprocess(flat, name="atlas", image_size=8, progress=False)  # --mod all -> t1 for ATLAS
@@ -404,3 +414,88 @@ def test_prepared_slices_record_their_original_z():
     for first, last in ((0, 0), (2, 1)):  # drop 2 slices in front, 1 behind: z = 3..6 stay
         prepared = pp.prepare_slices(volume.copy(), None, 4, first=first, last=last)
         assert list(prepared.original_z) == [3, 4, 5, 6] and prepared.shape == (6, 6, 10)
+
+
+def test_a_small_data_set_hears_about_its_validation_split_at_once(tmp_path):
+    """Six subjects: upstream's 5 % gives validation none. Preprocessing says so with the fix; the errors that
+    follow (the loader, AnoFPDM's M_max) name the preprocessing flag; with the fix there is nothing to say."""
+    import torch
+
+    from guided_diffusion.errors import HyperparameterError
+    from guided_diffusion.methods.anofpdm import select_divergence_range
+
+    src = tmp_path / "raw"
+    for i in range(6):
+        _brats_subject(src, f"S{i}", i)
+    summary = pp.preprocess(src, image_size=8, output=tmp_path / "out", progress=False)
+    assert summary["splits"]["val"]["patients"] == 0
+    said = [w for w in summary["warnings"] if "validation split is empty" in w]
+    assert len(said) == 1 and "--min_val_lesion_subjects 1" in said[0] and "new --output" in said[0]
+    with pytest.raises(ValueError, match="no slices selected from .*npy_val.*--min_val_lesion_subjects 1"):
+        get_data_iter("brats", tmp_path / "out", 2, "val", mixed=True)
+    with pytest.raises(HyperparameterError, match="M_max.*--min_val_lesion_subjects 1"):
+        select_divergence_range(torch.rand(3, 5, 2), torch.zeros(3))  # three healthy validation slices
+
+    fixed = pp.preprocess(src, image_size=8, output=tmp_path / "fixed", progress=False, min_val_lesion=1)
+    assert fixed["splits"]["val"]["patients"] == 1 and fixed["splits"]["val"]["unhealthy_slices"] > 0
+    assert not [w for w in fixed["warnings"] if "validation split" in w]
+
+
+def test_per_subject_geometry_and_the_orientation_setting_are_recorded(tmp_path):
+    """The summary records what was done to each subject; the settings record the orientation; a subject stored
+    otherwise (RAS, permuted) gives the same slices as one stored like BraTS (LPS); 'stored' slices as upstream."""
+    src = tmp_path / "raw"
+    vols, seg = _volumes(0)
+    for name, reorient in (("A_lps", None), ("B_ras", [[0, -1], [1, -1], [2, 1]]), ("C_perm", [[2, 1], [0, 1], [1, 1]])):
+        for key, arr in list(vols.items()) + [("seg", seg)]:
+            img = nib.Nifti1Image(np.asarray(arr, np.float32), BRATS_AFFINE)
+            if reorient is not None:
+                img = img.as_reoriented(reorient)  # the same brain in the world, stored otherwise
+            (src / name).mkdir(parents=True, exist_ok=True)
+            nib.save(img, str(src / name / f"{name}_{key}.nii.gz"))
+    summary = pp.preprocess(src, image_size=8, output=tmp_path / "out", progress=False)
+    assert summary["orientation"] == "LPS"
+    assert json.loads((tmp_path / "out" / pp.SETTINGS_FILE).read_text())["orientation"] == "LPS"
+    geo_c = summary["subjects"]["C_perm"]["geometry"]
+    assert geo_c["stored"]["axcodes"] == "PSL" and geo_c["stored"]["shape"] == [10, 9, 12]
+    assert geo_c["canonical"]["shape"] == list(SHAPE) and geo_c["slice_axis"] == {"stored_axis": 1, "reversed": False}
+    assert geo_c["resize"] == {"from": [12, 10], "to": [8, 8], "pixel_mm": [1.5, 1.25]}
+    assert summary["subjects"]["A_lps"]["geometry"]["to_canonical"] == [[0, 1], [1, 1], [2, 1]]
+    slices = {}
+    for name in ("A_lps", "B_ras", "C_perm"):
+        files = sorted((tmp_path / "out").glob(f"npy_*/patient_{name}/slice_*.npz"))
+        slices[name] = {f.name: (np.load(f)["x"], np.load(f)["y"]) for f in files}
+    assert list(slices["A_lps"]) == [f"slice_{z}.npz" for z in (2, 3, 4, 5, 6)]
+    for name in ("B_ras", "C_perm"):
+        assert slices[name].keys() == slices["A_lps"].keys()
+        for k, (x, y) in slices[name].items():
+            np.testing.assert_array_equal(x, slices["A_lps"][k][0])
+            np.testing.assert_array_equal(y, slices["A_lps"][k][1])
+    # upstream's slicing of the array as stored, on request: the permuted subject is cut along another axis
+    stored = pp.preprocess(src, image_size=8, output=tmp_path / "stored", progress=False, orientation="stored")
+    assert stored["subjects"]["C_perm"]["geometry"]["slice_axis"]["stored_axis"] == 2
+    assert len(list((tmp_path / "stored").glob("npy_*/patient_C_perm/slice_*.npz"))) != 5
+    with pytest.raises(ValueError, match="--orientation 'LPS' \\(now 'RAS'\\)"):
+        pp.preprocess(src, image_size=8, output=tmp_path / "out", progress=False, orientation="RAS")
+
+
+def test_an_output_made_before_the_orientation_was_recorded(tmp_path):
+    """Its slices were cut as stored: going on is fine when its subjects are stored in the canonical orientation
+    (BraTS), refused with the remedy when not."""
+    src = tmp_path / "raw"
+    for i in range(4):
+        _brats_subject(src, f"S{i}", i)
+    out = tmp_path / "out"
+    pp.preprocess(src, image_size=8, output=out, progress=False)
+    record = json.loads((out / pp.SETTINGS_FILE).read_text())
+    del record["orientation"]
+    (out / pp.SETTINGS_FILE).write_text(json.dumps(record))
+    assert pp.preprocess(src, image_size=8, output=out, progress=False)["errors"] == []  # LPS subjects: fine
+    assert json.loads((out / pp.SETTINGS_FILE).read_text())["orientation"] == "LPS"
+    for rec in (record, None):  # an older record, and none (upstream)
+        if rec is None:
+            (out / pp.SETTINGS_FILE).unlink()
+        else:
+            (out / pp.SETTINGS_FILE).write_text(json.dumps(rec))
+        with pytest.raises(pp.SettingsMismatchError, match="not stored RAS.*--orientation stored"):
+            pp.preprocess(src, image_size=8, output=out, progress=False, orientation="RAS")

@@ -92,7 +92,9 @@ def test_prepared_slices_are_the_training_slices(tmp_path):
     files = sorted((tmp_path / "pre").glob("npy_*/patient_S0/slice_*.npz"), key=lambda p: int(p.stem[6:]))
     subject = pp.subject_from_folder(src / "S0", "brats", "all")
     volume, mask = pp.load_subject(subject)
-    prepared = pp.prepare_slices(volume, mask, SIZE)
+    geometry = pp.subject_geometry(subject, "LPS")  # the default of both for --name brats
+    assert geometry.axcodes == "LAS" and geometry.ornt == ((0, 1), (1, -1), (2, 1))  # this grid: A flipped to P
+    prepared = pp.prepare_slices(volume, mask, SIZE, geometry=geometry)
     assert [int(f.stem[6:]) for f in files] == list(range(prepared.start, prepared.stop)) == list(range(2, 8))
     x = seg_subject.model_input(prepared)
     for i, f in enumerate(files):
@@ -814,3 +816,23 @@ def test_model_from_the_checkpoint_folders_config(tmp_path, model_dir, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--num_channels 64" in err and "config.json: 32" in err, err
+
+
+def test_map_is_zero_outside_the_brain_unless_raw_map(tmp_path, model_dir):
+    """The written map is the model's map inside the brain (any input voxel > 0) and zero outside; --raw_map True
+    writes upstream's map everywhere. The mask and the metrics (scored over the brain) are the same."""
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    hyper = ["--hyperparams_file", str(_hyper_file(tmp_path))]
+    assert seg_cli.main(_argv(model_dir, tmp_path / "zero", src, extra=hyper)) == 0
+    assert seg_cli.main(_argv(model_dir, tmp_path / "raw_map", src, extra=hyper + ["--raw_map", "True"])) == 0
+    read = lambda folder, suffix: np.asanyarray(nib.load(str(tmp_path / folder / f"A{suffix}")).dataobj)  # noqa: E731
+    zero, raw = read("zero", seg_subject.MAP_SUFFIX), read("raw_map", seg_subject.MAP_SUFFIX)
+    vols, _ = _subject_arrays(0)
+    brain = np.mean([vols[m] for m in pp.MODALITIES], axis=0) > 0
+    assert raw[~brain][raw[~brain] != 0].size > 0.5 * (~brain[..., 2:8]).sum()  # upstream: background has values
+    np.testing.assert_array_equal(zero, np.where(brain, raw, 0))
+    np.testing.assert_array_equal(read("zero", seg_subject.MASK_SUFFIX), read("raw_map", seg_subject.MASK_SUFFIX))
+    rec = {k: json.loads((tmp_path / k / f"A{seg_subject.RECORD_SUFFIX}").read_text()) for k in ("zero", "raw_map")}
+    assert rec["zero"]["metrics"]["volume"] == rec["raw_map"]["metrics"]["volume"]
+    assert rec["zero"]["anomaly_map"] == "zero outside the brain" and rec["raw_map"]["anomaly_map"].startswith("raw")

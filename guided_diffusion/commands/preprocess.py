@@ -32,6 +32,8 @@ class PreprocessFlags:
     workers: int = option(1, "parallel worker processes (about one per core)")
     min_val_lesion_subjects: int = option(0, "put at least this many subjects with a lesion into validation when the "
                                           "split is made (0: upstream's split; AnoFPDM needs one)")
+    orientation: str = option("", "orientation scans are brought into before slicing, e.g. LPS (empty: the data set's "
+                              "own, BraTS LPS, ATLAS RAS; 'stored': slice the array as stored, as upstream)")
     progress: bool = option(True, "progress bar")
 
 
@@ -55,5 +57,6 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "anofpdm preproces
         raise ValueError("--source is required: the folder of the raw subjects")
     summary = preprocess(f.source, name=f.name, mod=f.mod, first=f.first, last=f.last,
                          output=output_folder(args.output, None, env=None) or None, image_size=f.image_size,
-                         workers=f.workers, progress=f.progress, min_val_lesion=f.min_val_lesion_subjects)
+                         workers=f.workers, progress=f.progress, min_val_lesion=f.min_val_lesion_subjects,
+                         orientation=f.orientation)
     return 1 if summary["errors"] else 0

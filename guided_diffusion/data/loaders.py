@@ -182,7 +182,11 @@ class BrainDataset(Dataset):
                 self.items.append(path)
         if not self.items:
             raise ValueError(f"no slices selected from {root} (mixed={mixed}, n_unhealthy_patients="
-                             f"{n_unhealthy_patients}, n_healthy_patients={n_healthy_patients})")
+                             f"{n_unhealthy_patients}, n_healthy_patients={n_healthy_patients})"
+                             + ("; the validation split holds no subject: a small data set gets none from "
+                                "upstream's 5 %, so preprocess it into a new --output with --min_val_lesion_subjects "
+                                "1, which puts a subject with a lesion into validation"
+                                if split == "val" and not patients else ""))
         self.image_size, self.in_channels, self.flags_source = image_size, in_channels, flags_source
         if image_size is not None or in_channels is not None:
             firsts = {}

@@ -1,11 +1,15 @@
 """NIfTI on the scan's own grid: results written like their input, slices mapped back to voxels.
 
-Preprocessing (``preprocess.prepare_slices``) keeps the z range ``[first + start, first + stop)`` of the last array
-axis and resizes every kept slice from H×W to S×S (``preprocess.resize_slices``: bilinear, half-pixel centres).
-Here the inverse: ``slices_to_volume`` resizes S×S results back to H×W with the same function and puts them at
-their original z, zero elsewhere, so a result voxel (i, j, k) lies where input voxel (i, j, k) lies. Array axes are
-never reordered, so ``save_like`` writes the result with the reference's own affine, qform and sform (codes
-included), voxel sizes and units: it opens over the scan in any viewer.
+Preprocessing (``preprocess.prepare_slices``) brings the scan into its canonical orientation (``geometry.py``: a
+permutation and flips of the array), keeps the z range ``[first + start, first + stop)`` of that frame's last axis
+and resizes every kept slice from H×W to S×S (``preprocess.resize_slices``: bilinear, half-pixel centres). Here the
+inverse: ``slices_to_canonical`` resizes S×S results back to H×W with the same function and puts them at their z in
+the canonical frame, zero elsewhere; ``slices_to_volume`` / ``mask_to_volume`` then undo the permutation and flips
+losslessly, so a result voxel (i, j, k) lies where input voxel (i, j, k) lies. A binary mask is decided (> 0.5) in the
+canonical frame before that, so ties at exactly 0.5 fall the same way whichever way the scan was stored, and every
+storage of one scan gets bit-identical results in physical space. ``save_like`` writes a result with the reference's
+own shape (trailing singleton axes included), affine, qform and sform (codes included), voxel sizes and units: it
+opens over the scan in any viewer.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from guided_diffusion.data.geometry import voxel_sizes_mm
 from guided_diffusion.data.preprocess import PreparedSlices, resize_slices
 
 
@@ -30,25 +35,23 @@ def load_reference(path: str | os.PathLike):
 def voxel_volume_ml(reference) -> float:
     """Volume of one voxel in millilitres (mm³ / 1000) from the header's voxel sizes (spatial units assumed mm,
     unless the header says metres or micrometres)."""
-    zooms = [float(z) for z in reference.header.get_zooms()[:3]]
-    unit = "mm"
-    if hasattr(reference.header, "get_xyzt_units"):
-        unit = reference.header.get_xyzt_units()[0]
-    per_mm = {"meter": 1000.0, "micron": 1e-3}.get(unit, 1.0)
-    return float(np.prod(zooms)) * per_mm**3 / 1000.0
+    return float(np.prod(voxel_sizes_mm(reference))) / 1000.0
 
 
 def like_reference(data: np.ndarray, reference, dtype, description: str = ""):
     """A NIfTI image of ``data`` (the reference's spatial shape) on the reference's grid, stored as ``dtype``.
 
-    Affine, qform and sform with their codes, voxel sizes and units come from the reference; scaling is reset so
-    the stored values are ``data`` exactly.
+    Affine, qform and sform with their codes, voxel sizes and units come from the reference, and its shape: a
+    reference of shape (240, 240, 155, 1) gets data of shape (240, 240, 155) back as (240, 240, 155, 1). Scaling is
+    reset so the stored values are ``data`` exactly.
     """
     import nibabel as nib
 
     spatial = tuple(int(n) for n in reference.shape[:3])
     if tuple(data.shape) != spatial:
         raise ValueError(f"result shape {tuple(data.shape)} differs from the reference grid {spatial}")
+    if len(reference.shape) > 3 and all(int(n) == 1 for n in reference.shape[3:]):
+        data = np.reshape(data, tuple(int(n) for n in reference.shape))
     klass = nib.Nifti2Image if isinstance(reference, nib.Nifti2Image) else nib.Nifti1Image
     header = klass.header_class.from_header(reference.header)
     img = klass(np.asarray(data, dtype=dtype), reference.affine, header=header)
@@ -76,11 +79,12 @@ def save_like(path: str | os.PathLike, data: np.ndarray, reference, dtype, descr
     fileio.write_bytes(path, nifti_bytes(like_reference(data, reference, dtype, description), path))
 
 
-def slices_to_volume(slices: np.ndarray, prepared: PreparedSlices) -> np.ndarray:
-    """Results on the kept slices ``[N, 1, S, S]`` (or ``[N, S, S]``) -> float32 volume ``prepared.shape``.
+def slices_to_canonical(slices: np.ndarray, prepared: PreparedSlices) -> np.ndarray:
+    """Results on the kept slices ``[N, 1, S, S]`` (or ``[N, S, S]``) -> float32 volume ``prepared.shape`` in the
+    frame the slices were cut in.
 
-    Each slice is resized back to H×W with preprocessing's own resize and put at its original z; slices outside
-    the kept range are zero.
+    Each slice is resized back to H×W with preprocessing's own resize and put at its z; slices outside the kept
+    range are zero.
     """
     arr = np.asarray(slices, dtype=np.float32)
     if arr.ndim == 3:
@@ -97,9 +101,17 @@ def slices_to_volume(slices: np.ndarray, prepared: PreparedSlices) -> np.ndarray
     return volume
 
 
+def slices_to_volume(slices: np.ndarray, prepared: PreparedSlices) -> np.ndarray:
+    """Results on the kept slices -> float32 volume on the scan's grid as stored (``slices_to_canonical``, then
+    the reorientation undone)."""
+    return prepared.to_stored(slices_to_canonical(slices, prepared))
+
+
 def mask_to_volume(mask: np.ndarray, prepared: PreparedSlices) -> np.ndarray:
-    """A binary slice mask back on the grid: the resized mask > 0.5 (as the slices' ground truth is read), uint8."""
-    return (slices_to_volume(np.asarray(mask, np.float32), prepared) > 0.5).astype(np.uint8)
+    """A binary slice mask back on the scan's grid, uint8: the resized mask > 0.5 (as the slices' ground truth is
+    read), decided in the canonical frame, so that every storage of a scan gets the same voxels."""
+    decided = (slices_to_canonical(np.asarray(mask, np.float32), prepared) > 0.5).astype(np.uint8)
+    return prepared.to_stored(decided)
 
 
 def display_slice(plane: np.ndarray, axcodes: Sequence[Optional[str]]) -> np.ndarray:

@@ -11,6 +11,12 @@ drop the first/last slices, binarise the label at 0.5, divide each channel by th
 (no clipping), keep the contiguous z range whose channel-mean slice sum exceeds 0.5, and bilinearly resize every
 kept slice (image and binary mask, so the saved mask is soft) to ``image_size``.
 
+Beyond upstream, before all that every scan is brought into one canonical orientation (``orientation``, recorded in
+``preprocess_settings.json``; see ``geometry.py``): slices are always cut along the inferior-superior axis. The default
+is the orientation each data set's standard release is stored in (BraTS LPS, ATLAS RAS), so standard data give the
+same slices as upstream; ``orientation="stored"`` is upstream's slicing of the array as stored. What was done to each
+subject (stored shape, voxel size and axis codes, the transform, the resize) is in ``preprocess_summary.json``.
+
 Beyond upstream: stray entries and broken subjects are reported (naming the subject and file) and skipped without
 losing the others; each subject is written to a hidden temp folder and renamed into place (``fileio.atomic_dir``:
 a killed run leaves no half-written subject, and its leftovers are removed at the next start); finished subjects
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from guided_diffusion import fileio, runtime
+from guided_diffusion.data import geometry as geo
 from guided_diffusion.errors import SettingsMismatchError, UserError
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of --mod all
@@ -71,6 +78,7 @@ class SubjectResult:
     unhealthy: int = 0
     message: str = ""
     slice_range: Tuple[int, int] = (0, 0)
+    geometry: Optional[dict] = None  # geo.Geometry.record() of the subject's scan
 
 
 def default_output_dir(source: str | os.PathLike, mod: str, first: int, last: int, image_size: int) -> Path:
@@ -427,6 +435,30 @@ def load_subject(subject: Subject, require_mask: bool = True) -> Tuple[np.ndarra
     return np.stack(channels), mask
 
 
+def subject_geometry(subject: Subject, orientation: str) -> geo.Geometry:
+    """The geometry of the subject's scan (the header of its first image, which every channel and the mask share
+    voxel by voxel, as upstream reads them) for the canonical ``orientation`` (``geometry.resolve_orientation``).
+
+    Raises SubjectError naming the subject and file for a missing or unreadable file or an affine without
+    orientation."""
+    import nibabel as nib
+
+    if subject.problem:
+        raise SubjectError(subject.problem)
+    path = next(iter(subject.images.values()))
+    if path is None or not Path(path).exists():
+        raise SubjectError(f"subject {subject.name}: missing file {path}")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise SubjectError(f"subject {subject.name}: cannot read {path} (corrupt or truncated?): "
+                           f"{type(exc).__name__}: {exc}") from None
+    try:
+        return geo.scan_geometry(img, orientation)
+    except ValueError as exc:
+        raise SubjectError(f"subject {subject.name}: {path}: {exc}; cannot tell which way the slices run") from None
+
+
 def resize_slices(slices: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """``[N, C, H, W] -> [N, C, *size]``: bilinear, half-pixel centres, no antialias (upstream's resize).
 
@@ -441,8 +473,9 @@ class PreparedSlices:
 
     ``x`` float64 ``[N, C, S, S]`` (per-channel 99th-percentile scaling, then the resize), ``y`` float32
     ``[N, 1, S, S]`` (the binarised mask resized: soft) or None. Slice i is z = ``start + i`` of the volume after
-    ``trim_slices`` (the ``slice_<z>.npz`` name), i.e. z = ``first + start + i`` of the original volume, whose shape
-    is ``shape`` (H, W, Z).
+    ``trim_slices`` (the ``slice_<z>.npz`` name), i.e. z = ``first + start + i`` of the whole volume in the frame the
+    slices were cut in, whose shape is ``shape`` (H, W, Z): the canonical frame of ``geometry``, or the array as
+    given without one.
     """
 
     x: np.ndarray
@@ -451,20 +484,34 @@ class PreparedSlices:
     stop: int
     first: int
     shape: Tuple[int, int, int]
+    geometry: Optional[geo.Geometry] = None
 
     @property
     def original_z(self) -> range:
-        """The kept slices' indices along the last axis of the original volume."""
+        """The kept slices' indices along the last axis of the (canonical) volume."""
         return range(self.first + self.start, self.first + self.stop)
+
+    def to_stored(self, volume: np.ndarray) -> np.ndarray:
+        """A volume in the frame the slices were cut in, on the scan's grid as stored (lossless)."""
+        return volume if self.geometry is None else self.geometry.to_stored(volume)
+
+    def to_canonical(self, volume: np.ndarray) -> np.ndarray:
+        """A volume on the scan's grid as stored, in the frame the slices were cut in (lossless)."""
+        return volume if self.geometry is None else self.geometry.to_canonical(volume)
 
 
 def prepare_slices(volume: np.ndarray, mask: Optional[np.ndarray], image_size: int, first: int = 0, last: int = 0,
-                   subject: str = "?") -> PreparedSlices:
+                   subject: str = "?", geometry: Optional[geo.Geometry] = None) -> PreparedSlices:
     """Volume ``[C, H, W, Z]`` (+ mask ``[H, W, Z]``) -> the kept, normalised, resized slices (see module docstring).
 
     This is the one definition of what training data are: preprocessing writes its result, segmentation of new
-    scans feeds it to the model. ``volume`` is modified in place (normalised).
+    scans feeds it to the model. With ``geometry`` (``subject_geometry``) the volume and mask, given as stored, are
+    first brought into its canonical orientation (a copy); without, they are sliced as given and ``volume`` is
+    modified in place (normalised).
     """
+    if geometry is not None:
+        volume = geometry.to_canonical(volume)
+        mask = None if mask is None else geometry.to_canonical(mask)
     shape = tuple(int(n) for n in volume.shape[1:])
     volume = trim_slices(volume, first, last)  # [C, H, W, S]
     labels = None if mask is None else (trim_slices(mask, first, last) > 0.5).astype(np.float32)  # all classes -> 1
@@ -481,19 +528,24 @@ def prepare_slices(volume: np.ndarray, mask: Optional[np.ndarray], image_size: i
     if labels is not None:
         y = torch.from_numpy(np.ascontiguousarray(labels[None, ..., start:stop].transpose(3, 0, 1, 2)))
         y = resize_slices(y, size).numpy()
-    return PreparedSlices(x, y, start, stop, max(first, 0), shape)
+    return PreparedSlices(x, y, start, stop, max(first, 0), shape, geometry)
 
 
 def process_subject(subject: Subject, split_dir: Path, image_size: int = 128, first: int = 0,
-                    last: int = 0) -> SubjectResult:
+                    last: int = 0, orientation: str = geo.DEFAULT_ORIENTATION["brats"]) -> SubjectResult:
     """Preprocess one subject into ``split_dir/patient_<name>`` atomically; skip it if already there."""
     split = split_dir.name[len("npy_"):]
     final = split_dir / f"patient_{subject.name}"
     if final.is_dir():
         healthy, unhealthy = _count_existing(final)
-        return SubjectResult(subject.name, split, "skipped", healthy, unhealthy)
+        try:  # the record of what was done comes from the header alone
+            record = subject_geometry(subject, orientation).record(image_size)
+        except SubjectError:
+            record = None
+        return SubjectResult(subject.name, split, "skipped", healthy, unhealthy, geometry=record)
     volume, mask = load_subject(subject)
-    prepared = prepare_slices(volume, mask, image_size, first, last, subject.name)
+    geometry = subject_geometry(subject, orientation)
+    prepared = prepare_slices(volume, mask, image_size, first, last, subject.name, geometry)
     x, y, start, stop = prepared.x, prepared.y, prepared.start, prepared.stop
 
     healthy = unhealthy = 0
@@ -504,13 +556,15 @@ def process_subject(subject: Subject, split_dir: Path, image_size: int = 128, fi
                 unhealthy += 1
             else:
                 healthy += 1
-    return SubjectResult(subject.name, split, "done", healthy, unhealthy, slice_range=(start, stop))
+    return SubjectResult(subject.name, split, "done", healthy, unhealthy, slice_range=(start, stop),
+                         geometry=geometry.record(image_size))
 
 
-def _run_one(subject: Subject, split_dir: Path, image_size: int, first: int, last: int) -> SubjectResult:
+def _run_one(subject: Subject, split_dir: Path, image_size: int, first: int, last: int,
+             orientation: str) -> SubjectResult:
     """Worker entry: never raises for bad input, so one subject cannot take down the others."""
     try:
-        return process_subject(subject, split_dir, image_size, first, last)
+        return process_subject(subject, split_dir, image_size, first, last, orientation)
     except SubjectError as exc:
         return SubjectResult(subject.name, split_dir.name[4:], "failed", message=str(exc))
     except fileio.DiskFullError:
@@ -537,11 +591,40 @@ def _check_writable(folder: Path) -> None:
         raise PermissionError(f"output folder {folder} is not writable: {exc}") from None
 
 
-def check_output_settings(root: Path, settings: Dict[str, object], warnings: List[str]) -> Dict[str, object]:
+def _check_unrecorded_orientation(root: Path, orientation: str, subjects: Sequence[Subject]) -> None:
+    """An output made before the orientation was recorded holds slices cut from the arrays as stored: adding subjects
+    in the canonical ``orientation`` mixes frames unless its subjects were stored that way already (then both agree,
+    as for BraTS in LPS). A SettingsMismatchError names the subjects stored otherwise and what to do."""
+    if orientation == geo.STORED:
+        return
+    by_name = {s.name: s for s in subjects}
+    differ = []
+    for patient in sorted(root.glob("npy_*/patient_*")):
+        subject = by_name.get(patient.name[len("patient_"):])
+        if subject is None:
+            continue
+        try:
+            stored = subject_geometry(subject, orientation).axcodes
+        except SubjectError:
+            continue
+        if stored != orientation:
+            differ.append(f"{subject.name} ({stored})")
+    if differ:
+        raise SettingsMismatchError(
+            f"{root} was preprocessed before scans were brought into one orientation: its slices were cut from the "
+            f"arrays as stored, and {len(differ)} of its subjects are not stored {orientation} (e.g. "
+            f"{', '.join(differ[:3])}), so new subjects would be cut in another frame. Pass --orientation "
+            f"{geo.STORED} to go on as it was made (and segment with --orientation {geo.STORED}), or preprocess into "
+            "another --output")
+
+
+def check_output_settings(root: Path, settings: Dict[str, object], warnings: List[str],
+                          subjects: Sequence[Subject] = ()) -> Dict[str, object]:
     """Refuse to preprocess into ``root`` with other settings than it was made with (``preprocess_settings.json``);
     returns the settings to record (``fileio.write_settings_record``) once the split is checked too.
 
-    An output made before settings were recorded is checked by what its slices show (image size, channels).
+    An output made before settings were recorded is checked by what its slices show (image size, channels); one made
+    before the orientation was recorded, by how its ``subjects`` are stored (``_check_unrecorded_orientation``).
     """
     settings = dict(settings, format_version=FORMAT_VERSION)
     channels = len(MODALITIES) if settings["mod"] == "all" else 1
@@ -561,10 +644,20 @@ def check_output_settings(root: Path, settings: Dict[str, object], warnings: Lis
                 f"{root} holds slices of {shape[0]} channel(s) at {shape[1]}x{shape[2]} px (e.g. {existing}); this "
                 f"run makes {channels} channel(s) at {wanted[1]}x{wanted[2]} px (--mod {settings['mod']}, --image_size "
                 f"{settings['image_size']}). Adding to it would mix both. {remedy}")
+        if "orientation" in settings:
+            _check_unrecorded_orientation(root, settings["orientation"], subjects)
         _warn(f"{root} has no {SETTINGS_FILE} (made by an older version): its slices fit --mod {settings['mod']} "
               f"--image_size {settings['image_size']}; the other settings cannot be checked; recording these", warnings)
 
-    fileio.check_settings_record(root / SETTINGS_FILE, settings, what=f"the preprocessed data in {root}",
+    compared = settings
+    try:
+        recorded = json.loads((root / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        recorded = None  # none, or unreadable (check_settings_record says so)
+    if isinstance(recorded, dict) and "orientation" not in recorded and "orientation" in settings:
+        _check_unrecorded_orientation(root, settings["orientation"], subjects)  # recorded before orientation was
+        compared = {k: v for k, v in settings.items() if k != "orientation"}
+    fileio.check_settings_record(root / SETTINGS_FILE, compared, what=f"the preprocessed data in {root}",
                                  remedy=remedy, labels={"format_version": "format version"}, on_missing=older_output)
     return settings
 
@@ -580,14 +673,18 @@ def preprocess(
     workers: int = 1,
     progress: bool = True,
     min_val_lesion: int = 0,
+    orientation: str = "",
 ) -> dict:
     """Preprocess a whole data set; returns (and writes to ``<root>/preprocess_summary.json``) the summary.
 
-    Summary: ``{"output", "splits": {split: {patients, skipped, failed, healthy_slices, unhealthy_slices}},
-    "errors": [...], "warnings": [...]}``. Bad subjects are reported in "errors" and skipped.
+    Summary: ``{"output", "orientation", "splits": {split: {patients, skipped, failed, healthy_slices,
+    unhealthy_slices}}, "subjects": {name: geometry record}, "errors": [...], "warnings": [...]}``. Bad subjects are
+    reported in "errors" and skipped. ``orientation``: the canonical orientation slices are cut in
+    (``geometry.resolve_orientation``; empty: the data set's default, BraTS LPS, ATLAS RAS).
     """
     if name not in DATASETS:
         raise ValueError(f"--name must be one of {DATASETS}, got {name!r}")
+    orientation = geo.resolve_orientation(orientation, name)
     if mod not in ("all",) + MODALITIES:
         raise ValueError(f"--mod must be one of all, {', '.join(MODALITIES)}; got {mod!r}")
     if name == "atlas":
@@ -613,7 +710,8 @@ def preprocess(
     _check_writable(root)
     fileio.sweep_temp_files(root)  # partial files and folders left behind by a killed run
     settings = check_output_settings(root, dict(name=name, mod=mod, first=first, last=last, image_size=image_size,
-                                                min_val_lesion_subjects=min_val_lesion), warnings)
+                                                min_val_lesion_subjects=min_val_lesion, orientation=orientation),
+                                     warnings, subjects)
     for split in SPLITS:
         _check_writable(root / f"npy_{split}")
         fileio.sweep_temp_files(root / f"npy_{split}")
@@ -630,17 +728,17 @@ def preprocess(
                 continue
             tasks.append((by_name[n], root / f"npy_{split}"))
     print(f"Preprocessing {len(tasks)} subjects from {source} into {root} "
-          f"({name}, mod={mod}, image_size={image_size}, workers={workers})", flush=True)
+          f"({name}, mod={mod}, image_size={image_size}, orientation={orientation}, workers={workers})", flush=True)
 
     results: List[SubjectResult] = []
     bar = tqdm(total=len(tasks), desc="subjects", disable=not progress)
     if workers <= 1:
         for subject, split_dir in tasks:
-            results.append(_run_one(subject, split_dir, image_size, first, last))
+            results.append(_run_one(subject, split_dir, image_size, first, last, orientation))
             bar.update()
     else:
         with runtime.worker_pool(workers, initializer=_init_worker) as pool:  # workers end with this process
-            futures = [pool.submit(_run_one, s, d, image_size, first, last) for s, d in tasks]
+            futures = [pool.submit(_run_one, s, d, image_size, first, last, orientation) for s, d in tasks]
             try:
                 for fut in as_completed(futures):
                     results.append(fut.result())
@@ -653,8 +751,13 @@ def preprocess(
     errors = [r.message for r in results if r.status == "failed"]
     for msg in errors:
         print(f"ERROR: {msg}", file=sys.stderr, flush=True)
-    summary = {"output": str(root), "name": name, "mod": mod, "image_size": image_size, "splits": {},
-               "errors": errors, "warnings": warnings}
+    for r in sorted(results, key=lambda r: r.name):
+        if r.geometry is not None and r.geometry["stored"]["obliquity_deg"] > geo.OBLIQUE_DEGREES:
+            _warn(f"subject {r.name}: the scan's axes are {r.geometry['stored']['obliquity_deg']:.0f} degrees oblique "
+                  f"to the world axes; its slices are cut along the closest axes ({r.geometry['stored']['axcodes']} "
+                  "stored), not resampled", warnings)
+    summary = {"output": str(root), "name": name, "mod": mod, "image_size": image_size, "orientation": orientation,
+               "splits": {}, "errors": errors, "warnings": warnings}
     for split in SPLITS:
         rs = [r for r in results if r.split == split]
         ok = [r for r in rs if r.status != "failed"]
@@ -665,9 +768,47 @@ def preprocess(
             "healthy_slices": sum(r.healthy for r in ok),
             "unhealthy_slices": sum(r.unhealthy for r in ok),
         }
+    _check_validation_split(summary["splits"]["val"], min_val_lesion, root, warnings)
+    summary["subjects"] = {r.name: {"split": r.split, "geometry": r.geometry}
+                           for r in sorted(results, key=lambda r: r.name) if r.status != "failed"}
     fileio.write_text(root / SUMMARY_FILE, json.dumps(summary, indent=1))
     print(format_summary(summary), flush=True)
     return summary
+
+
+def training_geometry(name: str, data_dir: Optional[str | os.PathLike] = None) -> geo.TrainingGeometry:
+    """The training data's voxel size and field of view: the median over the train subjects of a preprocessed folder
+    (``data_dir``, its ``preprocess_summary.json``) when it records them, else those of the data set's standard
+    release (``geometry.DATASET_GEOMETRY``)."""
+    if data_dir:
+        path = Path(data_dir) / SUMMARY_FILE
+        try:
+            subjects = json.loads(path.read_text()).get("subjects") or {}
+        except (OSError, ValueError, AttributeError):
+            subjects = {}
+        records = [s.get("geometry") for s in subjects.values() if isinstance(s, dict) and s.get("split") == "train"]
+        found = geo.training_geometry_from_records([r for r in records if r], f"train subjects of {path}")
+        if found is not None:
+            return found
+    return geo.DATASET_GEOMETRY[name]
+
+
+def _check_validation_split(val: dict, min_val_lesion: int, root: Path, warnings: List[str]) -> None:
+    """Say at preprocessing, with the fix, what would otherwise only surface as an error of the validation pass: an
+    empty validation split, or one without a slice with a lesion (AnoFPDM fits M_max on those)."""
+    if val["patients"] and val["unhealthy_slices"]:
+        return
+    what = ("is empty (upstream's split gives it 5 % of the subjects rounded down: none for fewer than 20)"
+            if not val["patients"] else
+            f"has no slice with a lesion ({val['patients']} subject(s), {val['healthy_slices']} healthy slices)")
+    if min_val_lesion > 0:
+        fix = (f"--min_val_lesion_subjects {min_val_lesion} found no training subject with a lesion to move there; "
+               "add subjects with lesions, or pass a translation run's hyperparams.json (--hyperparams_file)")
+    else:
+        fix = (f"preprocess into a new --output (or delete {root}) with --min_val_lesion_subjects 1, which puts a "
+               "subject with a lesion into validation")
+    _warn(f"the validation split {what}: AnoFPDM's validation pass needs validation slices with a lesion to fit its "
+          f"hyper-parameters (M_max), and will stop without them. To fix it: {fix}", warnings)
 
 
 def format_summary(summary: dict) -> str:

@@ -151,7 +151,8 @@ def select_divergence_range(divergence: torch.Tensor, labels: torch.Tensor) -> t
         raise HyperparameterError(
             f"AnoFPDM's M_max (diff_max) cannot be estimated: the {per_slice.shape[0]} validation slice(s) include no "
             "unhealthy one (M_max is the largest divergence of the unhealthy validation slices; without it every "
-            "test mask would come out empty)")
+            "test mask would come out empty). A validation split without a subject with a lesion comes from "
+            "preprocessing a small data set: preprocess it with --min_val_lesion_subjects 1")
     return unhealthy.amax(0).tolist(), unhealthy.amin(0).tolist()
 
 

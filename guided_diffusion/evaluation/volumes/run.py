@@ -70,9 +70,9 @@ def run_settings(method: base.SliceMethod, s: SegmentSettings, hyper: dict, out_
         "format_version": FORMAT_VERSION, "method": s.inference.method, "settings": method.settings(),
         "checkpoints": _digests(method.checkpoints(), out_dir), "hyperparams": hyper,
         "preprocessing": {"name": s.data.name, "mod": v.mod, "first": v.first, "last": v.last,
-                          "image_size": s.inference.image_size},
+                          "image_size": s.inference.image_size, "orientation": s.orientation},
         "batch_size": v.batch_size, "seed": s.inference.seed, "zero_healthy_slices": v.zero_healthy_slices,
-        "overlay": [v.overlay_slices, s.panel_modality],
+        "raw_map": v.raw_map, "overlay": [v.overlay_slices, s.panel_modality],
     }
 
 
@@ -119,7 +119,8 @@ def run(s: SegmentSettings, subjects: Optional[List[pp.Subject]] = None) -> dict
     checkpoint = (method.checkpoints() or [None])[0]
     run_info = {"device": device, "method": s.inference.method, "settings": method.settings(), "hyperparams": hyper,
                 "hyperparams_source": source, "checkpoint": checkpoint,
-                "preprocessing": settings["preprocessing"]}
+                "preprocessing": settings["preprocessing"],
+                "training_geometry": pp.training_geometry(s.data.name, s.data.data_dir or None)}
     logger.log(f"{len(subjects)} subject(s); {world} process(es); checkpoint {checkpoint}; output {out_dir}")
 
     mine = subjects[rank::world]

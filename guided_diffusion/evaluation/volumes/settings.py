@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
+from guided_diffusion.data import geometry as geo
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.evaluation.settings import DataSettings, ValidationSettings
 from guided_diffusion.flags import option
@@ -34,6 +35,9 @@ class VolumeSettings:
     zero_healthy_slices: bool = option(True, "empty the mask on slices classified healthy")
     overlay_slices: int = option(4, "axial slices shown in <id>_overlay.png (0: no picture)")
     panel_modality: int = option(-1, "input channel shown in the overlay (-1: the first of --modality)")
+    orientation: str = option("", "orientation scans are sliced in, as preprocessing's (empty: the data set's own, "
+                              "BraTS LPS, ATLAS RAS; 'stored': the array as stored, as upstream)")
+    raw_map: bool = option(False, "write the model's map everywhere (upstream's), not zero outside the brain")
 
     def __post_init__(self) -> None:
         if not (self.input or self.files or self.subjects_csv):
@@ -86,6 +90,7 @@ class SegmentSettings:
                 raise ValueError("the hyper-parameters come from --hyperparams_file (an evaluation run's "
                                  "hyperparams.json) or from a validation pass on --data_dir (a preprocessed folder "
                                  f"with npy_val/); got --data_dir {self.data.data_dir!r}")
+        geo.resolve_orientation(v.orientation, name)  # a ValueError naming --orientation
         if not 0 <= self.panel_modality < self.inference.in_channels:
             raise ValueError(f"--panel_modality {v.panel_modality} out of range for the model's "
                              f"{self.inference.in_channels} input channels")
@@ -94,6 +99,11 @@ class SegmentSettings:
     def panel_modality(self) -> int:
         p = self.volumes.panel_modality
         return p if p != -1 else self.inference.maps.modality[0]
+
+    @property
+    def orientation(self) -> str:
+        """The orientation the scans are sliced in (the data set's own unless --orientation says)."""
+        return geo.resolve_orientation(self.volumes.orientation, self.data.name)
 
     @property
     def channels(self) -> Tuple[str, ...]:

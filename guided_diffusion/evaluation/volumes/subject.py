@@ -15,8 +15,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from guided_diffusion import fileio
+from guided_diffusion import fileio, logger
 from guided_diffusion import metrics as M
+from guided_diffusion.data import geometry as geo
 from guided_diffusion.data import nifti
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.evaluation import fingerprint as fp
@@ -24,7 +25,7 @@ from guided_diffusion.evaluation.volumes.settings import SegmentSettings
 from guided_diffusion.methods import base
 
 FORMAT = "guided_diffusion volume segmentation"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: scans reoriented before slicing (record "geometry"); the map is zero outside the brain
 MAP_SUFFIX = "_anomaly_map.nii.gz"
 MASK_SUFFIX = "_anomaly_mask.nii.gz"
 RECORD_SUFFIX = "_segmentation.json"
@@ -156,10 +157,16 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
     if tuple(reference.shape[:3]) != tuple(volume.shape[1:]):
         raise pp.SubjectError(f"subject {subject.name}: {ref_path} has shape {reference.shape}, its data "
                               f"{volume.shape[1:]}")
-    notes = _grid_warnings(subject, reference)
+    # Sliced in the canonical orientation as the training data were; results go back to the grid as stored.
+    geometry = pp.subject_geometry(subject, s.orientation)
+    training = run_info.get("training_geometry") or geo.DATASET_GEOMETRY[s.data.name]
+    notes = _grid_warnings(subject, reference) + geometry.warnings(subject.name, training)
+    for note in notes:
+        logger.warn(f"WARNING: {note}")
     foreground = volume.mean(0) > 0  # sign-invariant under preprocessing's positive scaling
     image = volume[s.panel_modality].copy() if s.volumes.overlay_slices else None
-    prepared = pp.prepare_slices(volume, gt_labels, s.inference.image_size, s.volumes.first, s.volumes.last, subject.name)
+    prepared = pp.prepare_slices(volume, gt_labels, s.inference.image_size, s.volumes.first, s.volumes.last,
+                                 subject.name, geometry)
     del volume
     device = run_info["device"]
     x = model_input(prepared).to(device)
@@ -171,6 +178,9 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
     clock.lap("model")
     gate = (res.pred_label == 1)[:, None, None, None] if s.volumes.zero_healthy_slices else True
     amap = nifti.slices_to_volume(res.anomaly_map, prepared)
+    raw_map = s.volumes.raw_map
+    if not raw_map:  # the map outside the brain is the model's reconstruction of empty background: noise
+        amap[~foreground] = 0.0
     mask = nifti.mask_to_volume(res.mask & gate, prepared)
     kept = prepared.original_z
     unhealthy_z = [int(z) for z, lab in zip(kept, res.pred_label) if lab == 1]
@@ -195,13 +205,12 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
     what = f"{method.name} anomaly"
     nifti.save_like(paths["anomaly_map"], amap, reference, np.float32, f"{what} map")
     nifti.save_like(paths["anomaly_mask"], mask, reference, np.uint8, f"{what} mask")
-    if s.volumes.overlay_slices:
-        import nibabel as nib
-
-        zs = overlay_slices(gt, mask, kept, s.volumes.overlay_slices)
+    if s.volumes.overlay_slices:  # axial slices: the canonical frame the slices were cut in
+        canonical = [None if v is None else prepared.to_canonical(v) for v in (image, gt, amap, mask)]
+        zs = overlay_slices(canonical[1], canonical[3], kept, s.volumes.overlay_slices)
         if zs:
-            _write_overlay(paths["overlay"], subject.name, image, gt, amap, mask, zs,
-                           nib.aff2axcodes(reference.affine), set(unhealthy_z))
+            _write_overlay(paths["overlay"], subject.name, *canonical, zs, tuple(geometry.canonical_axcodes),
+                           set(unhealthy_z))
     clock.lap("write")
     record = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "id": subject.name,
@@ -210,10 +219,13 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
                    "seg": str(subject.mask) if gt_labels is not None else None},
         "reference": str(ref_path),
         "outputs": {k: p.name for k, p in paths.items() if k != "record" and (k != "overlay" or p.exists())},
-        "grid": {"shape": list(prepared.shape), "voxel_size": [float(z) for z in reference.header.get_zooms()[:3]],
+        "grid": {"shape": list(geometry.stored_shape),
+                 "voxel_size": [float(z) for z in reference.header.get_zooms()[:3]],
                  "voxel_ml": voxel_ml, "axcodes": "".join(str(c) for c in nib_axcodes(reference))},
+        "geometry": {**geometry.record(s.inference.image_size), "training": training.record()},
         "slices": {"kept": [kept.start, kept.stop], "n_kept": len(kept), "unhealthy": unhealthy_z,
-                   "n_unhealthy": len(unhealthy_z)},
+                   "n_unhealthy": len(unhealthy_z), "axis": f"z of the canonical frame ({geometry.canonical_axcodes})"},
+        "anomaly_map": "raw (upstream: the model's values everywhere)" if raw_map else "zero outside the brain",
         "lesion": {"voxels": int(mask.sum()), "ml": float(mask.sum()) * voxel_ml},
         "metrics": metrics,
         **{k: run_info[k] for k in ("method", "settings", "hyperparams", "hyperparams_source", "checkpoint",
