@@ -20,7 +20,7 @@ from guided_diffusion import fileio
 from guided_diffusion.data import geometry as geo
 from guided_diffusion.data import nifti
 from guided_diffusion.data import preprocess as pp
-from guided_diffusion.evaluation.volumes import cli as seg_cli
+from guided_diffusion.commands import segment as seg_cli
 from guided_diffusion.evaluation.volumes import subject as seg_subject
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Set, TypeV
 
 from guided_diffusion import dist_util, fileio
 from guided_diffusion.architecture import RUNTIME_FLAGS, ClassifierSettings, ModelSettings
-from guided_diffusion.flags import ArgumentParser, HelpFormatter, add_options, explicit_flags
+from guided_diffusion.flags import ArgumentParser, HelpFormatter, add_options, explicit_flags, parse_bool
 from guided_diffusion.loading import CheckpointSettings
 from guided_diffusion.methods.registry import METHODS, method_class
 from guided_diffusion.methods.settings import ComputeSettings, MapSettings
@@ -85,8 +85,16 @@ def method_choice(p: argparse.ArgumentParser, default: str) -> None:
                    help="segmentation method (its own flags are listed when it is chosen: --method NAME --help)")
 
 
-def add_output_flag(p: argparse.ArgumentParser, what: str) -> None:
+def add_output_flag(p: Any, what: str) -> None:
     p.add_argument("--output", default="", metavar="FOLDER", help=f"output folder: {what}")
+
+
+def add_resumable_output(group: Any, what: str, resume: str, known: Set[str]) -> None:
+    """--output, --resume and --progress of a command that continues an earlier run in its output folder."""
+    add_output_flag(group, f"{what}; a rerun into it continues")
+    group.add_argument("--resume", type=parse_bool, default=True, metavar="BOOL", help=resume)
+    group.add_argument("--progress", type=parse_bool, default=True, metavar="BOOL", help="progress bars")
+    known |= {"output", "resume", "progress"}
 
 
 def global_batch(values: Dict[str, Any], given: Set[str], world: int) -> int:

@@ -25,7 +25,7 @@ from guided_diffusion.evaluation.settings import (
     ValidationSettings,
     batches_for,
 )
-from guided_diffusion.flags import add_options, build, output_folder, parse_bool
+from guided_diffusion.flags import add_options, build, output_folder
 from guided_diffusion.methods.settings import inference_from_flags
 
 COMMAND = "evaluate"
@@ -43,12 +43,9 @@ def create_parser(method: str = "anofpdm", preset: Optional[Dict[str, Any]] = No
     known: Set[str] = {"method", "preset"}
     io = p.add_argument_group("data and output")
     add_options(io, DataSettings, known=known)
-    io.add_argument("--output", default="", help="results folder (default: $OPENAI_LOGDIR, else "
-                    "runs/evaluate_<method>); a rerun into it continues")
-    io.add_argument("--resume", type=parse_bool, default=True, metavar="BOOL",
-                    help="reuse the finished batches of an earlier run in --output (false: recompute them)")
-    io.add_argument("--progress", type=parse_bool, default=True, metavar="BOOL", help="progress bars")
-    known |= {"output", "resume", "progress"}
+    common.add_resumable_output(io, "metrics, tables, pictures (default: $OPENAI_LOGDIR, else runs/evaluate_<method>)",
+                                "reuse the finished batches of an earlier run in --output (false: recompute them)",
+                                known)
     add_options(p.add_argument_group("validation (the method's hyper-parameters)"), ValidationSettings, known=known)
     add_options(p.add_argument_group("test"), TestSettings, known=known)
     common.add_inference_options(p, method, known)

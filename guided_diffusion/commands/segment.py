@@ -24,7 +24,7 @@ from guided_diffusion.commands import common
 from guided_diffusion.errors import entry_point
 from guided_diffusion.evaluation.settings import DataSettings, ValidationSettings
 from guided_diffusion.evaluation.volumes.settings import SegmentSettings, VolumeSettings
-from guided_diffusion.flags import add_options, build, output_folder, parse_bool
+from guided_diffusion.flags import add_options, build, output_folder
 from guided_diffusion.methods.settings import inference_from_flags
 
 COMMAND = "segment"
@@ -37,13 +37,9 @@ def create_parser(method: str = "anofpdm", preset: Optional[Dict[str, Any]] = No
     common.method_choice(p, method)
     known: Set[str] = {"method", "preset"}
     add_options(p.add_argument_group("subjects and output"), VolumeSettings, known=known)
-    io = p.add_argument_group("output")
-    io.add_argument("--output", default="", help="results folder (default: $OPENAI_LOGDIR); a rerun into it "
-                    "continues")
-    io.add_argument("--resume", type=parse_bool, default=True, metavar="BOOL",
-                    help="skip subjects finished by an earlier run with the same settings (false: redo them)")
-    io.add_argument("--progress", type=parse_bool, default=True, metavar="BOOL", help="progress bars")
-    known |= {"output", "resume", "progress"}
+    common.add_resumable_output(p.add_argument_group("output"), "NIfTI results, records and pictures (default: "
+                                "$OPENAI_LOGDIR)", "skip subjects finished by an earlier run with the same settings "
+                                "(false: redo them)", known)
     val = p.add_argument_group("hyper-parameters: a file, or a validation pass on preprocessed data")
     add_options(val, ValidationSettings, known=known)
     add_options(val, DataSettings, known=known)
