@@ -6,8 +6,12 @@ folder in the temp dir) and the outputs (``$OPENAI_LOG_FORMAT``, default ``stdou
 ``tensorboard`` (``tb/``; needs the optional ``tensorboard`` package). Only rank 0 writes by default;
 other ranks use ``$OPENAI_LOG_FORMAT_MPI`` (default: nothing).
 Differences from upstream: files are appended to (a resumed run keeps its history), tensorboard is
-optional, and ``configure(sync_ranks=True)`` averages the logged values over all ranks at ``dumpkvs``
-(every rank must then call ``dumpkvs`` at the same points).
+optional (``configure(extra_formats=["tensorboard"])``: the training commands' ``--tensorboard true``), and
+``configure(sync_ranks=True)`` averages the logged values over all ranks at ``dumpkvs`` (every rank must then call
+``dumpkvs`` at the same points).
+
+``progress_bar`` is the one progress bar of every command: tqdm on a terminal; in a redirected log (stderr not a
+terminal) a plain line now and then instead, so log files hold no carriage returns or cursor escape codes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -56,16 +61,25 @@ class HumanOutputFormat(OutputFormat):
         vw = max(len(v) for _, v in rows)
         dashes = "-" * (kw + vw + 7)
         lines = [dashes] + [f"| {k}{' ' * (kw - len(k))} | {v}{' ' * (vw - len(v))} |" for k, v in rows] + [dashes]
-        self.file.write("\n".join(lines) + "\n")
-        self.file.flush()
+        self._write("\n".join(lines) + "\n")
+
+    def _write(self, text: str) -> None:
+        bars = sys.modules.get("tqdm") and getattr(sys.modules["tqdm"].tqdm, "_instances", None)
+        if self.own_file or not bars:
+            self.file.write(text)
+            self.file.flush()
+            return
+        # On a terminal with a live bar: clear the bars, write, redraw them (no text glued to a half-drawn bar).
+        with sys.modules["tqdm"].tqdm.external_write_mode(file=self.file):
+            self.file.write(text)
+            self.file.flush()
 
     @staticmethod
     def _trunc(s: str) -> str:
         return s[:27] + "..." if len(s) > 30 else s
 
     def writeseq(self, seq: Sequence[Any]) -> None:
-        self.file.write(" ".join(str(x) for x in seq) + "\n")
-        self.file.flush()
+        self._write(" ".join(str(x) for x in seq) + "\n")
 
     def close(self) -> None:
         if self.own_file:
@@ -226,8 +240,10 @@ def configure(
     format_strs: Optional[Sequence[str]] = None,
     log_suffix: str = "",
     sync_ranks: bool = False,
+    extra_formats: Sequence[str] = (),
 ) -> Logger:
-    """Set up the current logger (closing the previous one) and return it."""
+    """Set up the current logger (closing the previous one) and return it. ``extra_formats`` are added to rank 0's
+    formats (e.g. ``["tensorboard"]``)."""
     global _current
     from guided_diffusion import dist_util
 
@@ -242,6 +258,8 @@ def configure(
     if format_strs is None:
         env = os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv") if rank == 0 else os.getenv("OPENAI_LOG_FORMAT_MPI", "")
         format_strs = [f for f in env.split(",") if f]
+    if rank == 0:
+        format_strs = list(format_strs) + [f for f in extra_formats if f not in format_strs]
     if rank == 0 or format_strs:
         os.makedirs(folder, exist_ok=True)
     formats = [f for f in (make_output_format(s, folder, log_suffix) for s in format_strs) if f is not None]
@@ -328,3 +346,107 @@ def get_dir() -> Optional[str]:
 
 record_tabular = logkv
 dump_tabular = dumpkvs
+
+
+# -- progress -------------------------------------------------------------------------------------------------------
+
+PROGRESS_INTERVAL = 30.0  # seconds between two plain progress lines in a redirected log
+
+
+class LineProgress:
+    """A progress bar for logs that are not a terminal: the tqdm calls the package makes (``update``, ``reset``,
+    ``set_description``, ``set_postfix``, ``set_postfix_str``, ``close``), shown as one plain line at most every
+    ``interval`` seconds and a last line at ``close``; a transient bar (``leave=False``) and a disabled one print
+    nothing."""
+
+    def __init__(self, total: Optional[float] = None, desc: str = "", *, leave: bool = True, initial: int = 0,
+                 stream: Optional[TextIO] = None, interval: float = PROGRESS_INTERVAL, quiet: bool = False):
+        self.total, self.desc, self.n = total, desc, initial
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self.quiet = quiet or not leave
+        self.postfix = ""
+        self.start = self.last = time.monotonic()
+        self.closed = False
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if not self.quiet and now - self.last >= self.interval:
+            self.last = now
+            self._line(now)
+
+    def _line(self, now: float, done: bool = False) -> None:
+        elapsed = now - self.start
+        count = f"{self.n:g}/{self.total:g}" if self.total else f"{self.n:g}"
+        text = f"{self.desc}: {count}" if self.desc else count
+        if self.total and not done:
+            text += f" ({100.0 * self.n / self.total:.0f} %)"
+        text += f", {_duration(elapsed)}"
+        if self.total and self.n > 0 and not done and self.n < self.total:
+            text += f", about {_duration(elapsed * (self.total - self.n) / self.n)} left"
+        if self.postfix:
+            text += f" [{self.postfix}]"
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def reset(self, total: Optional[float] = None) -> None:
+        self.n = 0
+        if total is not None:
+            self.total = total
+        self.start = self.last = time.monotonic()
+
+    def set_description(self, desc: Optional[str] = None, refresh: bool = True) -> None:
+        self.desc = desc or ""
+
+    def set_postfix(self, ordered_dict: Optional[Dict[str, Any]] = None, refresh: bool = True, **kwargs: Any) -> None:
+        items = {**(ordered_dict or {}), **kwargs}
+        self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.closed and not self.quiet and self.n > 0:
+            self._line(time.monotonic(), done=True)
+        self.closed = True
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def progress_bar(total: Optional[float] = None, desc: str = "", *, enabled: bool = True, leave: bool = True,
+                 initial: int = 0, stream: Optional[TextIO] = None, interval: float = PROGRESS_INTERVAL) -> Any:
+    """The package's progress bar (the tqdm calls above): a tqdm bar on ``stream`` (default stderr) when it is a
+    terminal; otherwise a ``LineProgress`` (a plain line every ``interval`` s and one at the end), so a redirected
+    log gets no carriage returns or escape codes. ``enabled=False`` (``--progress false``, ranks other than 0)
+    shows nothing."""
+    stream = stream if stream is not None else sys.stderr
+    if enabled and _is_terminal(stream):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=leave, initial=initial, file=stream, dynamic_ncols=True)
+    return LineProgress(total, desc, leave=leave, initial=initial, stream=stream, interval=interval,
+                        quiet=not enabled)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False

@@ -40,9 +40,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from guided_diffusion import fileio, runtime
+from guided_diffusion import fileio, logger, runtime
 from guided_diffusion.data import geometry as geo
 from guided_diffusion.errors import SettingsMismatchError, UserError
 
@@ -731,7 +730,7 @@ def preprocess(
           f"({name}, mod={mod}, image_size={image_size}, orientation={orientation}, workers={workers})", flush=True)
 
     results: List[SubjectResult] = []
-    bar = tqdm(total=len(tasks), desc="subjects", disable=not progress)
+    bar = logger.progress_bar(len(tasks), "subjects", enabled=progress)
     if workers <= 1:
         for subject, split_dir in tasks:
             results.append(_run_one(subject, split_dir, image_size, first, last, orientation))

@@ -26,9 +26,8 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from guided_diffusion import fileio, runtime
+from guided_diffusion import fileio, logger, runtime
 from guided_diffusion.errors import UserError
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -393,7 +392,7 @@ def make_synthetic_brats(
     todo = [i for i in range(num_subjects) if not (out_dir / names[i]).is_dir()]
     if len(todo) < num_subjects:
         print(f"{num_subjects - len(todo)} subjects already in {out_dir}, skipping them", flush=True)
-    bar = tqdm(total=len(todo), desc="synthetic subjects", disable=not progress)
+    bar = logger.progress_bar(len(todo), "synthetic subjects", enabled=progress)
     if workers <= 1 or len(todo) <= 1:
         for i in todo:
             _make_one(str(out_dir), seed, i, i in healthy, shape, 0, lesions)

@@ -191,10 +191,7 @@ class Evaluation:
     # -- passes ---------------------------------------------------------------------------------------
 
     def _progress(self, total: Optional[int], desc: str, leave: bool = True):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, leave=leave, disable=not (self.s.progress and self.rank == 0),
-                    dynamic_ncols=True)
+        return logger.progress_bar(total, desc, leave=leave, enabled=self.s.progress and self.rank == 0)
 
     def _context(self, split: str, index: int, global_batch: int, bar) -> BatchContext:
         # The noise is drawn per global batch and dealt out like the slices (rank r holds rows r::world of the

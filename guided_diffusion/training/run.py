@@ -25,7 +25,9 @@ from guided_diffusion.training.train_util import TrainLoop
 def open_run_folder(output: str, loop: LoopSettings, image_dir: str, flags: Dict[str, Any], kind: str) -> str:
     """The run folder, ready: leftovers of a killed run swept, its ``config.json`` checked against ``flags`` (the
     checkpoints there belong to the model it describes); returns the checkpoint to resume from ("" for none)."""
-    logger.configure(dir=output, sync_ranks=True)
+    logger.configure(dir=output, sync_ranks=True, extra_formats=["tensorboard"] if loop.tensorboard else ())
+    if loop.tensorboard and dist_util.get_rank() == 0:
+        logger.log(f"TensorBoard event files in {os.path.join(output, 'tb')} (tensorboard --logdir {output})")
     if dist_util.get_rank() == 0:  # partial files of a killed run (only rank 0 writes here)
         for folder in {output, image_dir}:
             fileio.sweep_temp_files(folder, warn=logger.warn)

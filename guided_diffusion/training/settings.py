@@ -8,6 +8,7 @@ or simplex noise. ``ClassifierTrainSettings`` trains that classifier. Batch size
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -68,6 +69,8 @@ class LoopSettings:
     schedule_sampler: str = option("uniform", "how timesteps are drawn", choices=tuple(SCHEDULE_SAMPLERS))
     find_unused_parameters: str = option("auto", "DDP's find_unused_parameters: auto, true or false",
                                          choices=("auto", "true", "false", "True", "False"))
+    tensorboard: bool = option(False, "also write the logged values as TensorBoard event files to <output>/tb "
+                               "(needs the tensorboard package: pip install -e \".[tensorboard]\")")
     fp16_scale_growth: float = option(1e-3, "upstream's fp16 flag (the grad scaler is torch's here)", hidden=True)
 
     def __post_init__(self) -> None:
@@ -82,6 +85,10 @@ class LoopSettings:
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0 (0: off), got {getattr(self, flag)}")
         parse_ema_rates(self.ema_rate)
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard true needs the tensorboard package, which is not installed: "
+                             "pip install tensorboard (or the project's extra: pip install -e \".[tensorboard]\"), "
+                             "or drop --tensorboard")
 
     @property
     def ema_rates(self) -> List[float]:

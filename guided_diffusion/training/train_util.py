@@ -399,10 +399,7 @@ class TrainLoop:
         start_step = self.step
         bar = None
         if self.progress and self.rank == 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self._planned_steps(), initial=self.step, desc=f"train {self.name}".strip(),
-                       dynamic_ncols=True)
+            bar = logger.progress_bar(self._planned_steps(), f"train {self.name}".strip(), initial=self.step)
         stop_after_save = bool(os.environ.get("DIFFUSION_TRAINING_TEST"))
         try:
             while not self._should_stop():

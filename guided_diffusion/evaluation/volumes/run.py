@@ -96,8 +96,6 @@ def _check_run_file(out_dir: Path, settings: dict, resume: bool) -> Optional[str
 def run(s: SegmentSettings, subjects: Optional[List[pp.Subject]] = None) -> dict:
     """Segment every subject of ``s`` (see the package docstring); returns the summary on rank 0 and
     ``{"statuses": [...]}`` (this process's subjects) on the others."""
-    from tqdm.auto import tqdm
-
     t0 = time.time()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     device = dist_util.dev()
@@ -125,9 +123,8 @@ def run(s: SegmentSettings, subjects: Optional[List[pp.Subject]] = None) -> dict
 
     mine = subjects[rank::world]
     show = s.progress and rank == 0
-    outer = tqdm(total=len(mine), desc=f"subjects (rank 0 of {world})" if world > 1 else "subjects",
-                 disable=not show, dynamic_ncols=True)
-    inner = tqdm(total=0, desc="steps", leave=False, disable=not show, dynamic_ncols=True)
+    outer = logger.progress_bar(len(mine), f"subjects (rank 0 of {world})" if world > 1 else "subjects", enabled=show)
+    inner = logger.progress_bar(0, "steps", leave=False, enabled=show)
     statuses = []
     for subject in mine:
         done = finished_record(out_dir, subject, run_key, overlay=s.volumes.overlay_slices > 0) if s.resume else None
