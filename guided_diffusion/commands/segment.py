@@ -38,8 +38,8 @@ def create_parser(method: str = "anofpdm", preset: Optional[Dict[str, Any]] = No
     known: Set[str] = {"method", "preset"}
     add_options(p.add_argument_group("subjects and output"), VolumeSettings, known=known)
     common.add_resumable_output(p.add_argument_group("output"), "NIfTI results, records and pictures (default: "
-                                "$OPENAI_LOGDIR)", "skip subjects finished by an earlier run with the same settings "
-                                "(false: redo them)", known)
+                                "$OPENAI_LOGDIR, else runs/segment_<method>)", "skip subjects finished by an earlier "
+                                "run with the same settings (false: redo them)", known)
     val = p.add_argument_group("hyper-parameters: a file, or a validation pass on preprocessed data")
     add_options(val, ValidationSettings, known=known)
     add_options(val, DataSettings, known=known)
@@ -55,7 +55,7 @@ def settings_from_flags(values: Dict[str, Any], given: Set[str], note: Any = Non
                                      data_dir=data.data_dir, note=note)
     return SegmentSettings(volumes=build(VolumeSettings, values), inference=inference, data=data,
                            validation=build(ValidationSettings, values),
-                           output=output_folder(values["output"], None),
+                           output=output_folder(values["output"], f"runs/segment_{values['method']}"),
                            resume=values["resume"], progress=values["progress"])
 
 
