@@ -5,7 +5,8 @@
 
 # ---- CPU threads: OpenMP reads the wait policy when torch loads, so it is set before Python starts ----
 # PASSIVE: idle OpenMP threads sleep instead of spinning. On a CPU shared with other work spinning threads fight the
-# other processes: a 2-thread training step took 10-23 s instead of 1.7 s (bench/cpu_threads.py, README). Each
+# other processes: a 2-thread training step took 10-23 s instead of 1.7 s (bench/cpu_threads.py,
+# docs/launchers.md). Each
 # Python entry point then uses the free cores (cores minus the load average) unless OMP_NUM_THREADS is set
 # (guided_diffusion.runtime.configure_threads). Set OMP_WAIT_POLICY / OMP_NUM_THREADS yourself to override.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}

@@ -161,7 +161,7 @@ def _ddib(dataset: str) -> Preset:
     )
 
 
-# ---- the quickstart: 32 px, a small hae_v2_conservative UNet, 1000 steps (README "Quickstart") ------------------
+# ---- the quickstart: 32 px, a small hae_v2_conservative UNet, 1000 steps (docs/quickstart.md) ------------------
 QUICKSTART_MODEL = {
     "unet_ver": "hae_v2_conservative", "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2,2",
     "attention_resolutions": "8", "diffusion_steps": 1000, "noise_schedule": "linear", **CLF_FREE,

@@ -3,8 +3,9 @@
 * ``PRECISIONS`` / ``check_precision`` / ``autocast``: ``--precision fp32|bf16|fp16`` through ``torch.autocast``.
 * ``seed_everything``: python, numpy and torch RNGs from one seed.
 * CPU threads. Two things decide whether a CPU step collapses when the machine is shared
-  (``bench/cpu_threads.py``; numbers in the README): OpenMP threads that spin while waiting, and more threads
-  than free cores. The wait policy must be set before torch loads OpenMP, so it is set where the process starts:
+  (``bench/cpu_threads.py``; numbers in ``bench/results/cpu_threads_2026-12-01.md``): OpenMP threads that spin while
+  waiting, and more threads than free cores. The wait policy must be set before torch loads OpenMP, so it is set where
+  the process starts:
   ``guided_diffusion/__init__.py`` makes ``OMP_WAIT_POLICY=PASSIVE`` the default (importing the package first,
   as every script does, is enough) and the shell launchers export it. The thread count is set here, after
   torch is loaded: ``configure_threads()`` uses the free cores (cores this process may use minus the 1-minute
