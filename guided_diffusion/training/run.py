@@ -60,7 +60,7 @@ def check_run_folder(output: str, loop: LoopSettings, flags: Dict[str, Any], kin
         resume = fileio.latest_training_checkpoint(output, loop.ema_rates, warn=logger.warn) or ""
         if not resume:
             return ""  # nothing there, or nothing readable (garbage is overwritten, with the warning above)
-    continues = bool(resume) and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(output)
+    continues = bool(resume) and os.path.realpath(os.path.dirname(resume)) == os.path.realpath(output)
     if existing and not continues:
         newest = fileio.checkpoint_name("model", max(existing))
         start = f"--resume_checkpoint {resume}" if resume else '--resume_checkpoint "" (a fresh start)'

@@ -132,7 +132,8 @@ def finished_record(out_dir: Path, subject: pp.Subject, run_key: str, overlay: b
         problem = _damaged_output(paths[key], digests.get(key))
         if problem is not None:
             if warn is not None and problem != "missing":
-                warn(f"subject {subject.name}: its finished {paths[key]} is {problem}; computing the subject again")
+                warn(f"WARNING: subject {subject.name}: its finished {paths[key]} is {problem}; computing the "
+                     "subject again")
             return None
     return record
 
