@@ -949,7 +949,8 @@ def test_hyperparams_fitted_with_other_settings_or_another_model_are_refused_nam
     torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, other / "model000010.pt")
     err = _user_error(capsys, _translate, reuse("--model_dir", str(other)))
     assert "the checkpoint: fitted on another model" in err
-    # upstream's files (no record) still load, with a warning that they cannot be checked
+    # upstream's files (no record) still load, with a warning that they cannot be checked; no validation split needed
+    (root / "data" / "npy_val").rename(root / "val_elsewhere")
     upstream = root / "upstream.json"
     upstream.write_text(json.dumps({"thr_01": 0.9, "diff_max": [0.01, 0.02]}))
     plain = list(argv) + ["--num_batches_val", "0", "--hyperparams_file", str(upstream), "--output", str(root / "up")]

@@ -275,18 +275,15 @@ class Evaluation:
         return BatchContext(gen, rows=(global_batch // self.world) * self.world, rank=self.rank, world=self.world,
                             progress=bar.update)
 
-    def provenance(self) -> dict:
-        """What this run fits its hyper-parameters with (``fitted_with``) and on (``fitted_on``, for the record); call
-        it on every rank."""
-        return {"fitted_with": fit_provenance(self.method, self.s.inference, self.content("checkpoints")),
-                "fitted_on": _plain({"checkpoint_files": self.method.checkpoints(), "data_dir": self.s.data.data_dir,
-                                     "val_split": self.content("val"), "dataset": self.s.data.name})}
+    def fitted_with(self) -> dict:
+        """What this run fits hyper-parameters with (``fit_provenance``); call it on every rank."""
+        return fit_provenance(self.method, self.s.inference, self.content("checkpoints"))
 
     def read_hyperparams(self) -> dict:
         """``--hyperparams_file`` (checked against this run's settings), else the method's recorded values
         (``--num_batches_val 0``), checked."""
         v = self.s.validation
-        fitted_with = self.provenance()["fitted_with"] if v.hyperparams_file else None
+        fitted_with = self.fitted_with() if v.hyperparams_file else None
         return read_hyperparams(self.method, v.hyperparams_file, fitted_with, v.accept_hyperparams)
 
     def validation(self) -> dict:
@@ -316,7 +313,10 @@ class Evaluation:
         inner.close()
         outer.close()
         all_paths = self._gathered(paths)
-        provenance = self.provenance()
+        provenance = {"fitted_with": self.fitted_with(),  # compared where the file is read; fitted_on: for the record
+                      "fitted_on": _plain({"checkpoint_files": self.method.checkpoints(),
+                                           "data_dir": self.s.data.data_dir, "dataset": self.s.data.name,
+                                           "val_split": self.content("val")})}
         hyper = None
         if self.rank == 0:  # every rank's batches are in the shared output folder: fit once, tell the others
             hyper = dict(self._fit(all_paths, key), **provenance)
