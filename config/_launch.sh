@@ -6,8 +6,8 @@
 # then sources this file, which runs `anofpdm COMMAND --preset PRESET` on every visible GPU (torchrun), on several
 # CPU processes (CPU_PROCS) or nodes (NNODES, config/_common.sh), else in one plain python process. The settings live
 # in the preset; a variable below that is set becomes the flag of the same name in lower case (DATA_DIR=x ->
-# --data_dir x; OUT_DIR, OUTPUT or OPENAI_LOGDIR -> --output; BATCH_PER_GPU -> --batch_per_process), and the config's own
-# arguments come last, so every flag overrides:
+# --data_dir x, the value kept whole; OUT_DIR, OUTPUT or OPENAI_LOGDIR -> --output; BATCH_PER_GPU -> --batch_per_process;
+# the lists MODALITY and INPUT as said below), and the config's own arguments come last, so every flag overrides:
 #   DATA_DIR=data/brats128 bash config/run_train_brats_clf_free_guided_hae_v2_conservative.sh --max_steps 1000
 #   CUDA_VISIBLE_DEVICES=0,1 W="1 2 3" bash config/run_translation_brats_fpdm.sh      # one run per guidance weight
 #   DRY_RUN=1 bash config/run_translation_brats_fpdm.sh                               # print the command
@@ -25,17 +25,27 @@ FLAGS=()
 OUT_DIR=${OUT_DIR:-${OUTPUT:-${OPENAI_LOGDIR:-}}}   # the run's folder (OUTPUT, OPENAI_LOGDIR: the earlier names)
 if [ -n "$OUT_DIR" ]; then FLAGS+=(--output "$OUT_DIR"); fi
 if [ -n "${BATCH_PER_GPU:-}" ]; then FLAGS+=(--batch_per_process "$BATCH_PER_GPU"); fi
-# variables that become the flag of the same name (lists are space-separated words)
+# variables that become the flag of the same name, one value each (kept whole: a path may hold spaces)
 for var in DATA_DIR MODEL_DIR MODEL_NUM EMA CLF_DIR CLF_NUM SEED PRECISION BATCH_SIZE BATCH_SIZE_VAL NUM_BATCHES \
     NUM_BATCHES_VAL TEST_SLICES VAL_SLICES FORWARD_STEPS SAMPLE_STEPS CLASSIFIER_SCALE D_REVERSE LAST_ONLY UGP_MODE \
-    LEGACY_DDIM_ENCODING LEGACY_DDIB USE_DDPM NOISE_TYPE MODALITY TOTAL_EPOCHS SAVE_INTERVAL THRESHOLD DROPOUT \
-    MAX_STEPS ITERATIONS HYPERPARAMS_FILE INPUT MOD; do
-    if [ -n "${!var:-}" ]; then
-        flag="--$(echo "$var" | tr '[:upper:]' '[:lower:]')"
-        read -r -a words <<< "${!var}"
-        FLAGS+=("$flag" "${words[@]}")
-    fi
+    LEGACY_DDIM_ENCODING LEGACY_DDIB USE_DDPM NOISE_TYPE TOTAL_EPOCHS SAVE_INTERVAL THRESHOLD DROPOUT \
+    MAX_STEPS ITERATIONS HYPERPARAMS_FILE MOD; do
+    if [ -n "${!var:-}" ]; then FLAGS+=("--$(echo "$var" | tr '[:upper:]' '[:lower:]')" "${!var}"); fi
 done
+# lists: MODALITY="0 3" (space-separated); INPUT, the folders to segment: one per line (INPUT=$'a b\nc'), or one
+# line that is a single existing path (spaces included), else space-separated paths (INPUT="a b": a and b)
+if [ -n "${MODALITY:-}" ]; then read -r -a words <<< "$MODALITY"; FLAGS+=(--modality "${words[@]}"); fi
+if [ -n "${INPUT:-}" ]; then
+    if [[ "$INPUT" == *$'\n'* ]]; then
+        words=()
+        while IFS= read -r line; do if [ -n "$line" ]; then words+=("$line"); fi; done <<< "$INPUT"
+    elif [ -e "$INPUT" ]; then
+        words=("$INPUT")
+    else
+        read -r -a words <<< "$INPUT"
+    fi
+    FLAGS+=(--input "${words[@]}")
+fi
 
 count_processes
 # one run per value of W (AnoFPDM's and DDIB's guidance weight), each into <output>/w_<value> when there are several

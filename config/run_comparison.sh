@@ -17,7 +17,10 @@ for var in DATA_DIR NAME SEEDS METHODS TRAIN_STEPS TRAIN_BATCH LR EMA_RATE NUM_C
     ANODDPM_GAUSSIAN_STEPS ANODDPM_SIMPLEX_STEPS CLF_STEPS CLASSIFIER_SCALE DDIB_STEPS DDIB_W MODALITY EVAL_BATCH \
     TEST_BATCHES VAL_BATCHES NUM_SLICES SUBJECTS SYNTH_SHAPE IMAGE_SIZE WORKERS; do
     if [ -n "${!var:-}" ]; then
-        read -r -a words <<< "${!var}"
+        case "$var" in  # lists are space-separated; any other value is kept whole (a path may hold spaces)
+            SEEDS|METHODS|MODALITY|SYNTH_SHAPE) read -r -a words <<< "${!var}" ;;
+            *) words=("${!var}") ;;
+        esac
         ARGS+=("--$(echo "$var" | tr '[:upper:]' '[:lower:]')" "${words[@]}")
     fi
 done

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -26,6 +27,9 @@ from guided_diffusion.data.loaders import get_data_iter
 from guided_diffusion.commands import train as train_cli
 from guided_diffusion.commands import train_classifier as classifier_cli
 from test_preprocess import _brats_subject
+from test_segment import TINY as SEG_TINY
+from test_segment import _argv as _seg_argv
+from test_segment import _hyper_file, _save, _subject_arrays, _write_subject
 from test_train import TINY_FLAGS, write_npz_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -685,6 +689,9 @@ def test_a_validation_split_without_unhealthy_slices_says_why_and_what_to_do(eva
     ("[0.9, 0.1]", "must hold a JSON object"),
     ('{"thr_01": "high", "diff_max": [0.1, 0.1]}', "thr_01 must be a number, got 'high'"),
     ('{"thr_01": 0.9, "diff_max": 0.1}', "diff_max must be a list of numbers"),
+    ('{"thr_01": NaN, "diff_max": [0.1, 0.1]}', "thr_01 must be a finite number (a cosine similarity), got nan"),
+    ('{"thr_01": 0.9, "diff_max": [-0.1, 0.1]}', "diff_max (M_max, the largest divergence of the unhealthy validation "
+                                                 "slices) must be positive finite numbers, got [-0.1, 0.1]"),
 ])
 def test_a_damaged_hyperparams_file_is_named(evaluation, capsys, content, message):
     root, argv = evaluation
@@ -711,3 +718,467 @@ def test_evaluation_data_that_does_not_fit_the_recorded_model_is_refused(evaluat
     assert "holds 4 channel(s) at 16x16 px" in err and "takes --in_channels 4 --image_size 32" in err
     assert fileio.config_path(root / "model") in err
     assert not list((root / "logs").glob("batches/*.npz"))
+
+
+# ==================================================================================================================
+# Third round (issue 21): the silent results, lost work and unclear errors an outside campaign found, by command.
+# Each test fails on the code before the fix; tiny models and subjects, a second or two each.
+
+
+
+@pytest.fixture(scope="module")
+def seg_model(tmp_path_factory) -> Path:
+    """The segment command's tiny random model (test_segment's TINY), in a folder without config.json."""
+    from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+    folder = tmp_path_factory.mktemp("seg_model")
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **SEG_TINY})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(model.state_dict(), folder / "model000010.pt")
+    return folder
+
+
+def _segment(argv):
+    from guided_diffusion.commands import segment
+
+    try:
+        return segment.main(argv)
+    finally:
+        logger.reset()
+
+
+def _seg_summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+# ---- segment ---------------------------------------------------------------------------------------------------
+
+
+def test_segment_a_finished_map_damaged_afterwards_is_recomputed_not_skipped(tmp_path, seg_model):
+    src = tmp_path / "raw"
+    for i, name in enumerate("AB"):
+        _write_subject(src, name, i)
+    out = tmp_path / "out"
+    argv = _seg_argv(seg_model, out, src, extra=["--hyperparams_file", str(_hyper_file(tmp_path))])
+    assert _segment(argv) == 0
+    amap = out / "A_anomaly_map.nii.gz"
+    good = amap.read_bytes()
+    amap.write_bytes(good[:len(good) // 2])  # truncated after the run (a copy, a full disk elsewhere)
+    assert _segment(argv) == 0
+    summary = _seg_summary(out)
+    assert (summary["computed"], summary["skipped"]) == (1, 1)  # A again, B reused
+    assert amap.read_bytes() == good  # the same result as the first time (the method is deterministic per subject)
+    assert f"its finished {amap} is changed since it was written" in (out / "log.txt").read_text()
+    # a record written before digests were recorded: the file is read whole instead
+    record = out / "B_segmentation.json"
+    rec = json.loads(record.read_text())
+    del rec["output_digests"]
+    record.write_text(json.dumps(rec))
+    mask = out / "B_anomaly_mask.nii.gz"
+    mask.write_bytes(mask.read_bytes()[:60])
+    assert _segment(argv) == 0
+    assert (_seg_summary(out)["computed"], _seg_summary(out)["skipped"]) == (1, 1)
+    assert nib.load(str(mask)).get_fdata().shape == (24, 16, 10)
+
+
+def test_segment_rerun_with_another_w_names_the_flag_that_differs(tmp_path, seg_model, capsys):
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    argv = _seg_argv(seg_model, tmp_path / "out", src, extra=["--hyperparams_file", str(_hyper_file(tmp_path))])
+    assert _segment(argv) == 0
+    argv[argv.index("--w") + 1] = "3"
+    err = _user_error(capsys, _segment, argv)
+    assert "--w 2.0 (now 3.0)" in err and "differing: settings" not in err and "segment_run.json" in err
+
+
+def test_segment_resume_false_with_a_subset_is_refused_while_the_others_results_would_stay(tmp_path, seg_model,
+                                                                                           capsys):
+    src = tmp_path / "raw"
+    for i, name in enumerate("AB"):
+        _write_subject(src, name, i)
+    out = tmp_path / "out"
+    hyper = ["--hyperparams_file", str(_hyper_file(tmp_path))]
+    assert _segment(_seg_argv(seg_model, out, src, extra=hyper)) == 0
+    before = {p.name: p.read_bytes() for p in out.glob("B_*")}
+    subset = _seg_argv(seg_model, out, src / "A", extra=hyper + ["--resume", "false"])
+    subset[subset.index("--w") + 1] = "3"  # the earlier error's advice: other settings, --resume false
+    err = _user_error(capsys, _segment, subset)
+    assert "also holds results of 1 other subject(s) (B)" in err and "--w 2.0 (now 3.0)" in err
+    assert {p.name: p.read_bytes() for p in out.glob("B_*")} == before and not (out / "A_anomaly_map.nii.gz").stat().st_size == 0
+    # the same settings: the other subject's results are this run's kind, nothing is mixed
+    assert _segment(_seg_argv(seg_model, out, src / "A", extra=hyper + ["--resume", "false"])) == 0
+
+
+def test_segment_output_in_the_input_folder_is_refused(tmp_path, seg_model, capsys):
+    from guided_diffusion.commands import segment
+
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    hyper = ["--hyperparams_file", str(_hyper_file(tmp_path))]
+    for out in (src, src / "results"):
+        err = _user_error(capsys, _segment, _seg_argv(seg_model, out, src, extra=hyper))
+        assert f"--output {out} overlaps --input {src}" in err and "outside the input folders" in err
+    assert sorted(p.name for p in src.iterdir()) == ["A"]  # nothing written among the scans
+    settings, _ = segment.parse(_seg_argv(seg_model, tmp_path, src / "A", extra=hyper))  # --output holding it: fine
+    assert settings.output == str(tmp_path)
+
+
+def test_first_beyond_the_scan_names_the_flags_in_segmentation_and_preprocessing(tmp_path, seg_model):
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)  # 10 slices
+    out = tmp_path / "out"
+    argv = _seg_argv(seg_model, out, src, extra=["--hyperparams_file", str(_hyper_file(tmp_path)), "--first", "40"])
+    assert _segment(argv) == 1
+    message = _seg_summary(out)["failed"][0]["message"]
+    assert "--first 40 and --last 0 drop all 10 slices" in message and "IndexError" not in message
+    summary = pp.preprocess(src, image_size=8, first=40, output=tmp_path / "pre", progress=False)
+    assert len(summary["errors"]) == 1 and "--first 40 and --last 0 drop all 10 slices" in summary["errors"][0]
+
+
+def test_segment_skips_a_stray_nifti_in_the_input_root_with_a_warning(tmp_path, seg_model, capsys):
+    src = tmp_path / "raw"
+    for i, name in enumerate("AB"):
+        _write_subject(src, name, i)
+    (src / "notes.nii.gz").write_bytes(b"not a scan")
+    out = tmp_path / "out"
+    assert _segment(_seg_argv(seg_model, out, src, extra=["--hyperparams_file", str(_hyper_file(tmp_path))])) == 0
+    assert (_seg_summary(out)["done"], _seg_summary(out)["subjects"]) == (2, 2)
+    assert f"ignoring stray file {src / 'notes.nii.gz'}" in capsys.readouterr().err
+
+
+def test_segment_model_folder_without_config_names_in_channels_not_mod(tmp_path, seg_model, capsys):
+    from guided_diffusion.commands import segment
+
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    argv = _seg_argv(seg_model, tmp_path / "out", src,
+                     extra=["--hyperparams_file", str(_hyper_file(tmp_path)), "--mod", "flair"])
+    err = _user_error(capsys, segment.main, argv)  # a one-channel (FLAIR) model, --in_channels left at 4
+    assert "--in_channels 4" in err and "has no config.json" in err and "pass --in_channels 1" in err
+    assert "pass the --mod" not in err
+
+
+def test_segment_subjects_csv_with_semicolons_is_read_and_one_without_id_is_named(tmp_path, seg_model):
+    from guided_diffusion.commands import segment
+    from guided_diffusion.evaluation.volumes.subjects import collect_subjects
+
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    table = tmp_path / "subjects.csv"
+    table.write_text("id;flair;t1;t1ce;t2;seg\nscan1;" + ";".join(f"raw/A/A_{m}.nii.gz" for m in pp.MODALITIES)
+                     + ";raw/A/A_seg.nii.gz\n")  # a spreadsheet where the comma is the decimal mark
+    argv = _seg_argv(seg_model, tmp_path / "out", extra=["--hyperparams_file", str(_hyper_file(tmp_path)),
+                                                         "--subjects_csv", str(table)])
+    argv.remove("--input")
+    settings, _ = segment.parse(argv)
+    (subject,) = collect_subjects(settings.volumes, "brats")
+    assert subject.name == "scan1" and subject.images["t2"] == src / "A" / "A_t2.nii.gz"
+    assert subject.mask == src / "A" / "A_seg.nii.gz"
+    table.write_text("name,flair\nscan1,x.nii.gz\n")
+    with pytest.raises(ValueError, match="has no id column; expected a header such as id,flair,t1,t1ce,t2"):
+        collect_subjects(settings.volumes, "brats")
+
+
+def test_a_misregistered_modality_is_reported_on_the_console_and_in_the_log(tmp_path, seg_model, capsys):
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    vols, _ = _subject_arrays(0)
+    shifted = np.array(nib.load(str(src / "A" / "A_t2.nii.gz")).affine)
+    shifted[:3, 3] += 5.0  # t2 of another session, not co-registered
+    _save(src / "A" / "A_t2.nii.gz", vols["t2"], affine=shifted)
+    out = tmp_path / "out"
+    assert _segment(_seg_argv(seg_model, out, src, extra=["--hyperparams_file", str(_hyper_file(tmp_path))])) == 0
+    said = "subject A: A_t2.nii.gz has another affine than A_flair.nii.gz (not co-registered?)"
+    assert said in capsys.readouterr().out and said in (out / "log.txt").read_text()
+    summary = pp.preprocess(src, image_size=8, output=tmp_path / "pre", progress=False)  # preprocessing says it too
+    assert any(said in w for w in summary["warnings"]) and said in capsys.readouterr().err
+
+
+def test_launcher_keeps_paths_with_spaces_whole(tmp_path):
+    from test_launchers import dry_run
+
+    def values(cmd, flag):  # the words after a flag, up to the next flag
+        rest = cmd[cmd.index(flag) + 1:]
+        return rest[:next((i for i, w in enumerate(rest) if w.startswith("--")), len(rest))]
+
+    scans = tmp_path / "my scans"
+    scans.mkdir()
+    (cmd,), _ = dry_run("run_segment.sh", NUM_GPUS="1", INPUT=str(scans), DATA_DIR=str(tmp_path / "pre data"))
+    assert values(cmd, "--input") == [str(scans)]  # one existing path, not "my" and "scans"
+    assert values(cmd, "--data_dir") == [str(tmp_path / "pre data")]  # a single value is kept whole
+    (cmd,), _ = dry_run("run_segment.sh", NUM_GPUS="1", INPUT=f"{scans}\nother folder\n")  # one per line
+    assert values(cmd, "--input") == [str(scans), "other folder"]
+    (cmd,), _ = dry_run("run_segment.sh", NUM_GPUS="1", INPUT="a b", MODALITY="0 3")  # space-separated lists
+    assert values(cmd, "--input") == ["a", "b"] and values(cmd, "--modality") == ["0", "3"]
+
+
+# ---- hyperparams.json (evaluate and segment) --------------------------------------------------------------------
+
+
+def test_hyperparams_fitted_with_other_settings_or_another_model_are_refused_naming_them(evaluation, capsys):
+    root, argv = evaluation
+    fitted = _translate(argv)["hyperparams"]  # fitted at --w 2 --forward_steps 2 on root/model
+    hp = root / "logs" / "hyperparams.json"
+    recorded = json.loads(hp.read_text())
+    assert recorded["fitted_with"]["settings"]["w"] == 2.0 and recorded["fitted_with"]["timestep_respacing"] == ""
+    assert recorded["fitted_on"]["checkpoint_files"] == [str(root / "model" / "model000010.pt")]
+
+    def reuse(*extra, out="reuse"):
+        new = list(argv) + ["--num_batches_val", "0", "--hyperparams_file", str(hp), "--output", str(root / out),
+                            *extra]
+        for flag, value in zip(extra[::2], extra[1::2]):  # the later value of a flag wins anyway; keep argv plain
+            if flag in argv:
+                new[argv.index(flag) + 1] = value
+        return new
+
+    err = _user_error(capsys, _translate, reuse("--w", "6", "--forward_steps", "3"))
+    assert f"--hyperparams_file {hp} was fitted with other settings than this run's" in err
+    assert "--forward_steps 2 (now 3)" in err and "--w 2.0 (now 6.0)" in err and "--accept_hyperparams true" in err
+    assert not (root / "reuse" / "batches").exists()  # refused before any forward step
+    # on purpose: used, and the log says what differs
+    out = _translate(reuse("--w", "6", "--forward_steps", "3", "--accept_hyperparams", "true", out="accepted"))
+    assert out["hyperparams"]["thr_01"] == fitted["thr_01"]
+    assert "used anyway (--accept_hyperparams true): --forward_steps 2 (now 3)" in (root / "accepted" / "log.txt").read_text()
+    # the same settings on another model (other weights, same architecture)
+    other = root / "other_model"
+    other.mkdir()
+    state = torch.load(root / "model" / "model000010.pt", weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, other / "model000010.pt")
+    err = _user_error(capsys, _translate, reuse("--model_dir", str(other)))
+    assert "the checkpoint: fitted on another model" in err
+    # upstream's files (no record) still load, with a warning that they cannot be checked; no validation split needed
+    (root / "data" / "npy_val").rename(root / "val_elsewhere")
+    upstream = root / "upstream.json"
+    upstream.write_text(json.dumps({"thr_01": 0.9, "diff_max": [0.01, 0.02]}))
+    plain = list(argv) + ["--num_batches_val", "0", "--hyperparams_file", str(upstream), "--output", str(root / "up")]
+    assert _translate(plain)["hyperparams"]["thr_01"] == 0.9
+    assert f"--hyperparams_file {upstream} records nothing of what it was fitted with" in (root / "up" / "log.txt").read_text()
+
+
+def test_segment_refuses_hyperparams_fitted_at_another_w(tmp_path, seg_model, capsys):
+    from guided_diffusion.commands import segment
+    from guided_diffusion.evaluation.driver import fit_provenance
+    from guided_diffusion.evaluation.fingerprint import file_digest
+    from guided_diffusion.methods.registry import build_method
+
+    src = tmp_path / "raw"
+    _write_subject(src, "A", 0)
+    hp = _hyper_file(tmp_path)
+    argv = _seg_argv(seg_model, tmp_path / "out", src, extra=["--hyperparams_file", str(hp)])
+    settings, _ = segment.parse(argv)  # what an evaluation at --w 2 --forward_steps 2 records
+    method = build_method(settings.inference, "cpu")
+    fitted_with = fit_provenance(method, settings.inference, [file_digest(str(seg_model / "model000010.pt"))])
+    hp.write_text(json.dumps({**json.loads(hp.read_text()), "fitted_with": fitted_with}))
+    assert _segment(argv) == 0  # the same settings: used
+    argv[argv.index("--w") + 1] = "6"
+    err = _user_error(capsys, _segment, argv + ["--output", str(tmp_path / "w6")])
+    assert "--w 2.0 (now 6.0)" in err and f"--hyperparams_file {hp} was fitted with other settings" in err
+    assert not (tmp_path / "w6" / "A_anomaly_map.nii.gz").exists()
+
+
+# ---- evaluate ---------------------------------------------------------------------------------------------------
+
+
+def test_evaluation_nan_pixels_in_a_test_slice_are_named(evaluation, capsys):
+    root, argv = evaluation
+    bad = sorted((root / "data" / "npy_test").glob("*/slice_*.npz"))[2]
+    with np.load(bad) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    arrays["x"][0, 1, 5, 5:9] = np.nan
+    np.savez_compressed(bad, **arrays)
+    err = _user_error(capsys, _translate, argv)
+    assert f"slice file {bad} holds 4 non-finite value(s) (NaN/inf) in x" in err and f"delete {bad.parent}" in err
+    assert not (root / "logs" / "metrics.json").exists()
+
+
+def test_evaluation_num_batches_above_the_split_says_it_was_capped(evaluation):
+    root, argv = evaluation
+    argv = list(argv)
+    argv[argv.index("--num_batches") + 1] = "50"
+    assert _translate(argv)["computed"]["test"] == 2
+    assert ("--num_batches 50 is more than the test split holds: 8 slices make 2 batch(es) of 4; all 2 are used"
+            in (root / "logs" / "log.txt").read_text())
+
+
+# ---- train and train-classifier ---------------------------------------------------------------------------------
+
+
+def test_training_nan_pixels_name_the_slice_and_no_missing_checkpoint(tmp_path, monkeypatch, capsys):
+    data = write_npz_dataset(tmp_path / "data")
+    bad = data / "npy_train" / "patient_001" / "slice_1.npz"
+    with np.load(bad) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    arrays["x"][0, 0, 3, 3] = np.nan
+    np.savez(bad, **arrays)
+    err = _user_error(capsys, _train, tmp_path / "run", data, monkeypatch, "--batch_size", "6", steps=1)
+    assert f"slice file {bad} holds 1 non-finite value(s) (NaN/inf) in x" in err and "model000000.pt" not in err
+    # a loss that turns non-finite on finite data before any save: no checkpoint to resume from is named
+    from guided_diffusion.training import objectives
+
+    real = objectives.DiffusionObjective.__call__
+
+    def diverging(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        return out._replace(loss=out.loss * float("nan"))
+
+    monkeypatch.setattr(objectives.DiffusionObjective, "__call__", diverging)
+    arrays["x"][0, 0, 3, 3] = 0.5
+    np.savez(bad, **arrays)
+    err = _user_error(capsys, _train, tmp_path / "run2", data, monkeypatch, steps=1)
+    assert "non-finite training loss at step 1" in err and "no checkpoint has been saved yet" in err
+    assert "model000000.pt" not in err
+
+
+def test_class_conditional_training_on_data_without_a_lesion_slice_is_refused(tmp_path, monkeypatch, capsys):
+    data = write_npz_dataset(tmp_path / "data")
+    err = _user_error(capsys, _train, tmp_path / "run", data, monkeypatch, "--mixed", "false",
+                      "--n_unhealthy_patients", "0")  # healthy slices only, for a class-conditional model
+    assert "the 4 training slices of" in err and "hold no slice with a lesion" in err and "--num_classes 0" in err
+    # preprocessed data whose summary counts no lesion slice in train; the classifier needs both classes too
+    (data / pp.SUMMARY_FILE).write_text(json.dumps({"splits": {"train": {"unhealthy_slices": 0}}}))
+    err = _user_error(capsys, _train, tmp_path / "run2", data, monkeypatch)
+    assert "the 6 training slices of" in err and "hold no slice with a lesion" in err
+    err = _user_error(capsys, classifier_cli.main, ["--data_dir", str(data), "--image_size", "32", "--in_channels",
+                                                    "4", "--classifier_width", "32", "--classifier_depth", "1",
+                                                    "--classifier_attention_resolutions", "8", "--num_workers", "0",
+                                                    "--batch_size", "2", "--iterations", "1",
+                                                    "--output", str(tmp_path / "clf")])
+    assert "the noisy-image classifier learns to tell healthy from unhealthy slices" in err
+    assert not fileio.list_checkpoints(tmp_path / "run2") and not fileio.list_checkpoints(tmp_path / "clf")
+
+
+def test_training_batch_size_above_the_slices_says_how_batches_fill(tmp_path, monkeypatch):
+    data = write_npz_dataset(tmp_path / "data")  # 6 slices
+    assert _train(tmp_path / "run", data, monkeypatch, "--batch_size", "100", steps=1) == 1
+    assert ("--batch_size 100 is larger than the 6 training slices: each step takes all of them once, so a batch "
+            "holds 6 slices, not 100" in (tmp_path / "run" / "log.txt").read_text())
+
+
+def test_a_training_folder_holding_another_runs_checkpoints_is_refused(tmp_path, monkeypatch, capsys):
+    data = write_npz_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    assert _train(run, data, monkeypatch) == 2  # --lr 1e-4
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".pt", ".json")}
+    # a second training into the folder with another --lr: refused, the first run's files untouched
+    err = _user_error(capsys, _train, run, data, monkeypatch, "--lr", "1e-3", steps=4)
+    assert "--lr 0.001 (config.json: 0.0001)" in err and f"--resume_checkpoint {run / 'model000002.pt'}" in err
+    err = _user_error(capsys, _train, run, data, monkeypatch, "--resume_checkpoint", "")  # a fresh start
+    assert f"--output {run} holds the checkpoints of another run (up to model000002.pt)" in err
+    elsewhere = tmp_path / "other"
+    assert _train(elsewhere, data, monkeypatch, steps=1) == 1
+    err = _user_error(capsys, _train, run, data, monkeypatch, "--resume_checkpoint", str(elsewhere / "model000001.pt"))
+    assert "does not continue it: training here would overwrite them" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".pt", ".json")} == kept
+    # continuing that run with a lower --lr on purpose: name its checkpoint
+    assert _train(run, data, monkeypatch, "--lr", "1e-5", "--resume_checkpoint", str(run / "model000002.pt"),
+                  steps=3) == 3
+    assert "continuing" in (run / "log.txt").read_text()
+    assert json.loads((run / "config.json").read_text())["training"]["lr"] == 1e-5
+    assert json.loads((run / "settings.json").read_text())["settings"]["loop"]["lr"] == 1e-5
+
+
+def test_a_full_disk_at_save_leaves_no_part_of_the_failed_set(tmp_path, monkeypatch, capsys):
+    data = write_npz_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    real_open = fileio._open
+
+    def full_at_the_model_file(path, mode, **kwargs):  # opt, ema and state of step 2 were written before
+        if "model000002.pt" in os.path.basename(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, **kwargs)
+
+    monkeypatch.setattr(fileio, "_open", full_at_the_model_file)
+    err = _user_error(capsys, _train, run, data, monkeypatch, steps=3)
+    assert "the disk is full" in err
+    assert sorted(p.name for p in run.glob("*000002.pt")) == []  # not the opt file, nor the EMA or state
+    assert sorted(p.name for p in run.glob("*000001.pt")) == ["ema_0.99_000001.pt", "model000001.pt",
+                                                              "opt000001.pt", "state000001.pt"]
+
+
+# ---- compare ----------------------------------------------------------------------------------------------------
+
+
+def _compare(*argv):
+    from guided_diffusion.commands import compare
+
+    return compare.main(list(argv))
+
+
+def test_compare_from_runs_refuses_another_methods_evaluation_for_a_row(tmp_path, capsys):
+    from test_comparison import SLICES, _fake_run
+
+    fpdm = _fake_run(tmp_path / "fpdm", "anofpdm", {}, False, SLICES, [1, 1, 0, 0])
+    other = _fake_run(tmp_path / "other_fpdm", "anofpdm", {}, False, SLICES, [1, 1, 0, 0])
+    err = _user_error(capsys, _compare, "--output", str(tmp_path / "out"), "--from_runs", f"anofpdm={fpdm}",
+                      f"ddib={other}")
+    assert f"ddib={other}: {other / 'metrics.json'} is an evaluation of anofpdm, not of DDIM clf-free (DDIB)" in err
+    simplex = _fake_run(tmp_path / "simplex", "anoddpm", {}, True, SLICES, [1, 1, 0, 0])
+    metrics = json.loads((simplex / "metrics.json").read_text())
+    (simplex / "metrics.json").write_text(json.dumps({**metrics, "settings": {"noise_type": "simplex"}}))
+    err = _user_error(capsys, _compare, "--output", str(tmp_path / "out"), "--from_runs", f"anofpdm={fpdm}",
+                      f"anoddpm_gaussian={simplex}")
+    assert "is an evaluation of anoddpm --noise_type simplex, not of AnoDDPM (G) (anoddpm --noise_type gaussian)" in err
+    assert not (tmp_path / "out" / "comparison.md").exists()
+
+
+@pytest.mark.parametrize("damage", ["gone", "truncated"])
+def test_compare_from_runs_with_missing_or_damaged_batches_is_one_clear_error(tmp_path, capsys, damage):
+    from test_comparison import SLICES, _fake_run
+
+    fpdm = _fake_run(tmp_path / "fpdm", "anofpdm", {}, False, SLICES, [1, 1, 0, 0])
+    ddib = _fake_run(tmp_path / "ddib", "ddib", {}, True, SLICES, [1, 1, 0, 0])
+    batch = ddib / "batches" / "test_ws1_r0_b00000.npz"
+    if damage == "gone":
+        batch.unlink()
+    else:
+        batch.write_bytes(batch.read_bytes()[:300])
+    argv = ["--output", str(tmp_path / "out"), "--from_runs", f"anofpdm={fpdm}", f"ddib={ddib}"]
+    err = _user_error(capsys, _compare, *argv)
+    assert f"ddib: cannot read {batch} ({'missing' if damage == 'gone' else 'truncated or corrupt'})" in err
+    assert f"Rerun the evaluation into {ddib}" in err
+    if damage == "truncated":  # the script too: exit 2, as user errors (a raw traceback before)
+        res = subprocess.run([sys.executable, str(REPO / "scripts" / "comparison.py"), *argv], env=_env(),
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and str(batch) in res.stderr
+
+
+# ---- an upstream class-conditional v1 folder (issue 19 item 4) -------------------------------------------------
+
+
+def test_an_upstream_class_conditional_v1_folder_runs_upstreams_label_rule_and_says_so(tmp_path, monkeypatch):
+    """A folder without config.json of a class-conditional v1 model (upstream's classifier-guided DM) runs with the
+    label ignored, as upstream trained it, and the console and log say so; --label_only_with_uncond false uses it."""
+    from test_methods_models import CLASSIFIER, V1, _save_random
+    from test_translation import _write_dataset
+
+    from guided_diffusion.script_util import classifier_defaults, create_classifier, create_model_and_diffusion
+    from guided_diffusion.script_util import model_and_diffusion_defaults as defaults
+
+    _write_dataset(tmp_path / "data")
+    kw = {**defaults(), **V1, "num_classes": 2, "class_cond": True, "clf_free": False, "learn_sigma": True}
+    _save_random(create_model_and_diffusion(**kw)[0], tmp_path / "guided" / "model000005.pt", scale=0.3)
+    _save_random(create_classifier(**{**classifier_defaults(), **CLASSIFIER}), tmp_path / "clf" / "model000003.pt")
+    flags = (f"--method clf_guided --data_dir {tmp_path / 'data'} --model_dir {tmp_path / 'guided'} --modality 0 3 "
+             f"--batch_size 4 --batch_size_val 4 --num_batches 1 --num_batches_val 0 --opt_thr 0.1 --sample_steps 3 "
+             f"--clf_dir {tmp_path / 'clf'} --classifier_width 32 --classifier_depth 1 "
+             "--classifier_attention_resolutions 8 --ema false --num_panels 0 --progress false --image_size 32 "
+             "--num_channels 32 --num_res_blocks 1 --channel_mult 1,1,1,2 --attention_resolutions 16,8 "
+             "--in_channels 4 --unet_ver v1 --num_classes 2 --clf_free false --learn_sigma true").split()
+    runs = {}
+    for name, extra in (("upstream", []), ("label", ["--label_only_with_uncond", "false"]),
+                        ("explicit", ["--label_only_with_uncond", "true"])):
+        runs[name] = _translate(flags + ["--output", str(tmp_path / name)] + extra)
+    said = f"{tmp_path / 'guided'} has no config.json: its class-conditional v1 model runs upstream's label rule"
+    assert said in (tmp_path / "upstream" / "log.txt").read_text()
+    assert said not in (tmp_path / "label" / "log.txt").read_text()
+    settings = {k: v["metrics"]["settings"]["label_only_with_uncond"] for k, v in runs.items()}
+    assert settings == {"upstream": True, "label": False, "explicit": True}
+    maps = {}
+    for name in runs:
+        with np.load(tmp_path / name / "batches" / "test_ws1_r0_b00000.npz") as z:
+            maps[name] = z["anomaly_map_0"]
+    np.testing.assert_array_equal(maps["upstream"], maps["explicit"])  # upstream's rule: the label is ignored
+    assert not np.array_equal(maps["upstream"], maps["label"])  # with the label: another function

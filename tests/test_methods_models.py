@@ -123,6 +123,7 @@ def test_anofpdm_through_the_driver_equals_the_forward_process_pipeline(ws, tmp_
         stats.append(process.run(x, with_maps=False, generator=gen, noise_rows=(4, 0, 1)).stats)
         labels.append(lab)
     hyper = af.fit_hyperparams(af.StepStats.cat(stats), torch.cat(labels))
+    assert hyper_run.pop("fitted_with")["settings"]["w"] == 2.0 and "val_split" in hyper_run.pop("fitted_on")
     assert {**hyper.to_dict(), "pixel_labels_used": False} == hyper_run
 
     for k, (x, _gt, _lab) in enumerate(_batches(settings.data.data_dir, "test", 3)):

@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None, *, unet_ver: Optional[str] = None
 
     def run(checked) -> int:
         settings, preset = checked
-        common.prepare_output(settings.output, settings, COMMAND, preset)
-        return train(settings)
+        # settings.json once the folder is known to take this run (a refused run leaves the earlier one's)
+        return train(settings, record=lambda: common.prepare_output(settings.output, settings, COMMAND, preset))
 
     return common.run_in_process_group(check, run)

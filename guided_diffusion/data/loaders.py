@@ -8,13 +8,15 @@ Sampling: train uses a ``DistributedSampler`` (also for a single process, so ``s
 use one seeded order of the whole split that ranks share out without replacement, so every slice is seen exactly once
 across ranks (upstream drew a fresh random permutation per batch, which repeats slices).
 
-Faults: a truncated or corrupt slice file is a ``DataError`` naming it (``read_slice``), when it is met; with
-``image_size`` / ``in_channels`` the slices are checked against the model at start (the first slice of every patient,
-by its header) and each slice when it is loaded, so data of another size or channel count is an error naming both.
+Faults: a truncated or corrupt slice file, or one holding NaN/inf, is a ``DataError`` naming it (``read_slice``), when
+it is met; with ``image_size`` / ``in_channels`` the slices are checked against the model at start (the first slice of
+every patient, by its header) and each slice when it is loaded, so data of another size or channel count is an error
+naming both.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import zipfile
@@ -77,12 +79,17 @@ def read_slice(path: Path, keys: Sequence[str] = ("x", "y")) -> Dict[str, np.nda
             if missing:
                 raise DataError(f"slice file {path} has no {'/'.join(missing)} array (it holds {data.files}); "
                                 f"{_redo(path)}")
-            return {k: data[k] for k in keys}
+            arrays = {k: data[k] for k in keys}
     except DataError:
         raise
     except Exception as exc:  # BadZipFile, EOFError, zlib.error, ValueError (pickled or garbage), OSError
         raise DataError(f"cannot read slice file {path}: it is truncated or corrupt ({type(exc).__name__}: {exc}). "
                         f"{_redo(path)}") from None
+    for k, a in arrays.items():  # NaN/inf would turn every metric, loss and map of its batch into NaN in silence
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise DataError(f"slice file {path} holds {int((~np.isfinite(a)).sum())} non-finite value(s) (NaN/inf) in "
+                            f"{k}: the scan it was cut from has NaN/inf voxels; fix or replace that scan. {_redo(path)}")
+    return arrays
 
 
 def read_slice_shape(path: Path) -> Tuple[int, ...]:
@@ -150,7 +157,7 @@ class BrainDataset(Dataset):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split, self.ret_lab = split, ret_lab
-        root = Path(data_dir) / f"npy_{split}"
+        root = self.root = Path(data_dir) / f"npy_{split}"
         if not root.is_dir():
             raise FileNotFoundError(f"{root} not found: is --data_dir a preprocessed folder (with npy_{split}/)?")
         patients = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("patient_"))
@@ -231,6 +238,22 @@ class BrainDataset(Dataset):
             if lab is None:
                 self.labels[i] = slice_label(self.items[i])
         return list(self.labels)
+
+
+def known_unhealthy_slices(dataset: BrainDataset) -> Optional[int]:
+    """How many of the dataset's slices have a lesion, where that is known without reading every mask: every label
+    is known (a healthy-only selection), or the preprocessing summary (``preprocess_summary.json``) counts none in the
+    split (then no selection of it has one); None otherwise."""
+    if all(lab is not None for lab in dataset.labels):
+        return int(sum(dataset.labels))
+    from guided_diffusion.data.preprocess import SUMMARY_FILE
+
+    path = Path(dataset.root).parent / SUMMARY_FILE
+    try:
+        count = json.loads(path.read_text())["splits"][dataset.split]["unhealthy_slices"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return 0 if count == 0 else None
 
 
 class ShardedOrderSampler(Sampler[int]):

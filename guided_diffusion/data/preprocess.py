@@ -78,6 +78,7 @@ class SubjectResult:
     message: str = ""
     slice_range: Tuple[int, int] = (0, 0)
     geometry: Optional[dict] = None  # geo.Geometry.record() of the subject's scan
+    warnings: Tuple[str, ...] = ()  # reported by the main process (e.g. modalities not co-registered)
 
 
 def default_output_dir(source: str | os.PathLike, mod: str, first: int, last: int, image_size: int) -> Path:
@@ -112,7 +113,7 @@ def _listing(source: Path, warnings: List[str], warn_files: bool = True) -> List
         if entry.is_dir():
             dirs.append(entry)
         elif warn_files:
-            _warn(f"ignoring stray file {entry} in --source (expected one folder per subject)", warnings)
+            _warn(f"ignoring stray file {entry} in {source} (expected one folder per subject)", warnings)
     return dirs
 
 
@@ -434,6 +435,24 @@ def load_subject(subject: Subject, require_mask: bool = True) -> Tuple[np.ndarra
     return np.stack(channels), mask
 
 
+def grid_warnings(subject: Subject) -> List[str]:
+    """Modalities or mask on another grid than the first modality (same shape, another affine): they are still read
+    voxel by voxel, as upstream did, but were probably not co-registered (headers only are read)."""
+    import nibabel as nib
+
+    files = [p for p in (*subject.images.values(), subject.mask) if p is not None and Path(p).exists()]
+    notes = []
+    try:
+        reference = nib.load(str(files[0])).affine if files else None
+        for path in files[1:]:
+            if not np.allclose(nib.load(str(path)).affine, reference, atol=1e-3):
+                notes.append(f"subject {subject.name}: {Path(path).name} has another affine than {Path(files[0]).name} "
+                             f"(not co-registered?); it is read voxel by voxel on the grid of {Path(files[0]).name}")
+    except Exception:  # an unreadable file fails the subject by name where its data are read
+        pass
+    return notes
+
+
 def subject_geometry(subject: Subject, orientation: str) -> geo.Geometry:
     """The geometry of the subject's scan (the header of its first image, which every channel and the mask share
     voxel by voxel, as upstream reads them) for the canonical ``orientation`` (``geometry.resolve_orientation``).
@@ -513,6 +532,10 @@ def prepare_slices(volume: np.ndarray, mask: Optional[np.ndarray], image_size: i
         mask = None if mask is None else geometry.to_canonical(mask)
     shape = tuple(int(n) for n in volume.shape[1:])
     volume = trim_slices(volume, first, last)  # [C, H, W, S]
+    if volume.shape[-1] == 0:
+        raise SubjectError(f"subject {subject}: --first {first} and --last {last} drop all {shape[-1]} slices of its "
+                           "scan (along the inferior-superior axis): lower them (use the values the training data "
+                           "were preprocessed with)")
     labels = None if mask is None else (trim_slices(mask, first, last) > 0.5).astype(np.float32)  # all classes -> 1
     volume = normalise_percentile(volume)
     start, stop = brain_slice_range(volume)
@@ -556,7 +579,7 @@ def process_subject(subject: Subject, split_dir: Path, image_size: int = 128, fi
             else:
                 healthy += 1
     return SubjectResult(subject.name, split, "done", healthy, unhealthy, slice_range=(start, stop),
-                         geometry=geometry.record(image_size))
+                         geometry=geometry.record(image_size), warnings=tuple(grid_warnings(subject)))
 
 
 def _run_one(subject: Subject, split_dir: Path, image_size: int, first: int, last: int,
@@ -751,6 +774,8 @@ def preprocess(
     for msg in errors:
         print(f"ERROR: {msg}", file=sys.stderr, flush=True)
     for r in sorted(results, key=lambda r: r.name):
+        for note in r.warnings:
+            _warn(note, warnings)
         if r.geometry is not None and r.geometry["stored"]["obliquity_deg"] > geo.OBLIQUE_DEGREES:
             _warn(f"subject {r.name}: the scan's axes are {r.geometry['stored']['obliquity_deg']:.0f} degrees oblique "
                   f"to the world axes; its slices are cut along the closest axes ({r.geometry['stored']['axcodes']} "

@@ -33,6 +33,15 @@ ROWS: Dict[str, str] = {
     "anofpdm": "AnoFPDM (DDIM)",
 }
 
+#: the method (and settings) whose evaluation each row shows: --from_runs refuses another method's folder
+ROW_METHODS: Dict[str, Tuple[str, Dict[str, str]]] = {
+    "anoddpm_gaussian": ("anoddpm", {"noise_type": "gaussian"}),
+    "anoddpm_simplex": ("anoddpm", {"noise_type": "simplex"}),
+    "clf_guided": ("clf_guided", {}),
+    "ddib": ("ddib", {}),
+    "anofpdm": ("anofpdm", {}),
+}
+
 
 # ------------------------------------------------------------------------------------------------------
 # Results: the table and the picture
@@ -49,11 +58,24 @@ class Run:
 
     @classmethod
     def read(cls, method: str, folder: Path) -> "Run":
+        """The finished evaluation in ``folder`` as the row ``method``; a ValueError when it cannot be read or is
+        another method's evaluation (``ROW_METHODS``)."""
         path = Path(folder) / "metrics.json"
         try:
             metrics = json.loads(path.read_text())
+            if not isinstance(metrics, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
             raise ValueError(f"{method}: cannot read {path} ({e}); is the evaluation finished?") from None
+        if method in ROW_METHODS:
+            want, settings = ROW_METHODS[method]
+            ran = metrics.get("method")
+            found = {k: (metrics.get("settings") or {}).get(k) for k in settings}
+            if ran != want or any(v is not None and v != settings[k] for k, v in found.items()):
+                what = " ".join([str(ran)] + [f"--{k} {v}" for k, v in found.items() if v is not None])
+                need = " ".join([want] + [f"--{k} {v}" for k, v in settings.items()])
+                raise ValueError(f"{method}={folder}: {path} is an evaluation of {what}, not of {ROWS[method]} "
+                                 f"({need}); pass the folder of a {need} evaluation for this row")
         return cls(method, Path(folder), metrics)
 
     def value(self, setup: str, metric: str) -> Optional[float]:
@@ -64,16 +86,33 @@ class Run:
         path = self.folder / "per_slice.csv"
         try:
             with open(path, newline="") as f:
-                return list(csv.DictReader(f))
+                rows = list(csv.DictReader(f))
         except OSError as e:
             raise ValueError(f"{self.method}: cannot read {path} ({e})") from None
+        missing = sorted({"file", "index", "label", "gt_pixels"} - set(rows[0] if rows else {}))
+        if missing:
+            raise ValueError(f"{self.method}: {path} has no {', '.join(missing)} column(s) (no rows, or not written "
+                             f"by an evaluation); rerun the evaluation into {self.folder}")
+        return rows
+
+    def batch(self, name: str) -> Dict[str, np.ndarray]:
+        """The arrays of one of the run's test batch files (``batches/<name>``)."""
+        from guided_diffusion.evaluation.batch_store import BATCH_DIR, load_batch
+
+        path = self.folder / BATCH_DIR / name
+        data = load_batch(str(path))
+        if data is None:
+            raise ValueError(f"{self.method}: cannot read {path} ({'truncated or corrupt' if path.exists() else 'missing'})"
+                             f": the table checks the test slices and draws the picture from {self.folder / BATCH_DIR}."
+                             f" Rerun the evaluation into {self.folder} (it recomputes missing or damaged batches), "
+                             "or pass another folder")
+        return data
 
     def slice_files(self, rows: Sequence[dict]) -> List[str]:
         """The test slices of this run in its order (``patient_<P>/slice_<z>.npz``)."""
         out: List[str] = []
         for name in dict.fromkeys(r["file"] for r in rows):
-            with np.load(self.folder / "batches" / name) as z:
-                out += [str(s) for s in z["slice_file"]]
+            out += [str(s) for s in self.batch(name)["slice_file"]]
         return out
 
 
@@ -180,10 +219,10 @@ def write_picture(path: Path, runs: Dict[str, List[Run]], rows: Dict[Tuple[str, 
 
     def arrays(method: str, i: int) -> dict:
         r = rows[(method, 0)][i]
-        with np.load(runs[method][0].folder / "batches" / r["file"]) as z:
-            k = int(r["index"])
-            return {"input": z["panel_input"][k, 0].astype(np.float32), "gt": z["gt"][k, 0],
-                    "map": z["anomaly_map_0"][k, 0], "mask": z["mask_0"][k, 0], "slice": str(z["slice_file"][k])}
+        z = runs[method][0].batch(r["file"])
+        k = int(r["index"])
+        return {"input": z["panel_input"][k, 0].astype(np.float32), "gt": z["gt"][k, 0],
+                "map": z["anomaly_map_0"][k, 0], "mask": z["mask_0"][k, 0], "slice": str(z["slice_file"][k])}
 
     first = [arrays(methods[0], i) for i in picked]
     per_method = {m: [arrays(m, i) for i in picked] for m in methods}

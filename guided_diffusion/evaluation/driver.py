@@ -33,13 +33,13 @@ import itertools
 import json
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from guided_diffusion import dist_util, fileio, logger
-from guided_diffusion.errors import HyperparameterError
+from guided_diffusion.errors import HyperparameterError, SettingsMismatchError
 from guided_diffusion.evaluation import fingerprint as fp
 from guided_diffusion.evaluation import reports
 from guided_diffusion.evaluation.batch_store import (
@@ -60,6 +60,7 @@ from guided_diffusion.evaluation.volumes.report import test_split_volumes
 from guided_diffusion.factory import diffusion_defaults
 from guided_diffusion.methods.base import BatchContext, SliceMethod
 from guided_diffusion.methods.registry import build_method
+from guided_diffusion.methods.settings import InferenceSettings
 from guided_diffusion.metrics import evaluate_segmentation, foreground_mask
 
 FILE_VERSION = 5  # 5: settings objects (keys of the model and its diffusion from the model's settings)
@@ -96,6 +97,10 @@ def eval_batches(s: EvaluationSettings, split: str, global_batch: int, num_batch
     )
     if isinstance(loader, tuple):
         loader = loader[0]
+    if num_batches > len(loader) and dist_util.get_rank() == 0:
+        flag = "--num_batches_val" if split == "val" else "--num_batches"
+        logger.warn(f"WARNING: {flag} {num_batches} is more than the {split} split holds: {len(loader.dataset)} "
+                    f"slices make {len(loader)} batch(es) of {global_batch}; all {len(loader)} are used")
     order = list(loader.sampler) if with_files else []  # the sampler's order is fixed: batch i is its i-th chunk
     for i, batch in enumerate(loader):
         if 0 <= num_batches <= i:
@@ -111,9 +116,56 @@ def batch_seed(seed: int, split: str, index: int) -> int:
     return (seed * 1_000_003 + (0 if split == "val" else 500_009) + index) % 2**63
 
 
-def read_hyperparams(method: SliceMethod, path: str) -> dict:
+def fit_provenance(method: SliceMethod, s: InferenceSettings, checkpoint_digests: Sequence[str]) -> dict:
+    """What a method's hyper-parameters are fitted with (``fitted_with`` in hyperparams.json): the method's settings
+    that the fit depends on, the diffusion grid, the data set, the model's shape and the checkpoints' content. A
+    file read with other values is refused (``read_hyperparams``)."""
+    model = s.source.model
+    return _plain({"method": method.name, "settings": method.fit_settings(), "dataset": s.dataset,
+                   "image_size": s.image_size, "in_channels": s.in_channels, "diffusion_steps": model.diffusion_steps,
+                   "timestep_respacing": model.timestep_respacing or "", "checkpoints": list(checkpoint_digests)})
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def hyper_key(hyper: dict) -> dict:
+    """The hyper-parameters as they determine results: without where they were read from or fitted on."""
+    return {k: v for k, v in hyper.items() if k not in ("source", "fitted_on")}
+
+
+#: how the keys of ``fitted_with`` are named to the user; the method's settings by their own flags (--<key>)
+_FIT_KEY_NAMES = {"method": "--method", "dataset": "--name", "image_size": "--image_size",
+                  "in_channels": "--in_channels", "diffusion_steps": "--diffusion_steps",
+                  "timestep_respacing": "--timestep_respacing"}
+
+
+def fit_differences(recorded: dict, current: dict) -> List[str]:
+    """Each setting in which ``current`` differs from a file's ``fitted_with``: ``<flag> <recorded> (now <value>)``."""
+    out = []
+    for key in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(key), current.get(key)
+        if a == b:
+            continue
+        if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"--{k} {json.dumps(a.get(k))} (now {json.dumps(b.get(k))})" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
+        elif key == "checkpoints":
+            out.append("the checkpoint: fitted on another model (its content differs from --model_dir's)")
+        else:
+            out.append(f"{_FIT_KEY_NAMES.get(key, '--' + key)} {json.dumps(a)} (now {json.dumps(b)})")
+    return out
+
+
+def read_hyperparams(method: SliceMethod, path: str, fitted_with: Optional[dict] = None, accept: bool = False,
+                     warn: Callable[[str], None] = logger.warn) -> dict:
     """The hyper-parameters in ``path`` (a run's hyperparams.json), else the method's values for a run without
-    validation (``--num_batches_val 0``), checked by the method."""
+    validation (``--num_batches_val 0``), checked by the method.
+
+    ``fitted_with`` (``fit_provenance`` of this run): a file that records other settings is refused naming each,
+    unless ``accept`` (``--accept_hyperparams``: a warning lists them); a file without a record (upstream's, or an
+    older version's) is used with a warning that it cannot be checked."""
     if path:
         try:
             with open(path) as f:
@@ -127,10 +179,28 @@ def read_hyperparams(method: SliceMethod, path: str) -> dict:
     else:
         hyper = method.hyperparams_without_validation()
     try:
-        return method.check_hyperparams(hyper)
+        hyper = method.check_hyperparams(hyper)
     except ValueError as e:
         raise ValueError(f"hyper-parameters from {hyper.get('source', '?')} do not fit --method {method.name}: "
                          f"{e}") from None
+    if path and fitted_with is not None:
+        recorded = hyper.get("fitted_with")
+        if not isinstance(recorded, dict):
+            warn(f"WARNING: --hyperparams_file {path} records nothing of what it was fitted with (upstream's file, or "
+                 "one written by an older version): it is used as given, and cannot be checked against this run's "
+                 "method settings, diffusion grid and checkpoint; make sure they are those it was fitted with")
+            return hyper
+        diffs = fit_differences(recorded, _plain(fitted_with))
+        if diffs and not accept:
+            raise SettingsMismatchError(
+                f"--hyperparams_file {path} was fitted with other settings than this run's: {'; '.join(diffs)}. Its "
+                "values would mean something else here: validate with this run's settings (drop --hyperparams_file, "
+                "--num_batches_val -1), pass the hyperparams.json of a run with these settings, or pass "
+                "--accept_hyperparams true to use it anyway")
+        if diffs:
+            warn(f"WARNING: --hyperparams_file {path} was fitted with other settings than this run's, used anyway "
+                 f"(--accept_hyperparams true): {'; '.join(diffs)}")
+    return hyper
 
 
 class Evaluation:
@@ -184,7 +254,7 @@ class Evaluation:
     def _test_key(self, hyper: dict) -> str:
         return fp.json_digest({
             **self._key("test", self.s.test.batch_size),
-            "hyper": {k: v for k, v in hyper.items() if k != "source"},
+            "hyper": hyper_key(hyper),
             "store": self.s.test.save_data,
         })
 
@@ -202,9 +272,16 @@ class Evaluation:
         return BatchContext(gen, rows=(global_batch // self.world) * self.world, rank=self.rank, world=self.world,
                             progress=bar.update)
 
+    def fitted_with(self) -> dict:
+        """What this run fits hyper-parameters with (``fit_provenance``); call it on every rank."""
+        return fit_provenance(self.method, self.s.inference, self.content("checkpoints"))
+
     def read_hyperparams(self) -> dict:
-        """``--hyperparams_file``, else the method's recorded values (``--num_batches_val 0``), checked."""
-        return read_hyperparams(self.method, self.s.validation.hyperparams_file)
+        """``--hyperparams_file`` (checked against this run's settings), else the method's recorded values
+        (``--num_batches_val 0``), checked."""
+        v = self.s.validation
+        fitted_with = self.fitted_with() if v.hyperparams_file else None
+        return read_hyperparams(self.method, v.hyperparams_file, fitted_with, v.accept_hyperparams)
 
     def validation(self) -> dict:
         v = self.s.validation
@@ -233,9 +310,13 @@ class Evaluation:
         inner.close()
         outer.close()
         all_paths = self._gathered(paths)
+        provenance = {"fitted_with": self.fitted_with(),  # compared where the file is read; fitted_on: for the record
+                      "fitted_on": _plain({"checkpoint_files": self.method.checkpoints(),
+                                           "data_dir": self.s.data.data_dir, "dataset": self.s.data.name,
+                                           "val_split": self.content("val")})}
         hyper = None
         if self.rank == 0:  # every rank's batches are in the shared output folder: fit once, tell the others
-            hyper = self._fit(all_paths, key)
+            hyper = dict(self._fit(all_paths, key), **provenance)
             fileio.write_json(os.path.join(self.log_dir, "hyperparams.json"), hyper)
         return dist_util.broadcast_object(hyper)
 

@@ -43,6 +43,8 @@ class ValidationSettings:
     val_slices: int = option(0, "validation slices to use: sets --num_batches_val to cover them (0: unused)")
     hyperparams_file: str = option("", "hyperparams.json of an earlier run with the same settings (skips "
                                    "validation)")
+    accept_hyperparams: bool = option(False, "use --hyperparams_file even where the settings it was fitted with "
+                                      "(--w, steps, respacing, checkpoint...) differ from this run's")
 
     def __post_init__(self) -> None:
         if self.num_batches_val < -1:
@@ -53,6 +55,9 @@ class ValidationSettings:
             raise ValueError(f"--val_slices must be >= 0, got {self.val_slices}")
         if self.hyperparams_file and not os.path.isfile(self.hyperparams_file):
             raise ValueError(f"--hyperparams_file {self.hyperparams_file!r} does not exist")
+        if self.accept_hyperparams and not self.hyperparams_file:
+            raise ValueError("--accept_hyperparams true accepts a --hyperparams_file fitted with other settings; no "
+                             "--hyperparams_file is given")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ argument away: ``ugp_mode="upstream"`` (UGP = healthy-conditional prediction wit
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -745,6 +746,14 @@ class AnoFPDM(SliceMethod):
                 "median_kernel": self.median_kernel, "cc_max_size": self.cc_max_size, "quantile_a": self.a,
                 "quantile_b": self.b, "precision": self.precision}
 
+    #: settings that act on the test maps only: thr_01 and M_max come from the validation curves, which they leave as
+    #: they are (the curves of the guided and unguided MSE and the divergence M_t do not depend on S_t)
+    TEST_ONLY_SETTINGS = ("t_e_ratio", "median_kernel", "cc_max_size", "quantile_a", "quantile_b", "last_only",
+                          "subset_interval", "include_t_e", "sub_anomaly")
+
+    def fit_settings(self) -> dict:
+        return {k: v for k, v in self.settings().items() if k not in self.TEST_ONLY_SETTINGS}
+
     def checkpoints(self) -> list:
         return [self.checkpoint] if self.checkpoint else []
 
@@ -777,11 +786,19 @@ class AnoFPDM(SliceMethod):
         number = (int, float)
         if not isinstance(hyper["thr_01"], number) or isinstance(hyper["thr_01"], bool):
             raise ValueError(f"thr_01 must be a number, got {hyper['thr_01']!r}")
+        if not math.isfinite(hyper["thr_01"]):
+            raise ValueError(f"thr_01 must be a finite number (a cosine similarity), got {hyper['thr_01']!r}")
         for key in ("diff_max", "diff_min"):
             values = hyper.get(key, [])
             if not isinstance(values, list) or not all(isinstance(v, number) and not isinstance(v, bool)
                                                        for v in values):
                 raise ValueError(f"{key} must be a list of numbers (one per --modality), got {values!r}")
+        # M_t is a mean squared difference: M_max > 0 (it divides M_te in the quantile schedule), M_min >= 0
+        if not all(math.isfinite(v) and v > 0 for v in hyper["diff_max"]):
+            raise ValueError(f"diff_max (M_max, the largest divergence of the unhealthy validation slices) must be "
+                             f"positive finite numbers, got {hyper['diff_max']!r}")
+        if not all(math.isfinite(v) and v >= 0 for v in hyper.get("diff_min", [])):
+            raise ValueError(f"diff_min (M_min) must be finite numbers >= 0, got {hyper['diff_min']!r}")
         h = Hyperparams.from_dict(hyper)
         if len(h.diff_max) != len(self.cfg.modality):
             raise ValueError(f"{len(h.diff_max)} modalities in diff_max; --modality gives {len(self.cfg.modality)}")

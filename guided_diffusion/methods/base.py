@@ -227,6 +227,11 @@ class SliceMethod(abc.ABC):
     def settings(self) -> Dict[str, Any]:
         """JSON-able settings that determine the results (beyond checkpoints and data)."""
 
+    def fit_settings(self) -> Dict[str, Any]:
+        """The settings that ``fit``'s hyper-parameters depend on (default: all of ``settings()``): recorded in
+        hyperparams.json, and a file fitted with other values is refused where it is read."""
+        return self.settings()
+
     def checkpoints(self) -> List[str]:
         """Files whose content determines the results (the driver fingerprints their content)."""
         return []

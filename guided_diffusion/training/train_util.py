@@ -486,11 +486,13 @@ class TrainLoop:
         if self.world_size > 1:
             torch.distributed.all_reduce(bad)  # every rank stops together instead of hanging in DDP
         if bad.item() > 0:
+            last = os.path.join(self.log_dir, fileio.checkpoint_name("model", max(self._last_saved, 0)))
+            resume = (f"resume from the last checkpoint (--resume_checkpoint {last})" if os.path.exists(last) else
+                      "start again: no checkpoint has been saved yet")
             raise DivergedError(
                 f"non-finite training loss at step {self.step + 1} (epoch {self.epoch}, precision {self.precision}, "
-                f"loss on this rank {loss.item()}). Lower --lr, set --grad_clip (e.g. 1.0), try --precision "
-                f"bf16 or fp32, check the data for NaN/inf, and resume from the last checkpoint "
-                f"(--resume_checkpoint {os.path.join(self.log_dir, fileio.checkpoint_name('model', max(self._last_saved, 0)))})"
+                f"loss on this rank {loss.item()}; the slices were read finite). Lower --lr, set --grad_clip (e.g. "
+                f"1.0), try --precision bf16 or fp32, and {resume}"
             )
 
     @torch.no_grad()
@@ -588,22 +590,25 @@ class TrainLoop:
         if self.rank == 0:
             paths = fileio.checkpoint_paths(self.log_dir, self.step, self.ema_rates)
             sds = self.state_dicts()
-            for key, sd in sds.items():
-                if key != "model":
-                    fileio.torch_save(sd, paths[key])
-            fileio.torch_save(
-                {
-                    "step": self.step,
-                    "epoch": self.epoch,
-                    "batch_in_epoch": self.batch_in_epoch,
-                    "world_size": self.world_size,
-                    "batch_size": self.batch_size,
-                    "rng": rng_states,
-                    "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                },
-                paths["state"],
-            )
-            fileio.torch_save(sds["model"], paths["model"])  # last: its presence means the set is complete
+            sds["state"] = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "world_size": self.world_size,
+                "batch_size": self.batch_size,
+                "rng": rng_states,
+                "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            }
+            written = []
+            try:
+                for key in [k for k in sds if k != "model"] + ["model"]:  # model last: it marks the set complete
+                    fileio.torch_save(sds[key], paths[key])
+                    written.append(paths[key])
+            except BaseException:  # e.g. a full disk: the files of an incomplete set would only mislead
+                for path in written:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+                raise
             logger.log(f"saved checkpoint {paths['model']}")
             self.save_previews()
         self._last_saved = self.step

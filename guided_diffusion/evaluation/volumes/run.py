@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 from guided_diffusion import dist_util, fileio, logger
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.evaluation import fingerprint as fp
-from guided_diffusion.evaluation.driver import Evaluation, read_hyperparams
+from guided_diffusion.evaluation.driver import Evaluation, fit_provenance, read_hyperparams
 from guided_diffusion.evaluation.settings import EvaluationSettings
 from guided_diffusion.evaluation.volumes.report import (
     CSV_COLUMNS,
@@ -53,7 +53,9 @@ def resolve_hyperparams(method: base.SliceMethod, s: SegmentSettings, out_dir: P
     are reused on a rerun)."""
     val = s.validation
     if val.hyperparams_file:
-        return read_hyperparams(method, val.hyperparams_file), f"file {os.path.abspath(val.hyperparams_file)}"
+        fitted_with = fit_provenance(method, s.inference, _digests(method.checkpoints(), out_dir))
+        return (read_hyperparams(method, val.hyperparams_file, fitted_with, val.accept_hyperparams),
+                f"file {os.path.abspath(val.hyperparams_file)}")
     if val.num_batches_val == 0:
         return read_hyperparams(method, ""), "recorded values (--num_batches_val 0)"
     folder = str(out_dir / VALIDATION_DIR)
@@ -68,7 +70,8 @@ def run_settings(method: base.SliceMethod, s: SegmentSettings, hyper: dict, out_
     v = s.volumes
     return {
         "format_version": FORMAT_VERSION, "method": s.inference.method, "settings": method.settings(),
-        "checkpoints": _digests(method.checkpoints(), out_dir), "hyperparams": hyper,
+        "checkpoints": _digests(method.checkpoints(), out_dir),
+        "hyperparams": {k: v for k, v in hyper.items() if k != "fitted_on"},  # not where the data lay
         "preprocessing": {"name": s.data.name, "mod": v.mod, "first": v.first, "last": v.last,
                           "image_size": s.inference.image_size, "orientation": s.orientation},
         "batch_size": v.batch_size, "seed": s.inference.seed, "zero_healthy_slices": v.zero_healthy_slices,
@@ -76,19 +79,67 @@ def run_settings(method: base.SliceMethod, s: SegmentSettings, hyper: dict, out_
     }
 
 
-def _check_run_file(out_dir: Path, settings: dict, resume: bool) -> Optional[str]:
-    """Record this run's settings in ``segment_run.json``; the error message if the folder holds another run's."""
+#: how the keys of segment_run.json are named to the user (the flag that sets them); others: --<key>
+_RUN_KEY_NAMES = {
+    "format_version": "the output format (written by another version of this code)",
+    "checkpoints": "the checkpoint's content (--model_dir / --model_num / --ema)",
+    "hyperparams": "the hyper-parameters (--hyperparams_file, or the validation pass on --data_dir)",
+    "overlay": "--overlay_slices / --panel_modality",
+}
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def run_differences(old: dict, now: dict) -> List[str]:
+    """What differs between two runs' settings (segment_run.json), each as ``<flag> <recorded> (now <value>)``; the
+    method's and the preprocessing's settings by their own flags."""
+    out = []
+    for key in sorted(set(old) | set(now)):
+        a, b = old.get(key), now.get(key)
+        if a == b:
+            continue
+        if key in ("settings", "preprocessing") and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"--{k} {_shown(a.get(k))} (now {_shown(b.get(k))})" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
+        elif key in _RUN_KEY_NAMES:
+            out.append(_RUN_KEY_NAMES[key])
+        else:
+            out.append(f"--{key} {_shown(a)} (now {_shown(b)})")
+    return out
+
+
+def finished_subjects(out_dir: Path) -> List[str]:
+    """The ids of the subjects with a record (``<id>_segmentation.json``) in ``out_dir``."""
+    return sorted(p.name[:-len(RECORD_SUFFIX)] for p in out_dir.glob(f"*{RECORD_SUFFIX}"))
+
+
+def _check_run_file(out_dir: Path, settings: dict, resume: bool, subjects: List[str]) -> Optional[str]:
+    """Record this run's settings in ``segment_run.json``; the error message if the folder holds another run's
+    results that this run would mix with its own (``--resume true``: any; ``--resume false``: those of subjects it
+    does not recompute, which would stay beside the new ones)."""
     path = out_dir / RUN_FILE
     now = json.loads(json.dumps(settings, default=str))
-    if resume and path.exists():
+    old = None
+    if path.exists():
         try:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = None
-        if isinstance(old, dict) and old != now:
-            diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
-            return (f"--output {out_dir} holds results of a run with other settings (differing: {', '.join(diff)}; "
-                    f"see {path}). Use another --output, or --resume false to recompute every subject there")
+    if isinstance(old, dict) and old != now:
+        diff = "; ".join(run_differences(old, now))
+        if resume:
+            return (f"--output {out_dir} holds results of a run with other settings ({path}): {diff}. Use another "
+                    "--output, or --resume false to recompute the subjects there")
+        others = sorted(set(finished_subjects(out_dir)) - set(subjects))
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            return (f"--resume false recomputes this run's {len(subjects)} subject(s), but --output {out_dir} also "
+                    f"holds results of {len(others)} other subject(s) ({shown}) made with other settings ({path}: "
+                    f"{diff}), which would stay beside the new ones under the new settings record. Use another "
+                    "--output, include those subjects in this run, or delete their files (<id>_*) first")
     fileio.write_json(path, settings)
     return None
 
@@ -110,7 +161,7 @@ def run(s: SegmentSettings, subjects: Optional[List[pp.Subject]] = None) -> dict
     logger.log(f"{s.inference.method}: {method.describe(hyper)}")
     settings = run_settings(method, s, hyper, out_dir)
     run_key = fp.json_digest(settings)
-    problem = _check_run_file(out_dir, settings, s.resume) if rank == 0 else None
+    problem = _check_run_file(out_dir, settings, s.resume, [x.name for x in subjects]) if rank == 0 else None
     problem = dist_util.broadcast_object(problem)  # every rank stops, not only rank 0
     if problem:
         raise ValueError(problem)
@@ -127,7 +178,8 @@ def run(s: SegmentSettings, subjects: Optional[List[pp.Subject]] = None) -> dict
     inner = logger.progress_bar(0, "steps", leave=False, enabled=show)
     statuses = []
     for subject in mine:
-        done = finished_record(out_dir, subject, run_key, overlay=s.volumes.overlay_slices > 0) if s.resume else None
+        done = (finished_record(out_dir, subject, run_key, overlay=s.volumes.overlay_slices > 0, warn=logger.warn)
+                if s.resume else None)
         if done is not None:
             statuses.append({"id": subject.name, "status": "skipped"})
             outer.update(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Tuple
 
 from guided_diffusion.data import geometry as geo
@@ -54,6 +55,20 @@ class VolumeSettings:
             raise ValueError(f"--overlay_slices must be >= 0, got {self.overlay_slices}")
 
 
+def _check_output_apart(output: str, v: VolumeSettings) -> None:
+    """``--output`` must not be or lie in an ``--input`` folder, nor be the folder of a ``--files`` scan: a rerun would
+    take the results there for a subject's scans (and lose the finished ones). An output folder holding the input
+    folders is fine (e.g. ``--output .``)."""
+    out = Path(output).expanduser().resolve()
+    inputs = [(f"--input {e}", Path(e).expanduser().resolve()) for e in v.input]
+    inputs += [(f"--files {f}", Path(f.partition("=")[2]).expanduser().resolve().parent) for f in v.files]
+    for flag, folder in inputs:
+        if out == folder or folder in out.parents:
+            raise ValueError(f"--output {output} overlaps {flag}: results written among the scans would be read as a "
+                             "subject's files on the next run, and finished results would be lost. Use an --output "
+                             "outside the input folders")
+
+
 def channel_names(dataset: str, mod: str) -> Tuple[str, ...]:
     """The modalities the model takes, in channel order, as preprocessing stacks them."""
     if dataset == "atlas":
@@ -79,11 +94,19 @@ class SegmentSettings:
             raise ValueError(f"ATLAS has only T1w images: --mod must be t1 (or all), got {v.mod!r}")
         if not self.output:
             raise ValueError("--output is required: the folder the NIfTI results, JSON and pictures go to")
+        _check_output_apart(self.output, v)
         names = channel_names(name, v.mod)
+        source = self.inference.source
         if self.inference.in_channels != len(names):
-            raise ValueError(f"the model takes --in_channels {self.inference.in_channels} channels but --name {name} "
-                             f"--mod {v.mod} gives {len(names)} ({', '.join(names)}): pass the --mod the model was "
-                             "trained on")
+            if source.config_file is None:  # the channel count is the command line's, not the checkpoint's record
+                raise ValueError(
+                    f"--in_channels {self.inference.in_channels} (from the flags or the preset: --model_dir "
+                    f"{source.checkpoint.model_dir} has no config.json to say what the checkpoint takes) but --name "
+                    f"{name} --mod {v.mod} gives {len(names)} channel(s) ({', '.join(names)}): pass --in_channels "
+                    f"{len(names)} for a checkpoint trained on {', '.join(names)}")
+            raise ValueError(f"the model takes --in_channels {self.inference.in_channels} channels "
+                             f"({source.config_file}) but --name {name} --mod {v.mod} gives {len(names)} "
+                             f"({', '.join(names)}): pass the --mod the model was trained on")
         val = self.validation
         if not val.hyperparams_file and val.num_batches_val != 0:
             if not self.data.data_dir or not os.path.isdir(os.path.join(self.data.data_dir, "npy_val")):

@@ -99,8 +99,26 @@ def output_paths(out_dir: Path, name: str) -> Dict[str, Path]:
             "overlay": out_dir / f"{name}{OVERLAY_SUFFIX}", "record": out_dir / f"{name}{RECORD_SUFFIX}"}
 
 
-def finished_record(out_dir: Path, subject: pp.Subject, run_key: str, overlay: bool = True) -> Optional[dict]:
-    """The record of a subject finished by this run's settings on the same input files, else None."""
+def _damaged_output(path: Path, digest: Optional[str]) -> Optional[str]:
+    """Why a finished output file cannot be reused (None: it can): missing, or not the bytes its record names. A
+    record without digests (written by an older version) is checked by reading the file whole instead."""
+    if not path.exists():
+        return "missing"
+    if digest is not None:
+        return None if fp.file_digest(str(path)) == digest else "changed since it was written (digest differs)"
+    if path.name.endswith((".nii", ".nii.gz")):
+        try:
+            np.asanyarray(nifti.load_reference(path).dataobj)  # gzip checks its CRC and length at the end
+        except Exception as exc:
+            return f"unreadable ({type(exc).__name__})"
+    return None
+
+
+def finished_record(out_dir: Path, subject: pp.Subject, run_key: str, overlay: bool = True,
+                    warn=None) -> Optional[dict]:
+    """The record of a subject finished by this run's settings on the same input files whose outputs are intact
+    (their content digests, recorded when they were written, still match), else None. ``warn`` hears of a finished
+    subject whose outputs were damaged afterwards (it is recomputed)."""
     paths = output_paths(out_dir, subject.name)
     try:
         record = json.loads(paths["record"].read_text())
@@ -108,8 +126,16 @@ def finished_record(out_dir: Path, subject: pp.Subject, run_key: str, overlay: b
         return None
     if record.get("fingerprint") != fp.json_digest([run_key, _input_key(subject, out_dir)]):
         return None
+    digests = record.get("output_digests") or {}
     needed = ["anomaly_map", "anomaly_mask"] + (["overlay"] if overlay else [])
-    return record if all(paths[k].exists() for k in needed) else None
+    for key in needed:
+        problem = _damaged_output(paths[key], digests.get(key))
+        if problem is not None:
+            if warn is not None and problem != "missing":
+                warn(f"WARNING: subject {subject.name}: its finished {paths[key]} is {problem}; computing the "
+                     "subject again")
+            return None
+    return record
 
 
 def overlay_slices(gt: Optional[np.ndarray], pred: np.ndarray, kept: range, n: int) -> List[int]:
@@ -160,7 +186,7 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
     # Sliced in the canonical orientation as the training data were; results go back to the grid as stored.
     geometry = pp.subject_geometry(subject, s.orientation)
     training = run_info.get("training_geometry") or geo.DATASET_GEOMETRY[s.data.name]
-    notes = _grid_warnings(subject, reference) + geometry.warnings(subject.name, training)
+    notes = pp.grid_warnings(subject) + geometry.warnings(subject.name, training)
     for note in notes:
         logger.warn(f"WARNING: {note}")
     foreground = volume.mean(0) > 0  # sign-invariant under preprocessing's positive scaling
@@ -212,13 +238,15 @@ def segment_subject(subject: pp.Subject, method: base.SliceMethod, hyper: dict, 
             _write_overlay(paths["overlay"], subject.name, *canonical, zs, tuple(geometry.canonical_axcodes),
                            set(unhealthy_z))
     clock.lap("write")
+    written = {k: p for k, p in paths.items() if k != "record" and (k != "overlay" or p.exists())}
     record = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "id": subject.name,
         "fingerprint": fp.json_digest([run_key, _input_key(subject, out_dir)]),
         "inputs": {**{m: str(p) for m, p in subject.images.items()},
                    "seg": str(subject.mask) if gt_labels is not None else None},
         "reference": str(ref_path),
-        "outputs": {k: p.name for k, p in paths.items() if k != "record" and (k != "overlay" or p.exists())},
+        "outputs": {k: p.name for k, p in written.items()},
+        "output_digests": {k: fp.file_digest(str(p)) for k, p in written.items()},  # checked before a resume
         "grid": {"shape": list(geometry.stored_shape),
                  "voxel_size": [float(z) for z in reference.header.get_zooms()[:3]],
                  "voxel_ml": voxel_ml, "axcodes": "".join(str(c) for c in nib_axcodes(reference))},
@@ -258,16 +286,3 @@ def nib_axcodes(img) -> tuple:
     import nibabel as nib
 
     return nib.aff2axcodes(img.affine)
-
-
-def _grid_warnings(subject: pp.Subject, reference) -> List[str]:
-    """Modalities or mask on another grid than the reference (same shape, different affine): segmentation still
-    runs voxel by voxel as preprocessing does, but the inputs were probably not co-registered."""
-    notes = []
-    files = [*subject.images.values()] + ([subject.mask] if subject.mask and Path(subject.mask).exists() else [])
-    for path in files[1:]:
-        other = nifti.load_reference(path)
-        if not np.allclose(other.affine, reference.affine, atol=1e-3):
-            notes.append(f"subject {subject.name}: {Path(path).name} has another affine than {Path(files[0]).name} "
-                         "(not co-registered?); results are on the grid of the latter")
-    return notes

@@ -11,9 +11,16 @@ from guided_diffusion.data import preprocess as pp
 from guided_diffusion.evaluation.volumes.settings import SAFE_ID, VolumeSettings, channel_names
 
 def _is_subject_folder(folder: Path) -> bool:
+    """A subject's own folder (else a data set root holding subject folders): a BIDS ``sub-*`` folder, one holding
+    ``<folder name>_*.nii[.gz]`` files (BraTS, flattened ATLAS), or one with NIfTI files and no subfolder. A root with
+    a stray NIfTI file beside its subject folders stays a root (the file is skipped with a warning)."""
     if folder.name.startswith("sub-"):
         return True
-    return any(p.is_file() and p.name.endswith((".nii", ".nii.gz")) for p in folder.iterdir())
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    scans = [p for p in entries if p.is_file() and p.name.endswith((".nii", ".nii.gz"))]
+    if any(p.name.startswith(f"{folder.name}_") for p in scans):
+        return True
+    return bool(scans) and not any(p.is_dir() for p in entries)
 
 
 def _subject_from_files(name: str, entries: Dict[str, str], mods: Sequence[str], where: str,
@@ -62,9 +69,17 @@ def collect_subjects(v: VolumeSettings, dataset: str, warn=logger.warn) -> List[
         csv_path = Path(v.subjects_csv)
         try:
             with open(csv_path, newline="") as f:
-                rows = list(csv.DictReader(f))
+                text = f.read()
         except OSError as e:
             raise ValueError(f"--subjects_csv {csv_path}: {e}") from None
+        header = text.splitlines()[0] if text.strip() else ""
+        # comma, or the semicolon / tab that spreadsheets write where the comma is the decimal mark
+        delimiter = max(",;\t", key=header.count)
+        rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+        columns = {(k or "").strip().lower() for k in (rows[0] if rows else {})}
+        if "id" not in columns:
+            raise ValueError(f"--subjects_csv {csv_path}: the header {header!r} has no id column; expected a header "
+                             f"such as id,{','.join(mods)}[,seg] (separated by commas, semicolons or tabs)")
         for i, row in enumerate(rows, start=2):
             row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             name = row.pop("id", "")
