@@ -359,20 +359,20 @@ def test_corrupt_nifti_through_the_script_names_subject_and_file(tmp_path):
 def test_full_disk_during_a_training_save_keeps_the_last_set_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
     data = write_npz_dataset(tmp_path / "data")
     run = tmp_path / "run"
-    real_open = fileio._open
+    real_open = fileio.atomic._open
 
     def full_at_step_2(path, mode, **kwargs):
         if "opt000002.pt" in os.path.basename(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, mode, **kwargs)
 
-    monkeypatch.setattr(fileio, "_open", full_at_step_2)
+    monkeypatch.setattr(fileio.atomic, "_open", full_at_step_2)
     err = _user_error(capsys, _train, run, data, monkeypatch, steps=3)
     assert f"cannot write {run / 'opt000002.pt'}: the disk is full" in err and "finished work is kept" in err
     assert not [p for p in os.listdir(run) if fileio.is_temp_name(p)]
     assert sorted(fileio.list_checkpoints(run)) == [1]  # the set of step 2 is incomplete, so no model000002.pt
     assert fileio.latest_training_checkpoint(run, [0.99]) == str(run / "model000001.pt")
-    monkeypatch.setattr(fileio, "_open", real_open)  # space freed
+    monkeypatch.setattr(fileio.atomic, "_open", real_open)  # space freed
     assert _train(run, data, monkeypatch, "--resume_checkpoint", "auto", steps=3) == 3
     assert "resuming from" in (run / "log.txt").read_text() and sorted(fileio.list_checkpoints(run)) == [1, 2, 3]
 
@@ -1083,14 +1083,14 @@ def test_a_training_folder_holding_another_runs_checkpoints_is_refused(tmp_path,
 def test_a_full_disk_at_save_leaves_no_part_of_the_failed_set(tmp_path, monkeypatch, capsys):
     data = write_npz_dataset(tmp_path / "data")
     run = tmp_path / "run"
-    real_open = fileio._open
+    real_open = fileio.atomic._open
 
     def full_at_the_model_file(path, mode, **kwargs):  # opt, ema and state of step 2 were written before
         if "model000002.pt" in os.path.basename(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, mode, **kwargs)
 
-    monkeypatch.setattr(fileio, "_open", full_at_the_model_file)
+    monkeypatch.setattr(fileio.atomic, "_open", full_at_the_model_file)
     err = _user_error(capsys, _train, run, data, monkeypatch, steps=3)
     assert "the disk is full" in err
     assert sorted(p.name for p in run.glob("*000002.pt")) == []  # not the opt file, nor the EMA or state

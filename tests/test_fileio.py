@@ -164,7 +164,7 @@ class _FullDisk(io.RawIOBase):
 def test_disk_full_is_named_and_leaves_no_temp(tmp_path, monkeypatch, writer):
     target = tmp_path / {"torch": "ema_0.9999_000100.pt", "npz": "b00001.npz", "text": "per_slice.csv"}[writer]
     target.write_bytes(b"previous")
-    monkeypatch.setattr(fileio, "_open", lambda path, mode, **kw: _FullDisk(path, 4096))
+    monkeypatch.setattr(fileio.atomic, "_open", lambda path, mode, **kw: _FullDisk(path, 4096))
     with pytest.raises(fileio.DiskFullError) as info:
         if writer == "torch":  # torch turns the OSError into its own "enforce fail" RuntimeError
             fileio.torch_save({"w": torch.zeros(10000)}, target)
@@ -201,7 +201,7 @@ def test_other_os_errors_name_the_file(tmp_path, monkeypatch):
     def denied(path, mode, **kw):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(fileio, "_open", denied)
+    monkeypatch.setattr(fileio.atomic, "_open", denied)
     with pytest.raises(PermissionError, match=f"cannot write {tmp_path / 'x.json'}: Permission denied"):
         fileio.write_json(tmp_path / "x.json", {})
 

@@ -402,7 +402,7 @@ class _FailingFile:
 def _failing_open(suffix, err):
     import guided_diffusion.fileio as fileio
 
-    real = fileio._open
+    real = fileio.atomic._open
 
     def opener(path, mode, **kw):
         # temp name: .<final name>.partial-<pid>-<hex>
@@ -423,10 +423,10 @@ def test_failed_write_leaves_nothing_half_written(tmp_path, model_dir, monkeypat
     _write_subject(src, "B", 1)
     out = tmp_path / "out"
     argv = _argv(model_dir, out, src, extra=["--hyperparams_file", str(_hyper_file(tmp_path))])
-    real = fileio._open
+    real = fileio.atomic._open
 
     # an I/O error while writing A's mask: A fails by name, B goes on, nothing partial under a final name
-    monkeypatch.setattr(fileio, "_open", _failing_open(f"A{seg_subject.MASK_SUFFIX}", errno.EIO))
+    monkeypatch.setattr(fileio.atomic, "_open", _failing_open(f"A{seg_subject.MASK_SUFFIX}", errno.EIO))
     assert seg_cli.main(argv) == 1
     assert not (out / f"A{seg_subject.MASK_SUFFIX}").exists() and not (out / f"A{seg_subject.RECORD_SUFFIX}").exists()
     assert (out / f"B{seg_subject.RECORD_SUFFIX}").exists()
@@ -437,7 +437,7 @@ def test_failed_write_leaves_nothing_half_written(tmp_path, model_dir, monkeypat
     # a full disk stops the run (every further write would fail) naming the file; finished subjects are kept
     # (A's map from the first attempt is a complete file and stays as it was: the rename never happened)
     kept = {p.name: p.read_bytes() for p in out.glob("[AB]_*")}
-    monkeypatch.setattr(fileio, "_open", _failing_open(f"A{seg_subject.MAP_SUFFIX}", errno.ENOSPC))
+    monkeypatch.setattr(fileio.atomic, "_open", _failing_open(f"A{seg_subject.MAP_SUFFIX}", errno.ENOSPC))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:  # one message, exit code 2 (errors.entry_point)
         seg_cli.main(argv + ["--resume", "True"])
@@ -449,7 +449,7 @@ def test_failed_write_leaves_nothing_half_written(tmp_path, model_dir, monkeypat
 
     # a writer killed outright leaves a hidden partial file: swept at the next start, which completes A
     (out / f".A{seg_subject.MAP_SUFFIX}.partial-999999-deadbeef").write_bytes(b"half")
-    monkeypatch.setattr(fileio, "_open", real)
+    monkeypatch.setattr(fileio.atomic, "_open", real)
     assert seg_cli.main(argv) == 0
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert nib.load(str(out / f"A{seg_subject.MASK_SUFFIX}")).shape == SHAPE

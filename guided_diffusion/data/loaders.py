@@ -32,6 +32,7 @@ from guided_diffusion.errors import DataError
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of BraTS data preprocessed with --mod all
 FLAIR, T1, T1CE, T2 = range(4)
 SPLITS = ("train", "val", "test")
+SUMMARY_FILE = "preprocess_summary.json"  # what preprocessing made of each split (written by data/preprocess.py)
 _SLICE_RE = re.compile(r"^slice_(\d+)\.npz$")
 
 
@@ -246,8 +247,6 @@ def known_unhealthy_slices(dataset: BrainDataset) -> Optional[int]:
     split (then no selection of it has one); None otherwise."""
     if all(lab is not None for lab in dataset.labels):
         return int(sum(dataset.labels))
-    from guided_diffusion.data.preprocess import SUMMARY_FILE
-
     path = Path(dataset.root).parent / SUMMARY_FILE
     try:
         count = json.loads(path.read_text())["splits"][dataset.split]["unhealthy_slices"]

@@ -42,15 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from guided_diffusion import fileio, logger, runtime
+from guided_diffusion.data.loaders import MODALITIES, SPLITS, SUMMARY_FILE, read_slice, read_slice_shape
 from guided_diffusion.data import geometry as geo
 from guided_diffusion.errors import SettingsMismatchError, UserError
 
-MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of --mod all
-SPLITS = ("train", "val", "test")
 SPLIT_SEED = 10
 SPLIT_FRACTIONS = (0.75, 0.05)  # train, val; test gets the rest
 DATASETS = ("brats", "atlas")
-SUMMARY_FILE = "preprocess_summary.json"
 SETTINGS_FILE = "preprocess_settings.json"  # what determined the output (checked on every rerun into it)
 SPLIT_RECORD = "split.json"  # in data_splits/: the subjects the split was made from (absent: an older split)
 FORMAT_VERSION = 1  # of the slice files; bump when what they hold changes
@@ -397,7 +395,6 @@ def subject_has_lesion(subject: Subject) -> bool:
 
 
 def _count_existing(patient_dir: Path) -> Tuple[int, int]:
-    from guided_diffusion.data.loaders import read_slice
 
     healthy = unhealthy = 0
     for f in patient_dir.glob("slice_*.npz"):
@@ -654,7 +651,6 @@ def check_output_settings(root: Path, settings: Dict[str, object], warnings: Lis
               f"--mod, --first/--last and --image_size), or delete {root} to start over")
 
     def older_output() -> None:
-        from guided_diffusion.data.loaders import read_slice_shape
 
         existing = next(iter(sorted(root.glob("npy_*/patient_*/slice_*.npz"))), None)
         if existing is None:
