@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import tempfile
 import traceback
@@ -35,35 +34,40 @@ from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from guided_diffusion import fileio, logger, runtime
-from guided_diffusion.data.loaders import MODALITIES, SPLITS, SUMMARY_FILE, read_slice, read_slice_shape
 from guided_diffusion.data import geometry as geo
+from guided_diffusion.data.loaders import MODALITIES, SPLITS, SUMMARY_FILE, read_slice, read_slice_shape
 from guided_diffusion.errors import SettingsMismatchError, UserError
+from guided_diffusion.data.raw import (  # noqa: F401  (the preprocessing API in one place)
+    DATASETS,
+    Subject,
+    SubjectError,
+    _warn,
+    discover_subjects,
+    grid_warnings,
+    load_subject,
+    load_volume,
+    subject_from_folder,
+    subject_geometry,
+    subject_has_lesion,
+)
+from guided_diffusion.data.slices import (  # noqa: F401
+    PreparedSlices,
+    brain_slice_range,
+    normalise_percentile,
+    prepare_slices,
+    resize_slices,
+    trim_slices,
+)
+from guided_diffusion.data.splits import SPLIT_FRACTIONS, SPLIT_RECORD, SPLIT_SEED, make_splits, seeded_split  # noqa: F401
 
-SPLIT_SEED = 10
-SPLIT_FRACTIONS = (0.75, 0.05)  # train, val; test gets the rest
-DATASETS = ("brats", "atlas")
 SETTINGS_FILE = "preprocess_settings.json"  # what determined the output (checked on every rerun into it)
-SPLIT_RECORD = "split.json"  # in data_splits/: the subjects the split was made from (absent: an older split)
 FORMAT_VERSION = 1  # of the slice files; bump when what they hold changes
-
-
-class SubjectError(Exception):
-    """A problem with one subject's input; the message names the subject and the file."""
-
-
-@dataclass
-class Subject:
-    name: str
-    images: Dict[str, Path]  # modality -> volume file
-    mask: Optional[Path]
-    problem: Optional[str] = None  # set at discovery when the subject cannot be processed
 
 
 @dataclass
@@ -84,316 +88,6 @@ def default_output_dir(source: str | os.PathLike, mod: str, first: int, last: in
     return Path(source).absolute().parent / f"preprocessed_data_{mod}_{first}{last}_{image_size}"
 
 
-def _warn(msg: str, sink: Optional[List[str]] = None) -> None:
-    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
-    if sink is not None:
-        sink.append(msg)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Discovering subjects
-
-
-def _nifti(path_gz: Path) -> Path:
-    """The .nii.gz path, or the plain .nii next to it if only that exists."""
-    if not path_gz.exists():
-        plain = path_gz.with_name(path_gz.name[: -len(".gz")])
-        if plain.exists():
-            return plain
-    return path_gz
-
-
-def _listing(source: Path, warnings: List[str], warn_files: bool = True) -> List[Path]:
-    dirs = []
-    for entry in sorted(source.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            dirs.append(entry)
-        elif warn_files:
-            _warn(f"ignoring stray file {entry} in {source} (expected one folder per subject)", warnings)
-    return dirs
-
-
-def _brats_subject(d: Path, mods: Sequence[str]) -> Subject:
-    """BraTS 2021: ``<P>/<P>_{flair,t1,t1ce,t2,seg}.nii.gz``."""
-    images = {m: _nifti(d / f"{d.name}_{m}.nii.gz") for m in mods}
-    return Subject(d.name, images, _nifti(d / f"{d.name}_seg.nii.gz"))
-
-
-def _brats_subjects(source: Path, mods: Sequence[str], warnings: List[str]) -> List[Subject]:
-    return [_brats_subject(d, mods) for d in _listing(source, warnings)]
-
-
-def _atlas_flat_subject(d: Path) -> Subject:
-    """ATLAS as upstream flattened it: ``<P>/<P>_T1w.nii.gz``, ``<P>/<P>_mask.nii.gz``."""
-    return Subject(d.name, {"t1": _nifti(d / f"{d.name}_T1w.nii.gz")}, _nifti(d / f"{d.name}_mask.nii.gz"))
-
-
-def _bids_subject(d: Path, warnings: List[str], require_mask: bool = True) -> Subject:
-    """One ``sub-*`` folder of the official ATLAS BIDS tree (``ses-*/anat/*_T1w.nii.gz`` + ``*_mask.nii.gz``)."""
-    t1s = sorted(p for p in d.rglob("*_T1w.nii*") if p.name.endswith((".nii", ".nii.gz")))
-    masks = sorted(p for p in d.rglob("*_mask.nii*") if p.name.endswith((".nii", ".nii.gz")))
-    problem = None
-    if not t1s:
-        problem = f"subject {d.name}: no *_T1w.nii.gz file under {d}"
-    elif not masks and require_mask:
-        problem = f"subject {d.name}: no lesion *_mask.nii.gz file under {d}"
-    elif len(t1s) > 1:
-        _warn(f"subject {d.name}: {len(t1s)} T1w files, using {t1s[0]}", warnings)
-    return Subject(d.name, {"t1": t1s[0] if t1s else d / f"{d.name}_T1w.nii.gz"}, masks[0] if masks else None,
-                   problem)
-
-
-def _atlas_subjects(source: Path, warnings: List[str], require_mask: bool = True) -> List[Subject]:
-    top = _listing(source, [], warn_files=False)
-    flattened = [d for d in top if _nifti(d / f"{d.name}_T1w.nii.gz").exists()]
-    if flattened:  # upstream's layout: <P>/<P>_T1w.nii.gz, <P>/<P>_mask.nii.gz
-        _listing(source, warnings)  # now warn about stray files
-        return [_atlas_flat_subject(d) for d in top]
-    # Official BIDS release: [Training/][R0xx/]sub-*/ses-*/anat/*_T1w.nii.gz + *_label-L_desc-T1lesion_mask.nii.gz
-    sub_dirs: List[Path] = []
-    for root, dirs, _files in os.walk(source):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if Path(root).name.startswith("sub-"):
-            sub_dirs.append(Path(root))
-            dirs[:] = []  # don't descend into sessions looking for more subjects
-        elif len(Path(root).relative_to(source).parts) >= 3:
-            dirs[:] = []
-    subjects: Dict[str, Subject] = {}
-    for d in sorted(sub_dirs, key=lambda p: p.name):
-        subject = _bids_subject(d, warnings, require_mask)
-        if d.name in subjects:
-            _warn(f"duplicate subject {d.name} at {d}; keeping {subjects[d.name].images['t1'].parent}", warnings)
-            continue
-        subjects[d.name] = subject
-    return list(subjects.values())
-
-
-def subject_from_folder(folder: str | os.PathLike, name: str, mod: str, warnings: Optional[List[str]] = None,
-                        require_mask: bool = True) -> Subject:
-    """The subject of one folder in the layout of dataset `name` (a BraTS subject folder, an ATLAS ``<P>/`` folder
-    or a BIDS ``sub-*`` folder), as ``discover_subjects`` would list it."""
-    warnings = [] if warnings is None else warnings
-    d = Path(folder)
-    if not d.is_dir():
-        raise NotADirectoryError(f"subject folder {d} is not a folder")
-    if name == "brats":
-        return _brats_subject(d, MODALITIES if mod == "all" else (mod,))
-    if name == "atlas":
-        if _nifti(d / f"{d.name}_T1w.nii.gz").exists():
-            return _atlas_flat_subject(d)
-        return _bids_subject(d, warnings, require_mask)
-    raise ValueError(f"--name must be one of {DATASETS}, got {name!r}")
-
-
-def discover_subjects(source: str | os.PathLike, name: str, mod: str,
-                      warnings: Optional[List[str]] = None, require_mask: bool = True) -> List[Subject]:
-    """Subjects under `source` (sorted by name) for dataset `name` and modality choice `mod`.
-
-    ``require_mask=False`` (segmentation of new scans): a BIDS subject without a lesion mask is not a problem.
-    """
-    warnings = [] if warnings is None else warnings
-    source = Path(source)
-    if not source.exists():
-        raise FileNotFoundError(f"--source {source} does not exist")
-    if not source.is_dir():
-        raise NotADirectoryError(f"--source {source} is not a folder")
-    if name == "brats":
-        subjects = _brats_subjects(source, MODALITIES if mod == "all" else (mod,), warnings)
-    elif name == "atlas":
-        subjects = _atlas_subjects(source, warnings, require_mask)
-    else:
-        raise ValueError(f"--name must be one of {DATASETS}, got {name!r}")
-    subjects = [s for s in subjects if _is_subject(s, warnings)]
-    if not subjects:
-        raise ValueError(f"no subject folders found in --source {source} for --name {name}")
-    return sorted(subjects, key=lambda s: s.name)
-
-
-def _is_subject(subject: Subject, warnings: List[str]) -> bool:
-    """A folder is a subject when it holds at least one of the subject's files; others are reported and left out,
-    so they take no part in the split (a subject missing some files is one, and fails with a message)."""
-    files = [p for p in (*subject.images.values(), subject.mask) if p is not None]
-    if any(Path(p).exists() for p in files):
-        return True
-    folder = Path(files[0]).parent if files else subject.name
-    _warn(f"ignoring folder {folder} in --source: it holds none of a subject's files "
-          f"({', '.join(Path(p).name for p in files)}), so it is not a subject and takes no part in the split",
-          warnings)
-    return False
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Splits
-
-
-def _give_validation_lesions(parts: Dict[str, List[int]], names: Sequence[str], wanted: int,
-                             has_lesion: Callable[[str], bool], warnings: List[str]) -> None:
-    """Move lesion subjects from train into val (in place) until val has ``wanted`` of them."""
-    have = sum(has_lesion(names[i]) for i in parts["val"])
-    donors = [i for i in parts["train"] if has_lesion(names[i])]
-    while have < wanted and donors:
-        donor = donors.pop(0)
-        parts["train"].remove(donor)
-        healthy_val = [i for i in parts["val"] if not has_lesion(names[i])]
-        if healthy_val:  # swap, so the split sizes stay upstream's
-            parts["val"].remove(healthy_val[-1])
-            parts["train"].append(healthy_val[-1])
-        parts["val"].append(donor)
-        have += 1
-    if have < wanted:
-        _warn(f"only {have} subject(s) with a lesion could be put into validation (wanted {wanted})", warnings)
-
-
-def seeded_split(names: Sequence[str], min_val_lesion: int = 0, has_lesion: Optional[Callable[[str], bool]] = None,
-                 warnings: Optional[List[str]] = None) -> Dict[str, List[str]]:
-    """Upstream's split of the sorted ``names``: random.seed(10) shuffle, int(75 %) / int(5 %) / rest (see make_splits)."""
-    names = sorted(names)
-    indices = list(range(len(names)))
-    random.Random(SPLIT_SEED).shuffle(indices)  # same permutation as upstream's random.seed(10); random.shuffle
-    n_train = int(len(indices) * SPLIT_FRACTIONS[0])
-    n_val = int(len(indices) * SPLIT_FRACTIONS[1])
-    parts = {"train": indices[:n_train], "val": indices[n_train:n_train + n_val], "test": indices[n_train + n_val:]}
-    if min_val_lesion > 0:
-        _give_validation_lesions(parts, names, min_val_lesion, has_lesion, [] if warnings is None else warnings)
-    return {split: [names[i] for i in parts[split]] for split in SPLITS}
-
-
-def make_splits(names: Sequence[str], splits_dir: Path, warnings: Optional[List[str]] = None,
-                min_val_lesion: int = 0, has_lesion: Optional[Callable[[str], bool]] = None) -> Dict[str, List[str]]:
-    """Per-subject split as upstream (random.seed(10) shuffle of the sorted listing, 75% / 5% / rest).
-
-    ``names`` are the subjects (folders that are not subjects take no part, see ``discover_subjects``). An existing
-    ``data_splits`` folder is reused as is, so reruns and added subjects never reshuffle; one made by an older
-    version (no ``split.json``) whose seeded split included folders that were not subjects is refused when that
-    changed the real subjects' assignment (``_check_older_split``).
-    ``min_val_lesion > 0`` (off by default, so upstream's split stays the default) makes sure validation holds at
-    least that many subjects with a lesion (``has_lesion(name)``): M_max, one of AnoFPDM's hyper-parameters, can
-    only be estimated from unhealthy validation slices, and small data sets often get none. Lesion subjects move
-    from train to validation in the shuffled order, replacing validation subjects without a lesion.
-    """
-    warnings = [] if warnings is None else warnings
-    if splits_dir.exists():
-        splits = {}
-        for split in SPLITS:
-            csv = splits_dir / split / "scans.csv"
-            if not csv.exists():
-                raise FileNotFoundError(f"{csv} is missing; delete {splits_dir} to re-create the splits")
-            splits[split] = [line.strip() for line in csv.read_text().splitlines() if line.strip()]
-        if not (splits_dir / SPLIT_RECORD).exists():
-            splits = _check_older_split(splits, names, splits_dir, min_val_lesion, has_lesion, warnings)
-        listed = {n for names_ in splits.values() for n in names_}
-        for n in names:
-            if n not in listed:
-                _warn(f"subject {n} is not in {splits_dir}; ignored (delete data_splits to re-split)", warnings)
-        if min_val_lesion > 0 and sum(has_lesion(n) for n in splits["val"]) < min_val_lesion:
-            raise ValueError(f"the existing split in {splits_dir} has fewer than {min_val_lesion} validation "
-                             f"subject(s) with a lesion; delete {splits_dir} (and the npy_* folders) to re-split")
-        return splits
-    splits = seeded_split(names, min_val_lesion, has_lesion, warnings)
-    record = {"seed": SPLIT_SEED, "fractions": list(SPLIT_FRACTIONS), "min_val_lesion_subjects": min_val_lesion,
-              "subjects": sorted(names)}
-    with fileio.atomic_dir(splits_dir) as tmp:
-        for split in SPLITS:
-            (tmp / split).mkdir(parents=True)
-            (tmp / split / "scans.csv").write_text("\n".join(splits[split]))
-        (tmp / SPLIT_RECORD).write_text(json.dumps(record, indent=1))
-    return splits
-
-
-def _check_older_split(splits: Dict[str, List[str]], names: Sequence[str], splits_dir: Path, min_val_lesion: int,
-                       has_lesion: Optional[Callable[[str], bool]], warnings: List[str]) -> Dict[str, List[str]]:
-    """A split made before non-subject folders were left out may hold such a folder, which shifted the seeded split.
-
-    Names in the split that are neither subjects now nor preprocessed (no ``npy_*/patient_<name>``) are taken for
-    such folders. When the split is the seeded split of its own listing and leaving them out assigns the real
-    subjects differently, this is an error saying how to re-split or keep it; otherwise they are dropped (warning).
-    A hand-made split (not the seeded one of its listing) is kept as it is.
-    """
-    root = splits_dir.parent
-    subjects = set(names)
-    listed = [n for split in SPLITS for n in splits[split]]
-    strays = sorted(n for n in listed if n not in subjects
-                    and not any((root / f"npy_{split}" / f"patient_{n}").is_dir() for split in SPLITS))
-    if not strays:
-        return splits
-    seeded = [seeded_split(listed)] + ([seeded_split(listed, min_val_lesion, has_lesion)] if min_val_lesion > 0 else [])
-    if splits not in seeded:
-        return splits  # not the seeded split of its listing: made by hand, kept as it is
-    kept = {split: [n for n in splits[split] if n not in strays] for split in SPLITS}
-    made_with = min_val_lesion if splits == seeded[-1] and splits != seeded[0] else 0
-    without = seeded_split([n for n in listed if n not in strays], made_with, has_lesion)
-    if without == kept:
-        _warn(f"{splits_dir} lists {', '.join(strays)}, which is not a subject in --source (left out; the split of "
-              "the subjects is the same without it)", warnings)
-        return kept
-    where = {n: s for s in SPLITS for n in kept[s]}
-    moved = sum(where[n] != s for s in SPLITS for n in without[s])
-    raise SettingsMismatchError(
-        f"{splits_dir} was made by an older version from a listing that included {', '.join(strays[:5])}: "
-        f"{'folders that are' if len(strays) > 1 else 'a folder that is'} not a subject (no subject files, never "
-        f"preprocessed). Without {'them' if len(strays) > 1 else 'it'} the seeded split assigns {moved} of the "
-        f"{len(where)} subjects differently. To re-split: delete {splits_dir} and {root}/npy_train, npy_val, npy_test "
-        f"and rerun (the subjects are preprocessed again). To keep this assignment (e.g. models were trained on it): "
-        f"delete {'those names' if len(strays) > 1 else 'that name'} from {splits_dir}/*/scans.csv")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One subject
-
-
-def load_volume(path: Path, subject: str, kind: str) -> np.ndarray:
-    """A 3-D float64 volume; raises SubjectError naming the subject and file on any problem."""
-    import nibabel as nib
-
-    if path is None or not Path(path).exists():
-        raise SubjectError(f"subject {subject}: missing {kind} file {path}")
-    try:
-        data = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float64))
-    except Exception as exc:  # nibabel / gzip / zlib raise many types for corrupt or truncated files
-        raise SubjectError(f"subject {subject}: cannot read {kind} file {path} (corrupt or truncated?): "
-                           f"{type(exc).__name__}: {exc}") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise SubjectError(f"subject {subject}: {kind} file {path} is not a 3-D volume (shape {data.shape})")
-    if not np.isfinite(data).all():
-        raise SubjectError(f"subject {subject}: {kind} file {path} contains NaN or infinite values")
-    return data
-
-
-def normalise_percentile(volume: np.ndarray) -> np.ndarray:
-    """Divide each channel of [C, H, W, S] by the 99th percentile of its voxels > 0 (no clipping), in place."""
-    for c in range(volume.shape[0]):
-        foreground = volume[c][volume[c] > 0]
-        volume[c] /= np.quantile(foreground, 0.99)  # linear interpolation, as torch.quantile
-    return volume
-
-
-def brain_slice_range(volume: np.ndarray, threshold: float = 0.5) -> Tuple[int, int]:
-    """[start, stop) from the first to the last z whose channel-mean slice sum exceeds `threshold`."""
-    per_slice = volume.mean(axis=0).sum(axis=(0, 1))
-    keep = np.nonzero(per_slice > threshold)[0]
-    if len(keep) == 0:
-        return 0, 0
-    return int(keep[0]), int(keep[-1]) + 1
-
-
-def trim_slices(volume: np.ndarray, first: int, last: int) -> np.ndarray:
-    """Drop the first `first` and last `last` slices along the last axis (values <= 0 keep everything)."""
-    stop = volume.shape[-1] - last if last > 0 else volume.shape[-1]
-    return volume[..., max(first, 0):stop]
-
-
-def subject_has_lesion(subject: Subject) -> bool:
-    """Whether the subject's mask/seg volume has any voxel > 0.5 (False when it cannot be read)."""
-    try:
-        return bool((load_volume(subject.mask, subject.name, "mask/seg") > 0.5).any())
-    except SubjectError:
-        return False
-
-
 def _count_existing(patient_dir: Path) -> Tuple[int, int]:
 
     healthy = unhealthy = 0
@@ -407,147 +101,6 @@ def _count_existing(patient_dir: Path) -> Tuple[int, int]:
         else:
             healthy += 1
     return healthy, unhealthy
-
-
-def load_subject(subject: Subject, require_mask: bool = True) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """``(volume [C, H, W, S] float64 in the channel order of subject.images, mask [H, W, S] or None)``.
-
-    Raises SubjectError naming the subject and file for a missing, corrupt or all-zero file and for shapes that
-    differ between modalities and mask. ``require_mask=False``: a subject without a mask file gives None.
-    """
-    if subject.problem:
-        raise SubjectError(subject.problem)
-    channels = [load_volume(p, subject.name, m) for m, p in subject.images.items()]
-    has_mask = subject.mask is not None and Path(subject.mask).exists()
-    mask = load_volume(subject.mask, subject.name, "mask/seg") if (has_mask or require_mask) else None
-    shapes = {str(p): c.shape for p, c in zip(subject.images.values(), channels)}
-    if mask is not None:
-        shapes[str(subject.mask)] = mask.shape
-    if len(set(shapes.values())) > 1:
-        listing = ", ".join(f"{Path(p).name}: {s}" for p, s in shapes.items())
-        raise SubjectError(f"subject {subject.name}: modalities and mask differ in shape ({listing})")
-    for (m, p), c in zip(subject.images.items(), channels):
-        if not (c > 0).any():
-            raise SubjectError(f"subject {subject.name}: {m} file {p} is all zero (no voxel > 0)")
-    return np.stack(channels), mask
-
-
-def grid_warnings(subject: Subject) -> List[str]:
-    """Modalities or mask on another grid than the first modality (same shape, another affine): they are still read
-    voxel by voxel, as upstream did, but were probably not co-registered (headers only are read)."""
-    import nibabel as nib
-
-    files = [p for p in (*subject.images.values(), subject.mask) if p is not None and Path(p).exists()]
-    notes = []
-    try:
-        reference = nib.load(str(files[0])).affine if files else None
-        for path in files[1:]:
-            if not np.allclose(nib.load(str(path)).affine, reference, atol=1e-3):
-                notes.append(f"subject {subject.name}: {Path(path).name} has another affine than {Path(files[0]).name} "
-                             f"(not co-registered?); it is read voxel by voxel on the grid of {Path(files[0]).name}")
-    except Exception:  # an unreadable file fails the subject by name where its data are read
-        pass
-    return notes
-
-
-def subject_geometry(subject: Subject, orientation: str) -> geo.Geometry:
-    """The geometry of the subject's scan (the header of its first image, which every channel and the mask share
-    voxel by voxel, as upstream reads them) for the canonical ``orientation`` (``geometry.resolve_orientation``).
-
-    Raises SubjectError naming the subject and file for a missing or unreadable file or an affine without
-    orientation."""
-    import nibabel as nib
-
-    if subject.problem:
-        raise SubjectError(subject.problem)
-    path = next(iter(subject.images.values()))
-    if path is None or not Path(path).exists():
-        raise SubjectError(f"subject {subject.name}: missing file {path}")
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise SubjectError(f"subject {subject.name}: cannot read {path} (corrupt or truncated?): "
-                           f"{type(exc).__name__}: {exc}") from None
-    try:
-        return geo.scan_geometry(img, orientation)
-    except ValueError as exc:
-        raise SubjectError(f"subject {subject.name}: {path}: {exc}; cannot tell which way the slices run") from None
-
-
-def resize_slices(slices: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """``[N, C, H, W] -> [N, C, *size]``: bilinear, half-pixel centres, no antialias (upstream's resize).
-
-    The same call inverts it (segmentation maps back to the scan's grid), so both directions share one geometry.
-    """
-    return F.interpolate(slices, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-@dataclass
-class PreparedSlices:
-    """What preprocessing keeps of one volume: the slices the model sees, and where they came from.
-
-    ``x`` float64 ``[N, C, S, S]`` (per-channel 99th-percentile scaling, then the resize), ``y`` float32
-    ``[N, 1, S, S]`` (the binarised mask resized: soft) or None. Slice i is z = ``start + i`` of the volume after
-    ``trim_slices`` (the ``slice_<z>.npz`` name), i.e. z = ``first + start + i`` of the whole volume in the frame the
-    slices were cut in, whose shape is ``shape`` (H, W, Z): the canonical frame of ``geometry``, or the array as
-    given without one.
-    """
-
-    x: np.ndarray
-    y: Optional[np.ndarray]
-    start: int
-    stop: int
-    first: int
-    shape: Tuple[int, int, int]
-    geometry: Optional[geo.Geometry] = None
-
-    @property
-    def original_z(self) -> range:
-        """The kept slices' indices along the last axis of the (canonical) volume."""
-        return range(self.first + self.start, self.first + self.stop)
-
-    def to_stored(self, volume: np.ndarray) -> np.ndarray:
-        """A volume in the frame the slices were cut in, on the scan's grid as stored (lossless)."""
-        return volume if self.geometry is None else self.geometry.to_stored(volume)
-
-    def to_canonical(self, volume: np.ndarray) -> np.ndarray:
-        """A volume on the scan's grid as stored, in the frame the slices were cut in (lossless)."""
-        return volume if self.geometry is None else self.geometry.to_canonical(volume)
-
-
-def prepare_slices(volume: np.ndarray, mask: Optional[np.ndarray], image_size: int, first: int = 0, last: int = 0,
-                   subject: str = "?", geometry: Optional[geo.Geometry] = None) -> PreparedSlices:
-    """Volume ``[C, H, W, Z]`` (+ mask ``[H, W, Z]``) -> the kept, normalised, resized slices (see module docstring).
-
-    This is the one definition of what training data are: preprocessing writes its result, segmentation of new
-    scans feeds it to the model. With ``geometry`` (``subject_geometry``) the volume and mask, given as stored, are
-    first brought into its canonical orientation (a copy); without, they are sliced as given and ``volume`` is
-    modified in place (normalised).
-    """
-    if geometry is not None:
-        volume = geometry.to_canonical(volume)
-        mask = None if mask is None else geometry.to_canonical(mask)
-    shape = tuple(int(n) for n in volume.shape[1:])
-    volume = trim_slices(volume, first, last)  # [C, H, W, S]
-    if volume.shape[-1] == 0:
-        raise SubjectError(f"subject {subject}: --first {first} and --last {last} drop all {shape[-1]} slices of its "
-                           "scan (along the inferior-superior axis): lower them (use the values the training data "
-                           "were preprocessed with)")
-    labels = None if mask is None else (trim_slices(mask, first, last) > 0.5).astype(np.float32)  # all classes -> 1
-    volume = normalise_percentile(volume)
-    start, stop = brain_slice_range(volume)
-    if stop <= start:
-        raise SubjectError(f"subject {subject}: no slice has brain tissue (channel-mean slice sum > 0.5)")
-
-    # Resize all kept slices at once: [S, C, H, W] -> [S, C, size, size]; bilinear, no antialias, as upstream.
-    size = (image_size, image_size)
-    x = torch.from_numpy(np.ascontiguousarray(volume[..., start:stop].transpose(3, 0, 1, 2)))
-    x = resize_slices(x, size).numpy()
-    y = None
-    if labels is not None:
-        y = torch.from_numpy(np.ascontiguousarray(labels[None, ..., start:stop].transpose(3, 0, 1, 2)))
-        y = resize_slices(y, size).numpy()
-    return PreparedSlices(x, y, start, stop, max(first, 0), shape, geometry)
 
 
 def process_subject(subject: Subject, split_dir: Path, image_size: int = 128, first: int = 0,
@@ -596,10 +149,6 @@ def _run_one(subject: Subject, split_dir: Path, image_size: int, first: int, las
 
 def _init_worker() -> None:
     torch.set_num_threads(1)  # one process per core; avoid oversubscription
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Whole data set
 
 
 def _check_writable(folder: Path) -> None:
