@@ -82,7 +82,7 @@ TARGETS: Dict[str, Target] = {
         8,
     ),
     "preprocess": Target(
-        "guided_diffusion/data/preprocess.py",
+        "guided_diffusion/data/slices.py",  # the slices' computation (preprocess.py since its split is the run)
         ("tests/test_preprocess.py",),
         5,
     ),
