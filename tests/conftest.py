@@ -1,4 +1,6 @@
-"""Shared fixtures: the upstream reference vectors carried in tests/reference/upstream/ (see its README)."""
+"""Shared fixtures: a clean process for every test (no distributed environment, no configured logger left behind),
+one CPU thread where asked (``pytest.mark.usefixtures("one_thread")``), and the upstream reference vectors carried
+in tests/reference/upstream/ (see its README)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,28 @@ MODEL_FLAGS = (
 )
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GD_DEBUG")
+
+
+@pytest.fixture(autouse=True)
+def _single_process_and_fresh_logger(monkeypatch):
+    """Every test runs as one process without a distributed environment (or GD_DEBUG) inherited from the shell, and
+    leaves no configured logger behind (the commands configure the global one)."""
+    for var in DISTRIBUTED_ENV:
+        monkeypatch.delenv(var, raising=False)
+    yield
+    from guided_diffusion import logger
+
+    logger.reset()
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread for tests of small tensors: OpenMP overhead dominates them on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def reference_path(name: str) -> Path:

@@ -24,12 +24,6 @@ CLF = ("--classifier_width 32 --classifier_depth 1 --classifier_attention_resolu
 COMMON = "--batch_size 4 --num_batches -1 --batch_size_val 4 --num_batches_val -1 --modality 0 3 --progress False"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_logger():
-    yield
-    from guided_diffusion import logger
-
-    logger.reset()
 
 
 def _save_random(model, path):

@@ -37,12 +37,6 @@ SEED = int(os.environ.get("FAULT_SEED", "0")) or random.SystemRandom().randrange
 RNG = random.Random(SEED)
 
 
-@pytest.fixture(autouse=True)
-def _single_process(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", errors.DEBUG_ENV):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    logger.reset()
 
 
 def _env(**extra) -> dict:

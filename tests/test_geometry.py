@@ -256,12 +256,6 @@ def real_model(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _fresh_logger():
-    yield
-    from guided_diffusion import logger
-
-    logger.reset()
 
 
 def _segment(model: Path, src: Path, out: Path, hyper: Path, data_dir: Path, *extra) -> dict:

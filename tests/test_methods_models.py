@@ -24,12 +24,6 @@ CLASSIFIER = dict(image_size=SIZE, in_channels=4, classifier_width=32, classifie
                   classifier_attention_resolutions="8", out_channels=2)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_logger():
-    yield
-    from guided_diffusion import logger
-
-    logger.reset()
 
 
 def _save_random(model, path, scale=0.05):

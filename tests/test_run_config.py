@@ -22,12 +22,6 @@ from test_translation import _write_dataset as write_eval_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _single_process(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    logger.reset()
 
 
 def dead_pid() -> int:

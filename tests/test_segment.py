@@ -282,12 +282,6 @@ def model_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(autouse=True)
-def _fresh_logger():
-    yield
-    from guided_diffusion import logger
-
-    logger.reset()
 
 
 def _hyper_file(tmp_path: Path) -> Path:

@@ -16,13 +16,7 @@ from guided_diffusion.models.sparse_attention import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: one thread avoids OpenMP overhead (severe on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_mask(length: int, blocked_fraction: float, seed: int) -> torch.Tensor:

@@ -17,12 +17,7 @@ from conftest import requires_cuda
 B, H, L, C = 2, 4, 64, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(seed=0, device="cpu"):

@@ -63,13 +63,6 @@ def _write_checkpoint(model_dir: Path, unet_ver: str, step: int = 10) -> None:
     torch.save(model.state_dict(), model_dir / f"ema_0.9999_{step:06d}.pt")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_logger():
-    """evaluate.main configures the global logger; leave none behind for other tests."""
-    yield
-    from guided_diffusion import logger
-
-    logger.reset()
 
 
 @pytest.fixture(scope="module")

@@ -106,12 +106,6 @@ class PlantedModel(torch.nn.Module):
         return (x - a.sqrt() * target) / (1 - a).sqrt()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_logger():
-    yield
-    from guided_diffusion import logger
-
-    logger.reset()
 
 
 @pytest.fixture(scope="module")

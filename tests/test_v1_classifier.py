@@ -19,12 +19,7 @@ from conftest import load_keys, load_vector, tolerance
 MODEL_KEYS = set(su.model_and_diffusion_defaults()) - set(su.diffusion_defaults()) | {"learn_sigma"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def v1_model(flags: dict, **overrides) -> UNetModelV1:
