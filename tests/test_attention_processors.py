@@ -219,13 +219,13 @@ def test_fused_hae_processor_inference_paths_equal_upstreams_call(length_hw, mon
     length = seq.shape[1]
     expected = block.multihead_attn(seq, seq, seq, attn_mask=block.mask(length, seq.device))[0]  # upstream
     used = []
-    for name in ("dense_inference_attention", "multihead_self_attention"):
+    for name in ("dense_masked_sdpa", "multihead_self_attention"):
         real = getattr(hae, name)
         monkeypatch.setattr(hae, name, lambda *a, _r=real, _n=name, **k: used.append(_n) or _r(*a, **k))
     with torch.no_grad():
         got = hae.SparseMaskedAttentionProcessor()(block, seq)
         kernel = hae.SparseMaskedAttentionProcessor(dense_max_length=0)(block, seq)
-    assert used == (["dense_inference_attention"] if length <= 512 else ["multihead_self_attention"]) + [
+    assert used == (["dense_masked_sdpa"] if length <= 512 else ["multihead_self_attention"]) + [
         "multihead_self_attention"]
     assert (got - expected).abs().max() < 1e-5 and (kernel - expected).abs().max() < 1e-5
     # with autograd the kernel always runs: nothing L×L is saved for backward
@@ -233,7 +233,7 @@ def test_fused_hae_processor_inference_paths_equal_upstreams_call(length_hw, mon
     hae.SparseMaskedAttentionProcessor()(block, seq.requires_grad_())
     assert used == ["multihead_self_attention"]
     # the dense path bounds its temporary scores by splitting the batch (here one row per chunk)
-    small = sparse_attention.dense_inference_attention(block.multihead_attn, seq.detach(), block.mask(length, "cpu"),
+    small = sparse_attention.dense_masked_sdpa(block.multihead_attn, seq.detach(), block.mask(length, "cpu"),
                                                        max_chunk_bytes=1)
     assert (small - expected).abs().max() < 1e-5
 
