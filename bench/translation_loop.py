@@ -50,7 +50,8 @@ def build(variant: str, config: dict, device: str):
 
 
 def measure(args) -> list:
-    config = SMALL if args.small else PRODUCTION
+    config = dict(SMALL if args.small else PRODUCTION)
+    config.update({k: v for k, v in (("image_size", args.image_size), ("num_channels", args.num_channels)) if v})
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,6 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="hae_v2_conservative")
     parser.add_argument("--small", action="store_true", help="64 px, 64 channels, 1 res block")
+    parser.add_argument("--image_size", type=int, default=0, help="override the config's image size")
+    parser.add_argument("--num_channels", type=int, default=0, help="override the config's width")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8, help="slices per batch")
     parser.add_argument("--steps", type=int, default=3, help="forward steps per run")

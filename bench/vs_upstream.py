@@ -12,12 +12,15 @@ after one warm-up round that is not counted; process CPU time, with wall time be
   v2 checkpoint (``--image_size`` px, ``--num_channels`` channels, upstream's production flags otherwise:
   attention at 32,16,8, 4 heads, scale-shift norm, 4 input channels, 2 classes), loaded strictly into both:
   - ``upstream``: ``diffusion.calc_pred_xstart_loop`` (per step: one DDIM inversion forward, then the guided
-    and the unguided ``ddim_sample``, i.e. 4 forwards of the batch);
-  - ``default``: this project's ``ForwardProcess.run`` with its defaults;
+    and the unguided ``ddim_sample``, i.e. 4 forwards of the batch; 3 at the first step);
+  - ``default``: this project's ``ForwardProcess.run`` with its defaults (2 predictions per slice and step);
   - ``upstream flags``: the same with ``ugp_mode="upstream"`` and ``legacy_ddim_encoding=True``
-    (``--ugp_mode upstream --legacy_ddim_encoding True``: upstream's function).
+    (``--ugp_mode upstream --legacy_ddim_encoding True``: upstream's function; 3 predictions, 2 at the first step).
+  Over S steps that is 4S-1, 2S and 3S-1 predictions per slice, so a short run understates the ratio of a
+  600-step translation a little (S = 3: 11/6 instead of 2 for the default path).
   This project's time includes its per-step statistics and the streamed anomaly maps; upstream's loop only
-  stacks the predictions (its post-processing is not timed).
+  stacks the predictions (its post-processing is not timed). The warm-up round's outputs are compared: upstream's
+  per-step errors and the project's with upstream's flags must agree to float precision (printed).
 * training, one optimizer step at the production config (128 px, 128 channels, HAE on, dropout 0.1, label
   dropout 0.1; ``--train_batch`` samples, default 1) with one HAE V2 checkpoint:
   - ``upstream hae_v2``: upstream's ``HAEUNetModelV2`` through upstream's own step (``UniformSampler``,
@@ -34,8 +37,8 @@ real one imports tensorboard; here every function is a no-op) and ``dist_util`` 
 the CPU). Upstream's models are called bare, without the DDP wrapper its scripts add (one process: DDP would only
 add work to upstream's side). Upstream's HAE V2 draws its sparse masks on every forward, as it does in training.
 
-``--quick`` (64 px translation, batch 2, 2 steps, 2 counted rounds; training batch 1, 2 rounds) takes about
-5 minutes on one free core and stays under 10 on 2 busy cores.
+``--quick`` (translation: batch 4, 3 steps; training batch 1; 2 counted rounds each) takes about 6 minutes on one
+free core and stays under 10 on 2 busy cores. The defaults (batch 16, 4 steps) take about half an hour.
 """
 
 from __future__ import annotations
@@ -177,14 +180,15 @@ def translation_cases(args, upstream_alias: str) -> Dict[str, Callable[[], None]
             "upstream flags": project(ugp_mode="upstream", legacy_ddim_encoding=True)}
 
 
-def same_function(cases: Dict[str, Callable[[], object]], x0: torch.Tensor) -> float:
-    """Largest relative difference between upstream's per-step errors and the project's with upstream's flags.
+def same_function(outputs: Dict[str, object], x0: torch.Tensor) -> float:
+    """Largest relative difference between upstream's per-step errors and the project's with upstream's flags
+    (the warm-up round's outputs).
 
     Upstream's function is the project's with ``--ugp_mode upstream --legacy_ddim_encoding True``: the guided and
     unguided predictions' MSE to the input, per step and modality, must agree to float precision.
     """
-    xstarts = cases["upstream"]()
-    stats = cases["upstream flags"]().stats
+    xstarts = outputs["upstream"]
+    stats = outputs["upstream flags"].stats
     src = x0[:, MODALITY][:, None]
     worst = 0.0
     for key, ours_mse in (("xstart", stats.mse_guided), ("xstart_null", stats.mse_unguided)):
@@ -235,22 +239,28 @@ def training_cases(args, upstream_alias: str) -> Dict[str, Callable[[], None]]:
 # Timing
 
 
-def interleaved(cases: Dict[str, Callable[[], None]], rounds: int, log) -> Dict[str, Dict[str, List[float]]]:
-    """One warm-up round, then ``rounds`` rounds; the order alternates (A B C, C B A, ...) against drift."""
+def interleaved(cases: Dict[str, Callable[[], object]], rounds: int, log) -> tuple:
+    """One warm-up round, then ``rounds`` rounds; the order alternates (A B C, C B A, ...) against drift.
+
+    Returns the times of the counted rounds and what each case returned in the warm-up round."""
     names = list(cases)
     times = {name: {"cpu": [], "wall": []} for name in names}
+    first = {}
     for r in range(rounds + 1):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             gc.collect()
             c0, w0 = time.process_time(), time.perf_counter()
-            cases[name]()
+            out = cases[name]()
             cpu, wall = time.process_time() - c0, time.perf_counter() - w0
             if r:
                 times[name]["cpu"].append(cpu)
                 times[name]["wall"].append(wall)
+            else:
+                first[name] = out
+            del out
             log(f"  {'round ' + str(r) if r else 'warm-up'}: {name} {cpu:.2f} s CPU, {wall:.2f} s wall")
-    return times
+    return times, first
 
 
 def summary_rows(times: Dict[str, Dict[str, List[float]]], per: float, unit: str) -> List[str]:
@@ -273,15 +283,15 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=64, help="translation slice size (production: 128)")
     parser.add_argument("--num_channels", type=int, default=128, help="translation model width (production: 128)")
     parser.add_argument("--batch", type=int, default=16, help="translation slices per batch")
-    parser.add_argument("--steps", type=int, default=3, help="forward steps per translation run")
+    parser.add_argument("--steps", type=int, default=4, help="forward steps per translation run")
     parser.add_argument("--train_batch", type=int, default=1, help="samples per training step")
-    parser.add_argument("--rounds", type=int, default=3, help="counted rounds per case (after one warm-up round)")
+    parser.add_argument("--rounds", type=int, default=2, help="counted rounds per case (after one warm-up round)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", choices=["translation", "training"], action="append", default=[])
     parser.add_argument("--json", type=Path, default=None, help="also write the raw times here")
     args = parser.parse_args()
     if args.quick:
-        args.batch, args.steps, args.rounds, args.train_batch = 2, 2, 2, 1
+        args.batch, args.steps, args.rounds, args.train_batch = 4, 3, 2, 1
     torch.set_num_threads(args.threads)
 
     def log(message: str) -> None:
@@ -297,12 +307,15 @@ def main() -> None:
         log(f"translation: v2 at {args.image_size} px, {args.num_channels} channels, batch {args.batch}, "
             f"{args.steps} steps")
         cases = translation_cases(args, "upstream_anofpdm")
-        difference = same_function(cases, slices(args.batch, args.image_size, PRODUCTION["in_channels"], seed=2))
+        times, outputs = interleaved(cases, args.rounds, log)
+        del cases
+        difference = same_function(outputs, slices(args.batch, args.image_size, PRODUCTION["in_channels"], seed=2))
+        del outputs
         log(f"same function: upstream's per-step MSEs vs the project's with upstream flags, largest relative "
             f"difference {difference:.1e}")
         results["translation_relative_difference"] = difference
-        times = interleaved(cases, args.rounds, log)
-        del cases
+        log(f"model calls per slice over {args.steps} steps: upstream {4 * args.steps - 1}, default "
+            f"{2 * args.steps}, upstream flags {3 * args.steps - 1} (the first step has no inversion)")
         results["translation"] = times
         log("\n| translation | min CPU | median CPU | median wall | per |\n|---|---|---|---|---|")
         log("\n".join(summary_rows(times, args.batch * args.steps, "s per slice-step")))
@@ -313,7 +326,7 @@ def main() -> None:
         load_upstream(args.upstream_hae, "upstream_hae")
         log(f"training: production config, batch {args.train_batch}")
         cases = training_cases(args, "upstream_hae")
-        times = interleaved(cases, args.rounds, log)
+        times, _ = interleaved(cases, args.rounds, log)
         del cases
         results["training"] = times
         log("\n| training | min CPU | median CPU | median wall | per |\n|---|---|---|---|---|")
