@@ -56,8 +56,8 @@ def test_rows_per_call_follow_the_device_and_the_feature_maps():
     model, diffusion = small_model("v2")
     cfg = af.ForwardConfig(w=2.0, forward_steps=1)
     x = torch.zeros(100, 4, 32, 32)
-    # on a CPU: calls of at most CPU_CALL_ELEMENTS elements of the first-level feature map (32 channels × 32 × 32)
-    assert af.ForwardProcess(model, diffusion, cfg).rows_per_call(x) == af.CPU_CALL_ELEMENTS // (32 * 32 * 32)
+    # on a CPU: calls of at most cpu_call_elements elements of the first-level feature map (32 channels × 32 × 32)
+    assert af.ForwardProcess(model, diffusion, cfg).rows_per_call(x) == af.ForwardProcess.cpu_call_elements // (32 * 32 * 32)
     assert af.ForwardProcess(model, diffusion, cfg).rows_per_call(torch.zeros(1, 4, 4096, 4096)) == 1
     assert af.ForwardProcess(model, diffusion, cfg, max_rows=0).rows_per_call(x) is None  # one call of 2B rows
     assert af.ForwardProcess(model, diffusion, cfg, max_rows=7).rows_per_call(x) == 7

@@ -472,11 +472,6 @@ def _at(arr, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-# Rows per model call on a CPU: a call's cost per row grows once its feature maps outgrow the caches, so calls are
-# capped at about this many elements of the widest (first-level) feature map (measured: bench/results/, issue 20).
-CPU_CALL_ELEMENTS = 1 << 21
-
-
 class ForwardProcess:
     """The HGP/UGP predictions along the forward process for one batch (see the module docstring).
 
@@ -487,7 +482,7 @@ class ForwardProcess:
     How the model runs (the same function in every case; outputs agree to float precision):
 
     * ``max_rows``: rows per model call. None (default): on a CPU, the conditional and the null rows in separate
-      calls of at most ``CPU_CALL_ELEMENTS`` first-level feature-map elements each (faster per row than one large
+      calls of at most ``cpu_call_elements`` first-level feature-map elements each (faster per row than one large
       call); on other devices one call of all 2B rows. 0: one call of all 2B rows. An int: separate conditional /
       null calls of at most that many rows.
     * ``channels_last``: convert the model's 4-D weights to ``torch.channels_last`` (in place; the model stays
@@ -495,6 +490,10 @@ class ForwardProcess:
     * ``compile``: run the model through ``torch.compile`` (a fresh model compiles into one graph: HAE models build
       their masks at construction); the first call of each shape pays the compilation.
     """
+
+    # On a CPU a call's cost per row grows once its feature maps outgrow the caches (measured: 2-8 rows of the
+    # 64 px, 32-128 channel models are the fastest, 32 rows cost 15-40 % more per row; bench/results/, issue 20)
+    cpu_call_elements = 1 << 21
 
     def __init__(
         self,
@@ -517,7 +516,6 @@ class ForwardProcess:
             model.to(memory_format=torch.channels_last)
         self.compile = compile
         self._compiled: Optional[Callable] = None
-        self._cuda_configured = False
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -531,7 +529,7 @@ class ForwardProcess:
         if x.device.type != "cpu":
             return None
         width = getattr(self.model, "model_channels", 64) * getattr(self.model, "channel_mult", (1,))[0]
-        return max(1, CPU_CALL_ELEMENTS // int(width * x.shape[-2] * x.shape[-1]))
+        return max(1, self.cpu_call_elements // int(width * x.shape[-2] * x.shape[-1]))
 
     def _network(self) -> Callable:
         """The model as called: compiled at first use when asked (HAE models build their masks at construction,
@@ -600,11 +598,10 @@ class ForwardProcess:
         cfg.validate(x0.shape[1])
         b = x0.shape[0]
         device = x0.device
-        if device.type == "cuda" and not self._cuda_configured:
+        if device.type == "cuda":
             from guided_diffusion import runtime
 
             runtime.configure_cuda()  # TF32 off (fp32 is fp32), cuDNN autotuning on: runtime.py says why
-            self._cuda_configured = True
         mod = list(cfg.modality)
         src = x0[:, mod].float()
         y = torch.full((b,), cfg.healthy_label, dtype=torch.long, device=device)
