@@ -16,8 +16,8 @@ after one warm-up round that is not counted; process CPU time, with wall time be
   - ``default``: this project's ``ForwardProcess.run`` with its defaults (2 predictions per slice and step);
   - ``upstream flags``: the same with ``ugp_mode="upstream"`` and ``legacy_ddim_encoding=True``
     (``--ugp_mode upstream --legacy_ddim_encoding True``: upstream's function; 3 predictions, 2 at the first step).
-  Over S steps that is 4S-1, 2S and 3S-1 predictions per slice, so a short run understates the ratio of a
-  600-step translation a little (S = 3: 11/6 instead of 2 for the default path).
+  Over S steps that is 4S-1, 2S and 3S-1 predictions per slice, so a whole short run understates the ratio of a
+  600-step translation a little (S = 3: 11/6 instead of 2 for the default path); hence the steady-state ratios.
   This project's time includes its per-step statistics and the streamed anomaly maps; upstream's loop only
   stacks the predictions (its post-processing is not timed). The warm-up round's outputs are compared: upstream's
   per-step errors and the project's with upstream's flags must agree to float precision (printed).
@@ -28,7 +28,10 @@ after one warm-up round that is not counted; process CPU time, with wall time be
   - ``conservative``: this project's ``hae_v2_conservative`` through ``TrainLoop.run_step`` (the real loop).
 
 The last line is the summary, ratios of upstream's time to this project's (median CPU time):
-``translation default N.NN×, upstream flags N.NN×, training conservative/upstream-hae_v2 N.NN×``.
+``translation default N.NN×, upstream flags N.NN×, training conservative/upstream-hae_v2 N.NN×``. The translation
+ratios are those of the steps after the first (the steady state: 599 of a 600-step translation's steps; the end of
+the first step is noted through upstream's model calls and the project's progress callback); the whole runs'
+ratios are printed above it.
 
 CPU shim (the smallest that runs upstream's code on a CPU without editing its files): each checkout's
 ``guided_diffusion`` package is imported under another name (``upstream_anofpdm``, ``upstream_hae``), so it never
@@ -151,7 +154,22 @@ def slices(batch: int, size: int, channels: int, seed: int) -> torch.Tensor:
 # Cases
 
 
-def translation_cases(args, upstream_alias: str) -> Dict[str, Callable[[], None]]:
+class CallClock:
+    """Calls ``model`` and notes the process CPU time at which call ``first_step_calls + 1`` starts: the end of the
+    run's first step (the rest of the run is the steady state that a 600-step translation is made of)."""
+
+    def __init__(self, model: Callable, first_step_calls: int):
+        self.model, self.first_step_calls, self.calls = model, first_step_calls, 0
+        self.first_step_end = None
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.first_step_calls + 1:
+            self.first_step_end = time.process_time()
+        return self.model(*args, **kwargs)
+
+
+def translation_cases(args, upstream_alias: str) -> Dict[str, Callable[[], tuple]]:
     flags = dict(PRODUCTION, image_size=args.image_size, num_channels=args.num_channels, dropout=0.0)
     model, diffusion = ours(flags, "v2")
     model.load_state_dict(random_checkpoint(model, seed=1))
@@ -162,19 +180,29 @@ def translation_cases(args, upstream_alias: str) -> Dict[str, Callable[[], None]
     x0 = slices(args.batch, args.image_size, flags["in_channels"], seed=2)
     y0 = torch.zeros(args.batch, dtype=torch.long)  # healthy
 
-    def upstream() -> dict:
+    def upstream() -> tuple:
+        # upstream's first step makes 3 model calls (guided: null + conditional; unguided): the 4th call starts step 2
+        clock = CallClock(up_model, first_step_calls=3)
         torch.manual_seed(0)  # step 0's noise: the same first draw as the project's generator below
         with torch.no_grad():
-            return up_diffusion.calc_pred_xstart_loop(
-                up_model, x0, GUIDANCE_W, modality=MODALITY, d_reverse=True, sample_steps=args.steps,
+            out = up_diffusion.calc_pred_xstart_loop(
+                clock, x0, GUIDANCE_W, modality=MODALITY, d_reverse=True, sample_steps=args.steps,
                 model_kwargs={"y": y0, "threshold": -1, "clf_free": True},
                 model_kwargs_reverse={"threshold": -1, "clf_free": True, "null": True},
             )
+        return out, clock.first_step_end
 
-    def project(**options) -> Callable[[], object]:
+    def project(**options) -> Callable[[], tuple]:
         cfg = ForwardConfig(w=GUIDANCE_W, forward_steps=args.steps, modality=MODALITY, **options)
         process = ForwardProcess(model, diffusion, cfg)
-        return lambda: process.run(x0, generator=torch.Generator().manual_seed(0))
+
+        def run() -> tuple:
+            ends: List[float] = []
+            out = process.run(x0, generator=torch.Generator().manual_seed(0),
+                              progress=lambda n: ends.append(time.process_time()))
+            return out, ends[0]
+
+        return run
 
     return {"upstream": upstream, "default": project(),
             "upstream flags": project(ugp_mode="upstream", legacy_ddim_encoding=True)}
@@ -221,16 +249,18 @@ def training_cases(args, upstream_alias: str) -> Dict[str, Callable[[], None]]:
     ema = copy.deepcopy(trainer.master_params)
     sampler = resample.UniformSampler(up_diffusion)
 
-    def upstream() -> None:
+    def upstream() -> tuple:
         trainer.zero_grad()
         t, weights = sampler.sample(x.shape[0], torch.device("cpu"))
         losses = up_diffusion.training_losses(up_model, x, t, model_kwargs={"y": y, "threshold": LABEL_DROPOUT})
         trainer.backward((losses["loss"] * weights).mean())
         if trainer.optimize(opt):
             nn_util.update_ema(ema, trainer.master_params, rate=0.9999)
+        return None, None
 
-    def project() -> None:
+    def project() -> tuple:
         loop.run_step(x, {"y": y})
+        return None, None
 
     return {"upstream hae_v2": upstream, "conservative": project}
 
@@ -239,40 +269,46 @@ def training_cases(args, upstream_alias: str) -> Dict[str, Callable[[], None]]:
 # Timing
 
 
-def interleaved(cases: Dict[str, Callable[[], object]], rounds: int, log) -> tuple:
+def interleaved(cases: Dict[str, Callable[[], tuple]], rounds: int, log) -> tuple:
     """One warm-up round, then ``rounds`` rounds; the order alternates (A B C, C B A, ...) against drift.
 
-    Returns the times of the counted rounds and what each case returned in the warm-up round."""
+    A case returns (output, CPU time at the end of its first step or None). Returns the times of the counted rounds
+    (``cpu``, ``wall``, and ``steady``: CPU time after the first step) and each case's warm-up output."""
     names = list(cases)
-    times = {name: {"cpu": [], "wall": []} for name in names}
+    times = {name: {"cpu": [], "wall": [], "steady": []} for name in names}
     first = {}
     for r in range(rounds + 1):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             gc.collect()
             c0, w0 = time.process_time(), time.perf_counter()
-            out = cases[name]()
-            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            out, first_step_end = cases[name]()
+            c1, w1 = time.process_time(), time.perf_counter()
             if r:
-                times[name]["cpu"].append(cpu)
-                times[name]["wall"].append(wall)
+                times[name]["cpu"].append(c1 - c0)
+                times[name]["wall"].append(w1 - w0)
+                if first_step_end is not None:
+                    times[name]["steady"].append(c1 - first_step_end)
             else:
                 first[name] = out
             del out
-            log(f"  {'round ' + str(r) if r else 'warm-up'}: {name} {cpu:.2f} s CPU, {wall:.2f} s wall")
+            log(f"  {'round ' + str(r) if r else 'warm-up'}: {name} {c1 - c0:.2f} s CPU, {w1 - w0:.2f} s wall")
     return times, first
 
 
-def summary_rows(times: Dict[str, Dict[str, List[float]]], per: float, unit: str) -> List[str]:
+def summary_rows(times: Dict[str, Dict[str, List[float]]], per: float, unit: str, steady_per: float = 0) -> List[str]:
     rows = []
     for name, t in times.items():
         cpu, wall = [v / per for v in t["cpu"]], [v / per for v in t["wall"]]
-        rows.append(f"| {name} | {min(cpu):.3f} | {statistics.median(cpu):.3f} | {statistics.median(wall):.3f} | {unit} |")
+        row = f"| {name} | {min(cpu):.3f} | {statistics.median(cpu):.3f} | {statistics.median(wall):.3f} |"
+        if steady_per:
+            row += f" {statistics.median(t['steady']) / steady_per:.3f} |" if t["steady"] else " – |"
+        rows.append(row + f" {unit} |")
     return rows
 
 
-def ratio(times: Dict[str, Dict[str, List[float]]], upstream: str, project: str) -> float:
-    return statistics.median(times[upstream]["cpu"]) / statistics.median(times[project]["cpu"])
+def ratio(times: Dict[str, Dict[str, List[float]]], upstream: str, project: str, key: str = "cpu") -> float:
+    return statistics.median(times[upstream][key]) / statistics.median(times[project][key])
 
 
 def main() -> None:
@@ -317,10 +353,17 @@ def main() -> None:
         log(f"model calls per slice over {args.steps} steps: upstream {4 * args.steps - 1}, default "
             f"{2 * args.steps}, upstream flags {3 * args.steps - 1} (the first step has no inversion)")
         results["translation"] = times
-        log("\n| translation | min CPU | median CPU | median wall | per |\n|---|---|---|---|---|")
-        log("\n".join(summary_rows(times, args.batch * args.steps, "s per slice-step")))
-        ratios["default"] = ratio(times, "upstream", "default")
-        ratios["flags"] = ratio(times, "upstream", "upstream flags")
+        log("\n| translation | min CPU | median CPU | median wall | median CPU, steps 2.. | per |\n"
+            "|---|---|---|---|---|---|")
+        log("\n".join(summary_rows(times, args.batch * args.steps, "s per slice-step",
+                                   steady_per=args.batch * (args.steps - 1))))
+        whole = {k: ratio(times, "upstream", case) for k, case in (("default", "default"), ("flags", "upstream flags"))}
+        log(f"whole runs (first step included): default {whole['default']:.2f}×, upstream flags {whole['flags']:.2f}×")
+        results["whole_run_ratios"] = whole
+        # the summary: the steps after the first, i.e. what all but one of a translation's forward steps cost
+        key = "steady" if args.steps > 1 else "cpu"
+        ratios["default"] = ratio(times, "upstream", "default", key)
+        ratios["flags"] = ratio(times, "upstream", "upstream flags", key)
     gc.collect()
     if "training" not in args.skip:
         load_upstream(args.upstream_hae, "upstream_hae")
