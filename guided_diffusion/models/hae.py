@@ -202,9 +202,13 @@ class MultiScaleSparseTransformer(HoldsAttentionProcessor, nn.Module):
     def prepare_masks(self, height: int, width: int) -> None:
         """Build the built-in mask (and its CPU block plan) for an h×w feature map now rather than in the first
         forward, where drawing it (a generator, Python loops, host syncs) would break a ``torch.compile`` graph."""
+        device = self.multihead_attn.in_proj_weight.device
+        if device.type == "meta":  # a model of shapes only (built under torch.device("meta")): nothing to draw
+            return
         length = self.sequence_length(height, width)
-        self.builtin_mask = hae_mask(length, self.mask_seed).to(self.multihead_attn.in_proj_weight.device)
-        self.plan(length, torch.device("cpu"))
+        self.builtin_mask = hae_mask(length, self.mask_seed).to(device)
+        if device.type == "cpu":
+            self.plan(length, device)  # the block plan serves the CPU kernel only
 
     def mask(self, length: int, device: torch.device) -> torch.Tensor:
         builtin = self.builtin_mask

@@ -556,12 +556,12 @@ def band_random_mask(
     `generator` (CPU) and the mask is then moved to `device`.
     """
     k = max(1, int(length * (1 - 0.9)))
-    index = torch.arange(length)
+    index = torch.arange(length, device="cpu")  # on the CPU whatever the default device (the generator's)
     offset = index[None, :] - index[:, None]
     allowed = (offset >= -(k // 2)) & (offset <= k // 2)
     if k > 4:
         n_random = max(1, k // 4)
-        scores = torch.rand(length, length, generator=generator)
+        scores = torch.rand(length, length, generator=generator, device="cpu")
         allowed.scatter_(1, scores.topk(n_random, dim=1).indices, True)
     return (~allowed).to(device)
 
