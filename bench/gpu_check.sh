@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# One-command GPU check: the CUDA tests and the memory / speed benchmark, into one results file.
-#   bash bench/gpu_check.sh OUT            # on a machine with a CUDA GPU (about 8 minutes at most)
+# One-command GPU check: the CUDA tests, the memory / speed benchmark and the AnoFPDM loop, into one results file.
+#   bash bench/gpu_check.sh OUT            # on a machine with a CUDA GPU (under 10 minutes: the limits sum to 570 s)
 #   bash bench/gpu_check.sh OUT --smoke    # the same stages on the CPU at toy size (checks this script)
 #   bash bench/gpu_check.sh OUT --dry-run  # print the stages and their time limits, run nothing
 # OUT/gpu_check.md: card, driver, torch / CUDA / cuDNN versions, then per stage its status and time, the CUDA test
-# summary and one table per variant set: activation memory, largest training batch under BUDGET_GIB and its step
-# time, translation throughput (slices per second through one AnoFPDM forward step) in fp32 and bf16.
-# Raw logs and JSON beside it (OUT/<stage>.log, OUT/memory_<variant>.json). Each stage has its own time limit
-# (`timeout`), so one that hangs or runs long is reported and the others still run. Variables: BUDGET_GIB (70),
-# TRANSLATION_BATCH (64 slices: 128 rows per forward), VARIANTS, PYTHON, and the per-stage limits below.
+# summary, one table per variant set (activation memory, largest training batch under BUDGET_GIB and its step time,
+# translation throughput of one cond+null forward in fp32 and bf16) and the AnoFPDM loop itself (ForwardProcess.run,
+# bench/translation_loop.py: milliseconds per slice-step in fp32 and bf16 for Conservative and v2).
+# Raw logs and JSON beside it (OUT/<stage>.log, OUT/memory_<variant>.json, OUT/anofpdm_loop.json). Each stage has its
+# own time limit (`timeout`), so one that hangs or runs long is reported and the others still run. The upstream-style
+# HAE variants (hae_v2, hae_lite, hae) materialise 8 x 4416^2 attention matrices: they run one repeat, translation
+# at REFERENCE_TRANSLATION_BATCH slices, and only hae_v2 searches its largest batch (Conservative's yardstick).
+# Variables: BUDGET_GIB (70), TRANSLATION_BATCH (64 slices: 128 rows per forward), REFERENCE_TRANSLATION_BATCH (16),
+# LOOP_STEPS (3), VARIANTS, PYTHON, and the per-stage limits below. The CUDA settings are runtime.configure_cuda's
+# (TF32 off, cuDNN autotuning on), the ones training and translation use.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh OUT [--smoke | --dry-run]}
 MODE=${2:-gpu}
@@ -19,21 +24,36 @@ cd "$REPO"
 PYTHON=${PYTHON:-python}
 BUDGET_GIB=${BUDGET_GIB:-70}
 TRANSLATION_BATCH=${TRANSLATION_BATCH:-64}
+REFERENCE_TRANSLATION_BATCH=${REFERENCE_TRANSLATION_BATCH:-16}
+LOOP_STEPS=${LOOP_STEPS:-3}
 VARIANTS=${VARIANTS:-hae_v2_conservative hae_v2 v2 hae_lite hae}   # most important first
-LIMIT_INFO=${LIMIT_INFO:-30}           # seconds per stage; sum of the defaults: 30 + 100 + 5 x 65 + 15 = 470 s
-LIMIT_TESTS=${LIMIT_TESTS:-100}
-LIMIT_VARIANT=${LIMIT_VARIANT:-65}
-LIMIT_TABLE=${LIMIT_TABLE:-15}
+# seconds per stage; the defaults sum to 20 + 120 + 75 + 90 + 60 + 60 + 60 + 75 + 10 = 570 s
+LIMIT_INFO=${LIMIT_INFO:-20}
+LIMIT_TESTS=${LIMIT_TESTS:-120}
+LIMIT_FUSED=${LIMIT_FUSED:-75}              # hae_v2_conservative
+LIMIT_V2=${LIMIT_V2:-60}
+LIMIT_HAE_V2=${LIMIT_HAE_V2:-90}            # reference attention plus its largest-batch search
+LIMIT_REFERENCE=${LIMIT_REFERENCE:-60}      # hae_lite, hae
+LIMIT_LOOP=${LIMIT_LOOP:-75}
+LIMIT_TABLE=${LIMIT_TABLE:-10}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$MODE" = --smoke ]; then         # small sizes on the CPU: every stage runs, in about a minute
     # (fp32 only: bf16 convolutions on a CPU without bf16 units take minutes)
-    BENCH=(--small --device cpu --threads 1 --repeats 1 --translation-batch 2 --precisions fp32)
+    COMMON=(--small --device cpu --threads 1 --repeats 1 --precisions fp32)
+    FULL=("${COMMON[@]}" --translation-batch 2)
+    LIGHT=("${COMMON[@]}" --translation-batch 2)
+    SEARCH=()
+    LOOP=(--small --device cpu --threads 1 --batch 2 --steps 1 --rounds 1 --precisions fp32)
     VARIANTS=${SMOKE_VARIANTS:-hae_v2_conservative v2}
-    LIMIT_VARIANT=${SMOKE_LIMIT_VARIANT:-120}
+    for name in LIMIT_FUSED LIMIT_V2 LIMIT_HAE_V2 LIMIT_REFERENCE LIMIT_LOOP; do
+        printf -v "$name" '%s' "${SMOKE_LIMIT_VARIANT:-120}"
+    done
 else
-    BENCH=(--device cuda --repeats 3 --budget-gib "$BUDGET_GIB" --translation-batch "$TRANSLATION_BATCH"
-           --precisions fp32,bf16)
+    FULL=(--device cuda --repeats 3 --translation-batch "$TRANSLATION_BATCH" --precisions fp32,bf16)
+    LIGHT=(--device cuda --repeats 1 --translation-batch "$REFERENCE_TRANSLATION_BATCH" --precisions fp32,bf16)
+    SEARCH=(--budget-gib "$BUDGET_GIB")
+    LOOP=(--device cuda --batch "$TRANSLATION_BATCH" --steps "$LOOP_STEPS" --rounds 2 --precisions fp32,bf16)
 fi
 
 STAGES=()
@@ -51,9 +71,20 @@ print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA
 print("devices:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or "none")'
 add_stage cuda_tests "$LIMIT_TESTS" "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests
 for v in $VARIANTS; do
-    add_stage "memory_$v" "$LIMIT_VARIANT" "$PYTHON" bench/memory_speed.py --variants "$v" "${BENCH[@]}" \
+    case $v in
+        hae_v2_conservative) limit=$LIMIT_FUSED; args=("${FULL[@]}" "${SEARCH[@]}") ;;
+        v2) limit=$LIMIT_V2; args=("${FULL[@]}" "${SEARCH[@]}") ;;
+        hae_v2) limit=$LIMIT_HAE_V2; args=("${LIGHT[@]}" "${SEARCH[@]}") ;;
+        *) limit=$LIMIT_REFERENCE; args=("${LIGHT[@]}") ;;
+    esac
+    add_stage "memory_$v" "$limit" "$PYTHON" bench/memory_speed.py --variants "$v" "${args[@]}" \
         --json "$OUT/memory_$v.json"
 done
+LOOP_VARIANTS=$(for v in $VARIANTS; do case $v in hae_v2_conservative | v2) printf '%s,' "$v" ;; esac; done)
+if [ -n "$LOOP_VARIANTS" ]; then
+    add_stage anofpdm_loop "$LIMIT_LOOP" "$PYTHON" bench/translation_loop.py --variants "${LOOP_VARIANTS%,}" "${LOOP[@]}" \
+        --json "$OUT/anofpdm_loop.json"
+fi
 add_stage table "$LIMIT_TABLE" bash -c "$(printf '%q' "$PYTHON") bench/memory_speed.py --render $(printf '%q' "$OUT")/memory_*.json"
 
 if [ "$MODE" = --dry-run ]; then
@@ -124,6 +155,12 @@ done
             tail -n 5 "$OUT/memory_$v.log" | sed 's/^/    /'
         fi
     done
+    if [ -f "$OUT/anofpdm_loop.log" ]; then
+        echo
+        echo "## The AnoFPDM loop (bench/translation_loop.py: ForwardProcess.run, $LOOP_STEPS steps)"
+        echo
+        grep '^|' "$OUT/anofpdm_loop.log" || tail -n 5 "$OUT/anofpdm_loop.log" | sed 's/^/    /'
+    fi
 } >>"$RESULTS"
 echo "results: $RESULTS" >&2
 exit $FAILED

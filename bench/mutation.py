@@ -54,7 +54,7 @@ TARGETS: Dict[str, Target] = {
     ),
     "sparse_attention": Target(
         "guided_diffusion/models/sparse_attention.py",
-        # test_attention_processors: the dense inference path (dense_inference_attention) against nn.MultiheadAttention
+        # test_attention_processors: the dense inference path (dense_masked_sdpa) against nn.MultiheadAttention
         ("tests/test_sparse_attention.py", "tests/test_sparse_dropout.py", "tests/test_attention_processors.py"),
         6,
     ),

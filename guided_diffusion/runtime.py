@@ -1,6 +1,8 @@
 """Run-time choices shared by every entry point: numeric precision, seeding, CPU threads.
 
 * ``PRECISIONS`` / ``check_precision`` / ``autocast``: ``--precision fp32|bf16|fp16`` through ``torch.autocast``.
+* ``configure_cuda`` / ``cuda_backends``: the CUDA backend choices, made deliberately (TF32 off: fp32 means fp32;
+  ``cudnn.benchmark`` on: training and translation repeat the same shapes), process-wide or for a block.
 * ``seed_everything``: python, numpy and torch RNGs from one seed.
 * CPU threads. Two things decide whether a CPU step collapses when the machine is shared
   (``bench/cpu_threads.py``; numbers in ``bench/results/cpu_threads_2026-12-01.md``): OpenMP threads that spin while
@@ -48,6 +50,51 @@ def autocast(device: "torch.device | str", precision: str) -> ContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CUDA backend choices
+
+# Why these defaults:
+# * TF32 off. PyTorch lets cuDNN convolutions use TF32 by default (10-bit mantissa on Ampere and later), so "fp32"
+#   would silently be less precise than on a CPU; here fp32 means fp32 and agrees with the CPU to float precision.
+#   The fast GPU path is ``--precision bf16`` (autocast), whose effect on the metrics is measured (bench/results).
+# * cudnn.benchmark on: every training step and every translation call of a run has the same shapes, so timing the
+#   convolution algorithms once per shape pays for itself within a few calls.
+CUDA_TF32 = False
+CUDA_BENCHMARK = True
+
+
+def cuda_settings() -> dict:
+    """The current TF32 and cuDNN autotuning flags (readable without a GPU)."""
+    return {"matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
+def configure_cuda(tf32: bool = CUDA_TF32, benchmark: bool = CUDA_BENCHMARK) -> dict:
+    """Set the CUDA backend choices for this process (see above); returns the previous settings."""
+    previous = cuda_settings()
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = benchmark
+    return previous
+
+
+def restore_cuda(settings: dict) -> None:
+    """Put back settings returned by ``configure_cuda`` / ``cuda_settings``."""
+    torch.backends.cuda.matmul.allow_tf32 = settings["matmul_tf32"]
+    torch.backends.cudnn.allow_tf32 = settings["cudnn_tf32"]
+    torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
+
+
+@contextlib.contextmanager
+def cuda_backends(tf32: bool = CUDA_TF32, benchmark: bool = CUDA_BENCHMARK) -> Iterator[None]:
+    """``configure_cuda`` for the block only (tests, benchmarks): the previous settings come back afterwards."""
+    previous = configure_cuda(tf32, benchmark)
+    try:
+        yield
+    finally:
+        restore_cuda(previous)
 
 
 def seed_everything(seed: int) -> None:

@@ -290,15 +290,25 @@ def _oracle_setup(T=6, B=2, H=8):
     return diffusion, x0, lesion, strength
 
 
-def test_forward_process_one_batched_forward_per_step_and_exact_maps():
+@pytest.mark.parametrize("max_rows, calls_per_step", [(0, 1), (None, 2)])
+def test_forward_process_two_predictions_per_row_and_step_and_exact_maps(max_rows, calls_per_step):
+    """0: one batched forward of the 2B rows; None (CPU default): the conditional rows, then the null rows.
+    The same predictions, maps and statistics in both cases (calls of fewer rows: tests/test_diffusion.py)."""
     diffusion, x0, lesion, strength = _oracle_setup()
-    T, w = 6, 2.0
+    T, w, B = 6, 2.0, x0.shape[0]
     model = OracleModel(diffusion, x0, lesion, strength)
     cfg = af.ForwardConfig(w=w, forward_steps=T, modality=[0, 1])
-    res = af.ForwardProcess(model, diffusion, cfg).run(x0, generator=torch.Generator().manual_seed(1))
-    assert len(model.calls) == T and all(c["n"] == 2 * x0.shape[0] for c in model.calls)
-    assert [int(c["t"][0]) for c in model.calls] == list(range(T))
-    assert all(c["null"][:2].logical_not().all() and c["null"][2:].all() for c in model.calls)
+    res = af.ForwardProcess(model, diffusion, cfg, max_rows=max_rows).run(x0, generator=torch.Generator().manual_seed(1))
+    assert len(model.calls) == T * calls_per_step and sum(c["n"] for c in model.calls) == T * 2 * B
+    assert [int(c["t"][0]) for c in model.calls[::calls_per_step]] == list(range(T))
+    if max_rows == 0:
+        assert all(c["null"][:B].logical_not().all() and c["null"][B:].all() for c in model.calls)
+    else:  # every call has one condition; per step, B conditional rows first, then B null rows
+        for step in range(T):
+            calls = model.calls[step * calls_per_step:(step + 1) * calls_per_step]
+            nulls = torch.cat([c["null"] for c in calls])
+            assert all(c["null"].all() or not c["null"].any() for c in calls)
+            assert nulls.tolist() == [False] * B + [True] * B
     # x̂0_w = x0 - (1+w) s(t) lesion, x̂0_∅ = x0: divergence (1+w)² s(t)² mean(lesion²), peak at t = 3
     expected_div = (1 + w) ** 2 * strength[:T] ** 2 * (lesion[0, 0] ** 2).mean()
     torch.testing.assert_close(res.stats.divergence[0, :, 0], expected_div, rtol=1e-3, atol=1e-7)
@@ -329,7 +339,10 @@ def test_ddim_encoding_noise_level_correct_and_legacy():
     legacy = OracleModel(diffusion, x0, lesion, strength)
     cfg = af.ForwardConfig(w=2.0, forward_steps=T, modality=[0], legacy_ddim_encoding=True)
     af.ForwardProcess(legacy, diffusion, cfg).run(x0, generator=torch.Generator().manual_seed(1))
-    assert len(legacy.calls) == T + (T - 1)  # an extra inversion forward per step
+    # an extra inversion prediction per row and step after the first, with the null embedding (--null True)
+    B = x0.shape[0]
+    assert sum(c["n"] for c in legacy.calls) == T * 2 * B + (T - 1) * B
+    assert len([c for c in legacy.calls if c["null"].all()]) == T + (T - 1)
     last = [c for c in legacy.calls if int(c["t"][0]) == T - 1][-1]
     ratio = residual_eps(last).norm() / eps0.norm()
     assert abs(ratio - 1) > 0.1  # the latent sits one level ahead of its label
@@ -343,7 +356,7 @@ def test_ugp_modes_and_ddpm_encoding():
         model = OracleModel(diffusion, x0, lesion, strength)
         cfg = af.ForwardConfig(w=w, forward_steps=T, modality=[0], ugp_mode=mode, ddim=False)
         out[mode] = af.ForwardProcess(model, diffusion, cfg).run(x0, generator=torch.Generator().manual_seed(3))
-        assert len(model.calls) == T
+        assert sum(c["n"] for c in model.calls) == T * 2 * x0.shape[0]  # no extra forward in either mode
     # upstream UGP (healthy-conditional) makes M_t smaller by w²/(1+w)²
     ratio = out["upstream"].stats.divergence[:, 3] / out["null"].stats.divergence[:, 3]
     torch.testing.assert_close(ratio, torch.full_like(ratio, w**2 / (1 + w) ** 2), rtol=1e-3, atol=0)

@@ -17,7 +17,7 @@ from guided_diffusion.models.classifier import AttentionPool2d
 from guided_diffusion.models.hae import HAE_DESIGNS, MaskedAttentionProcessor, MultiScaleSparseTransformer, hae_design
 from guided_diffusion.models.unet import AttentionBlock
 
-from conftest import load_vector, model_flags, tolerance
+from conftest import load_vector, model_flags, requires_cuda, tolerance
 
 
 @pytest.fixture(autouse=True)
@@ -219,13 +219,13 @@ def test_fused_hae_processor_inference_paths_equal_upstreams_call(length_hw, mon
     length = seq.shape[1]
     expected = block.multihead_attn(seq, seq, seq, attn_mask=block.mask(length, seq.device))[0]  # upstream
     used = []
-    for name in ("dense_inference_attention", "multihead_self_attention"):
+    for name in ("dense_masked_sdpa", "multihead_self_attention"):
         real = getattr(hae, name)
         monkeypatch.setattr(hae, name, lambda *a, _r=real, _n=name, **k: used.append(_n) or _r(*a, **k))
     with torch.no_grad():
         got = hae.SparseMaskedAttentionProcessor()(block, seq)
         kernel = hae.SparseMaskedAttentionProcessor(dense_max_length=0)(block, seq)
-    assert used == (["dense_inference_attention"] if length <= 512 else ["multihead_self_attention"]) + [
+    assert used == (["dense_masked_sdpa"] if length <= 512 else ["multihead_self_attention"]) + [
         "multihead_self_attention"]
     assert (got - expected).abs().max() < 1e-5 and (kernel - expected).abs().max() < 1e-5
     # with autograd the kernel always runs: nothing L×L is saved for backward
@@ -233,9 +233,37 @@ def test_fused_hae_processor_inference_paths_equal_upstreams_call(length_hw, mon
     hae.SparseMaskedAttentionProcessor()(block, seq.requires_grad_())
     assert used == ["multihead_self_attention"]
     # the dense path bounds its temporary scores by splitting the batch (here one row per chunk)
-    small = sparse_attention.dense_inference_attention(block.multihead_attn, seq.detach(), block.mask(length, "cpu"),
+    small = sparse_attention.dense_masked_sdpa(block.multihead_attn, seq.detach(), block.mask(length, "cpu"),
                                                        max_chunk_bytes=1)
     assert (small - expected).abs().max() < 1e-5
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_fused_hae_processor_on_cuda_is_masked_sdpa_equal_to_upstreams_call(grad, monkeypatch):
+    """On a GPU the fused HAE processor runs the dense mask through SDPA (no block loop, no host sync), in training
+    too, and gives nn.MultiheadAttention's masked output and input gradients (float32, no TF32)."""
+    from guided_diffusion import runtime
+    from guided_diffusion.models import hae
+
+    torch.manual_seed(0)
+    block = MultiScaleSparseTransformer(32, "hae_v2", dropout=0.0).cuda().eval()
+    seq = block.tokens(torch.randn(3, 32, 24, 24, device="cuda")).detach().requires_grad_(grad)  # 621 tokens
+    length = seq.shape[1]
+    used = []
+    for name in ("dense_masked_sdpa", "multihead_self_attention"):
+        real = getattr(hae, name)
+        monkeypatch.setattr(hae, name, lambda *a, _r=real, _n=name, **k: used.append(_n) or _r(*a, **k))
+    with runtime.cuda_backends(tf32=False), torch.set_grad_enabled(grad):
+        expected = block.multihead_attn(seq, seq, seq, attn_mask=block.mask(length, seq.device))[0]
+        got = hae.SparseMaskedAttentionProcessor()(block, seq)
+        assert used == ["dense_masked_sdpa"]
+        assert (got - expected).abs().max() < 1e-5
+        if grad:
+            g_expected, = torch.autograd.grad(expected.square().sum(), seq)
+            g_got, = torch.autograd.grad(got.square().sum(), seq)
+            assert (g_got - g_expected).abs().max() < 1e-4 * g_expected.abs().max()
 
 
 # --- gaps found by mutation testing (bench/mutation.py --module attention) ---

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from guided_diffusion import runtime
 from guided_diffusion.script_util import create_model
 from guided_diffusion.models.unet import HAEUNetModelV2, HAEUNetModelV2Conservative
 
@@ -251,8 +252,11 @@ def test_autocast_cpu(variant, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("null", [False, True, "mixed", "train"])
 def test_cuda_float32_matches(null):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    with runtime.cuda_backends(tf32=False):  # full fp32 for this test only (the settings come back afterwards)
+        _cuda_float32_matches(null)
+
+
+def _cuda_float32_matches(null):
     v2, cons, x, t, y = build_pair(device="cuda")
     if null == "train":
         v2.train(), cons.train()

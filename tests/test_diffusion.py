@@ -320,6 +320,43 @@ def test_guided_eps_single_batched_forward(learn_sigma):
         d.guided_eps(model, x, 1, None, 2.0)
 
 
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_guided_eps_in_calls_of_max_rows_with_one_condition_each(learn_sigma):
+    d = make_diffusion(steps=100)
+    model = RecordingCondModel(learn_sigma)
+    x = th.randn(5, 2, 4, 4)
+    y = th.tensor([0, 1, 1, 0, 1])
+    mask = th.rand(5)
+    out = d.guided_eps(model, x, th.arange(5), y, w=2.0, model_kwargs={"mask": mask, "scale": 7}, max_rows=2)
+    # conditional rows 0-1, 2-3, 4, then null rows 0-1, 2-3, 4; each call with a fixed (bool) condition
+    assert [c["x"].shape[0] for c in model.calls] == [2, 2, 1, 2, 2, 1]
+    assert [c["null"] for c in model.calls] == [False] * 3 + [True] * 3
+    assert th.cat([c["t"] for c in model.calls]).tolist() == list(range(5)) * 2
+    assert th.cat([c["y"] for c in model.calls]).tolist() == y.tolist() * 2
+    assert th.cat([c["mask"] for c in model.calls]).tolist() == mask.tolist() * 2
+    assert all(c["scale"] == 7 and c["clf_free"] is True for c in model.calls)
+    eps_cond = x * (1 + y.float()).reshape(-1, 1, 1, 1)
+    th.testing.assert_close(out["eps_cond"], eps_cond)
+    th.testing.assert_close(out["eps_null"], x - 1)
+    th.testing.assert_close(out["eps"], 3 * eps_cond - 2 * (x - 1))
+    assert ("var_values" in out) == learn_sigma
+    with pytest.raises(ValueError, match="max_rows"):
+        d.guided_eps(model, x, 1, y, 2.0, max_rows=0)
+
+
+def test_condition_eps_one_condition_for_every_row():
+    d = make_diffusion(steps=1000, respacing="ddim10")
+    model = RecordingCondModel(learn_sigma=True)
+    x = th.randn(3, 2, 4, 4)
+    y = th.tensor([1, 0, 1])
+    th.testing.assert_close(d.condition_eps(model, x, 2, y, null=True), x - 1)
+    assert model.calls[-1]["null"] is True and model.calls[-1]["t"].tolist() == [200] * 3  # original steps
+    eps = d.condition_eps(model, x, 2, None, null=False, model_kwargs={"y": y, "threshold": 0.1}, max_rows=2)
+    th.testing.assert_close(eps, x * (1 + y.float()).reshape(-1, 1, 1, 1))
+    assert [c["x"].shape[0] for c in model.calls[-2:]] == [2, 1]
+    assert all(c["null"] is False and c["threshold"] == -1 for c in model.calls[-2:])
+
+
 def test_guided_eps_takes_y_from_kwargs_and_w0_is_conditional():
     d = make_diffusion(steps=100)
     model = RecordingCondModel()

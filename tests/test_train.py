@@ -149,6 +149,28 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "b") if fileio.is_temp_name(f)]  # no partial file left
 
 
+def test_compiled_training_steps_equal_eager_ones(logdir, monkeypatch):
+    """TrainLoop(compile=True) runs the step through torch.compile: the same weights after two steps (dropout and
+    label drops included). The eager backend keeps the test fast: dynamo traces the step as for inductor."""
+    real_compile = torch.compile
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or real_compile(module, backend="eager"))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(2, 4, 32, 32, generator=g) * 2 - 1, torch.tensor([0, 1])
+    states = []
+    for compile in (False, True):
+        model, diffusion = tiny_model("hae_v2_conservative", dropout=0.1)
+        loop = TrainLoop(model=model, diffusion=diffusion, data=[(x, {"y": y})], batch_size=2, lr=1e-3,
+                         threshold=0.5, total_epochs=2, save_interval=1000, seed=3, progress=False, compile=compile)
+        torch._dynamo.reset()
+        assert loop.run_loop() == 2
+        states.append(loop.state_dicts()["model"])
+    torch._dynamo.reset()
+    assert compiled == [model]
+    for key, value in states[0].items():
+        torch.testing.assert_close(states[1][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_iterate_from_skips_batches_without_changing_the_order():
     loader, sampler = tiny_loader(10, 2)
     sampler.set_epoch(3)

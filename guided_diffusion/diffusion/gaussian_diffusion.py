@@ -122,29 +122,80 @@ def _repeat_rows(value: Any, batch: int) -> Any:
     return value
 
 
-def _guided_forward(
-    model: Callable, x: th.Tensor, t: th.Tensor, y: Optional[th.Tensor], w: float, model_kwargs: Optional[dict]
-) -> Dict[str, th.Tensor]:
-    """One batched forward of conditional + null rows; returns eps, eps_cond, eps_null[, var_values]."""
-    kwargs = dict(model_kwargs or {})
+def _slice_rows(value: Any, batch: int, rows: slice) -> Any:
+    """Rows ``rows`` of a per-row tensor (first dim == batch); anything else as it is."""
+    if isinstance(value, th.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value[rows]
+    return value
+
+
+def _labels(y: Optional[th.Tensor], kwargs: dict, x: th.Tensor) -> th.Tensor:
     if y is None:
         y = kwargs.get("y")
     if y is None:
         raise ValueError("classifier-free guidance needs class labels: pass y or model_kwargs['y']")
-    B = x.shape[0]
     y = th.as_tensor(y, device=x.device)
-    if y.ndim == 0:
-        y = y.expand(B)
-    kwargs = {k: _repeat_rows(v, B) for k, v in kwargs.items() if k not in ("y", "null", "clf_free")}
+    return y.expand(x.shape[0]) if y.ndim == 0 else y
+
+
+def _sampling_kwargs(model_kwargs: Optional[dict]) -> dict:
+    """model_kwargs minus what guidance sets itself (y, null, clf_free); labels are never dropped at sampling."""
+    kwargs = {k: v for k, v in (model_kwargs or {}).items() if k not in ("y", "null", "clf_free")}
     if "threshold" in kwargs:
         kwargs["threshold"] = -1  # never drop labels at sampling time; nulls are explicit
-    null = th.cat([th.zeros(B, dtype=th.bool), th.ones(B, dtype=th.bool)]).to(x.device)
-    out = model(th.cat([x, x]), th.cat([t, t]), y=th.cat([y, y]), null=null, clf_free=True, **kwargs)
-    eps_both, var_both = _split_eps(out, x.shape[1])
-    eps_cond, eps_null = eps_both[:B], eps_both[B:]
+    return kwargs
+
+
+def _one_condition(
+    model: Callable, x: th.Tensor, t: th.Tensor, y: th.Tensor, null: bool, kwargs: dict, max_rows: Optional[int]
+) -> th.Tensor:
+    """The model's output for every row under one condition (all conditional or all null), in calls of at most
+    ``max_rows`` rows (None: one call)."""
+    B = x.shape[0]
+    step = B if not max_rows else max_rows
+    outs = []
+    for start in range(0, B, step):
+        rows = slice(start, start + step)
+        outs.append(model(x[rows], t[rows], y=y[rows], null=null, clf_free=True,
+                          **{k: _slice_rows(v, B, rows) for k, v in kwargs.items()}))
+    return outs[0] if len(outs) == 1 else th.cat(outs)
+
+
+def _guided_forward(
+    model: Callable,
+    x: th.Tensor,
+    t: th.Tensor,
+    y: Optional[th.Tensor],
+    w: float,
+    model_kwargs: Optional[dict],
+    max_rows: Optional[int] = None,
+) -> Dict[str, th.Tensor]:
+    """Conditional + null predictions; returns eps, eps_cond, eps_null[, var_values].
+
+    ``max_rows`` None: ONE batched forward of the 2B rows (a per-row null mask). An int: the conditional rows and
+    the null rows in separate calls of at most ``max_rows`` rows each, every call with a fixed condition (the
+    model then needs no per-row mask). The same function either way; which is faster depends on the device: on
+    a CPU a call's cost per row grows once its activations outgrow the caches, on a GPU larger calls are cheaper.
+    """
+    kwargs = dict(model_kwargs or {})
+    y = _labels(y, kwargs, x)
+    B = x.shape[0]
+    kwargs = _sampling_kwargs(kwargs)
+    if max_rows is None:
+        null = th.cat([th.zeros(B, dtype=th.bool), th.ones(B, dtype=th.bool)]).to(x.device)
+        kwargs = {k: _repeat_rows(v, B) for k, v in kwargs.items()}
+        out = model(th.cat([x, x]), th.cat([t, t]), y=th.cat([y, y]), null=null, clf_free=True, **kwargs)
+        out_cond, out_null = out[:B], out[B:]
+    else:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 (or None for one call), got {max_rows}")
+        out_cond = _one_condition(model, x, t, y, False, kwargs, max_rows)
+        out_null = _one_condition(model, x, t, y, True, kwargs, max_rows)
+    eps_cond, var_cond = _split_eps(out_cond, x.shape[1])
+    eps_null, _ = _split_eps(out_null, x.shape[1])
     out = {"eps": (1 + w) * eps_cond - w * eps_null, "eps_cond": eps_cond, "eps_null": eps_null}
-    if var_both is not None:
-        out["var_values"] = var_both[:B]  # the conditional rows' variance (learn_sigma only)
+    if var_cond is not None:
+        out["var_values"] = var_cond  # the conditional rows' variance (learn_sigma only)
     return out
 
 
@@ -324,16 +375,38 @@ class GaussianDiffusion:
         y: Optional[th.Tensor],
         w: float,
         model_kwargs: Optional[dict] = None,
+        max_rows: Optional[int] = None,
     ) -> Dict[str, th.Tensor]:
-        """Classifier-free guided eps from ONE batched forward.
+        """Classifier-free guided eps from the conditional and null predictions.
 
-        The model sees x2 = cat[x, x], y2 = cat[y, y], null = cat[False * B, True * B] (bool tensor),
-        clf_free=True (and threshold=-1 when model_kwargs has a threshold). Per-row tensors in model_kwargs
-        are duplicated too. Returns dict(eps=(1+w)*eps_cond - w*eps_null, eps_cond, eps_null), plus the key
+        By default ONE batched forward: the model sees x2 = cat[x, x], y2 = cat[y, y], null = cat[False * B,
+        True * B] (bool tensor), clf_free=True (and threshold=-1 when model_kwargs has a threshold). Per-row
+        tensors in model_kwargs are duplicated too. With ``max_rows`` the conditional rows (null=False) and the
+        null rows (null=True) go through separate calls of at most ``max_rows`` rows (same results; faster on a
+        CPU for large batches). Returns dict(eps=(1+w)*eps_cond - w*eps_null, eps_cond, eps_null), plus the key
         var_values (the conditional rows' variance channels) only when the model learns sigma.
         t is on this diffusion's grid (respaced grids are mapped to original steps for the model).
         """
-        return _guided_forward(self._wrap_model(model), x, _timesteps(t, x), y, w, model_kwargs)
+        return _guided_forward(self._wrap_model(model), x, _timesteps(t, x), y, w, model_kwargs, max_rows)
+
+    def condition_eps(
+        self,
+        model: Callable,
+        x: th.Tensor,
+        t: Timesteps,
+        y: Optional[th.Tensor],
+        null: bool,
+        model_kwargs: Optional[dict] = None,
+        max_rows: Optional[int] = None,
+    ) -> th.Tensor:
+        """eps of a classifier-free model under ONE condition for every row: the conditional prediction (label y)
+        or, with ``null``, the null prediction; in calls of at most ``max_rows`` rows (None: one call).
+        Half the rows of ``guided_eps`` when only one of its two predictions is needed."""
+        kwargs = dict(model_kwargs or {})
+        y = _labels(y, kwargs, x)
+        out = _one_condition(self._wrap_model(model), x, _timesteps(t, x), y, bool(null), _sampling_kwargs(kwargs),
+                             max_rows)
+        return _split_eps(out, x.shape[1])[0]
 
     # -- reverse process ----------------------------------------------------------------------------------
 

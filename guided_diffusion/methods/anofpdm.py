@@ -435,20 +435,73 @@ def _at(arr, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class ForwardProcess:
     """The HGP/UGP predictions along the forward process for one batch (see the module docstring).
 
-    NFEs per step: one batched forward of 2B rows (conditional + null). The legacy DDIM encoding adds a second
-    forward per step, because its inversion uses a different timestep label than the predictions.
+    NFEs per step: the conditional and the null prediction of every row (2B rows). The legacy DDIM encoding adds
+    one more prediction per row and step (B rows), because its inversion uses a different timestep label than the
+    predictions.
+
+    How the model runs (the same function in every case; outputs agree to float precision):
+
+    * ``max_rows``: rows per model call. None (default): on a CPU, the conditional and the null rows in separate
+      calls of at most ``cpu_call_elements`` first-level feature-map elements each (faster per row than one large
+      call); on other devices one call of all 2B rows. 0: one call of all 2B rows. An int: separate conditional /
+      null calls of at most that many rows.
+    * ``channels_last``: convert the model's 4-D weights to ``torch.channels_last`` (in place; the model stays
+      converted) and run its convolutions in that layout.
+    * ``compile``: run the model through ``torch.compile`` (a fresh model compiles into one graph: HAE models build
+      their masks at construction); the first call of each shape pays the compilation.
     """
 
+    # On a CPU a call's cost per row grows once its feature maps outgrow the caches (measured: 2-8 rows of the
+    # 64 px, 32-128 channel models are the fastest, 32 rows cost 15-40 % more per row; bench/results/, issue 20)
+    cpu_call_elements = 1 << 21
+
     def __init__(
-        self, model: torch.nn.Module, diffusion, cfg: ForwardConfig, autocast_dtype: Optional[torch.dtype] = None
+        self,
+        model: torch.nn.Module,
+        diffusion,
+        cfg: ForwardConfig,
+        autocast_dtype: Optional[torch.dtype] = None,
+        *,
+        max_rows: Optional[int] = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
+        if max_rows is not None and max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0 (0: one call per step; None: chosen for the device), got {max_rows}")
         self.model, self.diffusion, self.cfg = model, diffusion, cfg
         self.autocast_dtype = autocast_dtype
+        self.max_rows = max_rows
+        self.channels_last = channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.compile = compile
+        self._compiled: Optional[Callable] = None
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def rows_per_call(self, x: torch.Tensor) -> Optional[int]:
+        """The ``max_rows`` used for a batch like ``x`` (None: all 2B rows in one call)."""
+        if self.max_rows is not None:
+            return self.max_rows or None
+        if x.device.type != "cpu":
+            return None
+        width = getattr(self.model, "model_channels", 64) * getattr(self.model, "channel_mult", (1,))[0]
+        return max(1, self.cpu_call_elements // int(width * x.shape[-2] * x.shape[-1]))
+
+    def _network(self) -> Callable:
+        """The model as called: compiled at first use when asked (HAE models build their masks at construction,
+        so compiled code only reads them)."""
+        if not self.compile:
+            return self.model
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model)
+        return self._compiled
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _xstart(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         x0 = self.diffusion.predict_xstart_from_eps(x, t, eps)
@@ -456,17 +509,20 @@ class ForwardProcess:
 
     def _guided(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict:
         with self._autocast(x.device):
-            out = self.diffusion.guided_eps(self.model, x, t, y, self.cfg.w)
-        return {k: v.float() for k, v in out.items() if v is not None}
+            out = self.diffusion.guided_eps(self._network(), self._inputs(x), t, y, self.cfg.w,
+                                            max_rows=self.rows_per_call(x))
+        return {k: v.float().contiguous() for k, v in out.items() if v is not None}
 
     def _encode_eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """eps for the inversion: null embedding with --null True, else healthy-conditional.
+        """eps for the inversion: null embedding with --null True, else healthy-conditional (B rows).
 
-        Goes through ``diffusion.guided_eps`` (so respaced timesteps are mapped like every other call); only the
-        legacy encoding needs this separate forward.
+        Goes through the diffusion (so respaced timesteps are mapped like every other call); only the legacy
+        encoding needs this separate forward.
         """
-        out = self._guided(x, t, y)
-        return out["eps_null"] if self.cfg.encode_null else out["eps_cond"]
+        with self._autocast(x.device):
+            eps = self.diffusion.condition_eps(self._network(), self._inputs(x), t, y, null=self.cfg.encode_null,
+                                               max_rows=self.rows_per_call(x) or x.shape[0])
+        return eps.float().contiguous()
 
     def _inversion_step(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """DDIM inversion t -> t+1 from eps at (x, t), eps re-derived from the clipped x̂0 as upstream does."""
@@ -502,6 +558,10 @@ class ForwardProcess:
         cfg.validate(x0.shape[1])
         b = x0.shape[0]
         device = x0.device
+        if device.type == "cuda":
+            from guided_diffusion import runtime
+
+            runtime.configure_cuda()  # TF32 off (fp32 is fp32), cuDNN autotuning on: runtime.py says why
         mod = list(cfg.modality)
         src = x0[:, mod].float()
         y = torch.full((b,), cfg.healthy_label, dtype=torch.long, device=device)

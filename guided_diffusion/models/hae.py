@@ -37,7 +37,7 @@ from guided_diffusion.models.processors import AttentionProcessor, HoldsAttentio
 from guided_diffusion.models.sparse_attention import (
     band_random_mask,
     build_mask_plan,
-    dense_inference_attention,
+    dense_masked_sdpa,
     multihead_self_attention,
 )
 
@@ -121,11 +121,17 @@ class DenseMaskedAttentionProcessor(MaskedAttentionProcessor):
 
 
 class SparseMaskedAttentionProcessor(MaskedAttentionProcessor):
-    """The exact masked attention with no L×L tensor stored: the block-sparse kernel (only allowed (query, key)
-    pairs). Without autograd, sequences of at most ``dense_max_length`` tokens (the 8×8 and 16×16 HAE blocks: 69 and
-    276 tokens) run through ``scaled_dot_product_attention`` with the dense mask instead: the same function with
-    nothing to save, 3-4× faster there on a CPU; longer sequences (1104, 4416 tokens) keep the kernel, which is
-    faster and lighter for them."""
+    """The exact masked attention with no L×L tensor stored for backward.
+
+    * On a CPU, the block-sparse kernel (only allowed (query, key) pairs). Without autograd, sequences of at most
+      ``dense_max_length`` tokens (the 8×8 and 16×16 HAE blocks: 69 and 276 tokens) run through
+      ``scaled_dot_product_attention`` with the dense mask instead: the same function with nothing to save, 3-4×
+      faster there; longer sequences (1104, 4416 tokens) keep the kernel, which is faster and lighter for them.
+    * On a GPU, ``scaled_dot_product_attention`` with the dense mask, in training too: the fused kernels (CUDA's
+      memory-efficient kernel, dropout included) take any mask and store no L×L tensor, and every 128×128 tile
+      of an HAE mask has an allowed entry, so a block-sparse loop could skip nothing; it runs in the autocast
+      dtype (bf16 under ``--precision bf16``) with no host synchronisation.
+    """
 
     name = "fused"
 
@@ -134,8 +140,8 @@ class SparseMaskedAttentionProcessor(MaskedAttentionProcessor):
 
     def __call__(self, module: "MultiScaleSparseTransformer", seq: torch.Tensor) -> torch.Tensor:
         length = seq.shape[1]
-        if not torch.is_grad_enabled() and length <= self.dense_max_length:
-            return dense_inference_attention(module.multihead_attn, seq, module.mask(length, seq.device))
+        if seq.device.type == "cuda" or (not torch.is_grad_enabled() and length <= self.dense_max_length):
+            return dense_masked_sdpa(module.multihead_attn, seq, module.mask(length, seq.device))
         return multihead_self_attention(module.multihead_attn, seq, module.plan(length, seq.device))
 
 
@@ -165,6 +171,9 @@ class MultiScaleSparseTransformer(HoldsAttentionProcessor, nn.Module):
         self.set_processor("reference")
         self.mask_seed = MASK_SEED
         self.installed_mask: Optional[torch.Tensor] = None
+        # the built-in mask at the model's own resolution (``prepare_masks``): a buffer, so it moves with the model
+        # and compiled code only reads it; not saved (``persistent=False``), so checkpoints keep upstream's keys
+        self.register_buffer("builtin_mask", None, persistent=False)
         self._masks: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         self._plans: Dict[Tuple[int, torch.device], object] = {}
 
@@ -185,7 +194,26 @@ class MultiScaleSparseTransformer(HoldsAttentionProcessor, nn.Module):
         return torch.cat(seq, dim=1)
 
     # -- masks --------------------------------------------------------------------------------
+    @staticmethod
+    def sequence_length(height: int, width: int) -> int:
+        """Tokens for an h×w feature map: the pixels, plus the patches of every scale p dividing h and w."""
+        return height * width + sum((height // p) * (width // p) for p in PATCH_SIZES if not height % p and not width % p)
+
+    def prepare_masks(self, height: int, width: int) -> None:
+        """Build the built-in mask (and its CPU block plan) for an h×w feature map now rather than in the first
+        forward, where drawing it (a generator, Python loops, host syncs) would break a ``torch.compile`` graph."""
+        device = self.multihead_attn.in_proj_weight.device
+        if device.type == "meta":  # a model of shapes only (built under torch.device("meta")): nothing to draw
+            return
+        length = self.sequence_length(height, width)
+        self.builtin_mask = hae_mask(length, self.mask_seed).to(device)
+        if device.type == "cpu":
+            self.plan(length, device)  # the block plan serves the CPU kernel only
+
     def mask(self, length: int, device: torch.device) -> torch.Tensor:
+        builtin = self.builtin_mask
+        if self.installed_mask is None and builtin is not None and builtin.shape[0] == length:
+            return builtin.to(device)
         key = (length, device)
         if key not in self._masks:
             if self.installed_mask is not None:

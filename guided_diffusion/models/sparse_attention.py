@@ -40,6 +40,7 @@ __all__ = [
     "draw_dropout_seed",
     "band_random_mask",
     "multihead_self_attention",
+    "dense_masked_sdpa",
 ]
 
 _SEED_MASK = (1 << 63) - 1
@@ -555,12 +556,12 @@ def band_random_mask(
     `generator` (CPU) and the mask is then moved to `device`.
     """
     k = max(1, int(length * (1 - 0.9)))
-    index = torch.arange(length)
+    index = torch.arange(length, device="cpu")  # on the CPU whatever the default device (the generator's)
     offset = index[None, :] - index[:, None]
     allowed = (offset >= -(k // 2)) & (offset <= k // 2)
     if k > 4:
         n_random = max(1, k // 4)
-        scores = torch.rand(length, length, generator=generator)
+        scores = torch.rand(length, length, generator=generator, device="cpu")
         allowed.scatter_(1, scores.topk(n_random, dim=1).indices, True)
     return (~allowed).to(device)
 
@@ -577,21 +578,26 @@ def _in_projection(mha: torch.nn.MultiheadAttention, x: torch.Tensor):
     return (t.view(batch, length, mha.num_heads, mha.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
 
 
-def dense_inference_attention(
+def dense_masked_sdpa(
     mha: torch.nn.MultiheadAttention,
     x: torch.Tensor,
     mask: torch.Tensor,
     max_chunk_bytes: int = 1 << 28,
 ) -> torch.Tensor:
     """`mha(x, x, x, attn_mask=mask, need_weights=False)[0]` through `scaled_dot_product_attention` with the dense
-    bool mask (True = may not attend), for use without autograd: nothing is saved, and the batch is split so the
-    temporary [rows, H, L, L] scores stay under `max_chunk_bytes` (CPU kernels materialise them). On short sequences
-    this is several times faster than the block-sparse kernel (README, "Benchmark")."""
+    bool mask (True = may not attend); attention dropout (`mha.dropout`) in training mode.
+
+    On a GPU the fused kernels take the mask and store no L x L tensor, so this is the HAE attention there, in
+    training too. On a CPU the kernels materialise the [rows, H, L, L] scores (and fall back to the math kernel,
+    which saves them for backward, under dropout), so there it serves inference on short sequences: the batch is
+    split so those scores stay under `max_chunk_bytes` (README, "Benchmark")."""
     batch, length, _ = x.shape
     q, k, v = _in_projection(mha, x)
     allowed = ~mask.to(device=x.device, dtype=torch.bool)
     dropout_p = mha.dropout if mha.training else 0.0
-    rows = max(1, max_chunk_bytes // (mha.num_heads * length * length * 4))
+    rows = batch
+    if x.device.type == "cpu":
+        rows = max(1, max_chunk_bytes // (mha.num_heads * length * length * 4))
     out = torch.cat([F.scaled_dot_product_attention(q[i:i + rows], k[i:i + rows], v[i:i + rows], attn_mask=allowed,
                                                     dropout_p=dropout_p) for i in range(0, batch, rows)])
     return mha.out_proj(out.transpose(1, 2).reshape(batch, length, -1))

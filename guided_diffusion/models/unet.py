@@ -12,7 +12,8 @@ A variant is a choice, not a copy:
 * how attention is computed: each attention module holds a processor (``processors.py``),
   ``"reference"`` (upstream's materialised computation) or ``"fused"`` (the same function with no
   L×L or B×D×D tensors; ``attention.py``, ``hae.py``), set model-wide by ``set_attention_impl`` /
-  ``set_attn_processor``.
+  ``set_attn_processor``. ``v1`` and ``v2`` default to ``"fused"``; ``hae``, ``hae_lite`` and ``hae_v2``
+  to ``"reference"`` (upstream's HAE computation, the baseline of the benchmarks).
 
 ``HAEUNetModelV2Conservative`` is ``HAEUNetModelV2`` with the fused computation: same module tree,
 same weights, same outputs, a fraction of the memory.
@@ -289,7 +290,8 @@ class UNetModel(AttentionProcessorsMixin, nn.Module):
 
     silu_everywhere = False  # flavour A
     hae_design: Optional[HAEDesign] = None
-    default_attention_impl = "reference"
+    # the fused processors: upstream's function without its L×L and B×D×D tensors (less memory, less time)
+    default_attention_impl = "fused"
     conditional_attention = True  # attention also sees the D class tokens encoder_kv(c cᵀ) (v2 family)
     honours_attention_order = False  # upstream's v2-family files accept use_new_attention_order and ignore it
 
@@ -360,6 +362,7 @@ class UNetModel(AttentionProcessorsMixin, nn.Module):
         self.middle_block = build_middle(blocks, ch, num_heads)
 
         self.output_blocks = nn.ModuleList([])
+        hae_sizes = []  # feature-map size at each HAE block, in forward order
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
                 layers = [blocks.res(ch + skip_chans.pop(), int(model_channels * mult))]
@@ -368,6 +371,7 @@ class UNetModel(AttentionProcessorsMixin, nn.Module):
                     layers.append(blocks.attention(ch, num_heads_upsample))
                 if level and i == num_res_blocks:
                     if self.use_hae:
+                        hae_sizes.append(image_size // ds)
                         layers.append(
                             HybridCNNTransformerBlock(
                                 ch, emb_dim, self.hae_design, dropout=dropout,
@@ -381,8 +385,9 @@ class UNetModel(AttentionProcessorsMixin, nn.Module):
         self.out = nn.Sequential(
             normalization(ch), silu_or_identity(self.silu_everywhere), zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1))
         )
-        for index, block in enumerate(self.hae_transformers()):
+        for index, (block, size) in enumerate(zip(self.hae_transformers(), hae_sizes)):
             block.mask_seed = MASK_SEED + index
+            block.prepare_masks(size, size)  # at the model's resolution; other sizes build theirs at first use
         self.set_attention_impl(attention_impl or self.default_attention_impl)
         self.set_recompute_norm_act(False)
 
@@ -557,11 +562,15 @@ class UNetModelV1(UNetModel):
 class HAEUNetModel(UNetModel):
     """Upstream ``unet_hae.HAEUNetModel``: flavour A, per-patch linear projections."""
 
+    default_attention_impl = "reference"  # upstream's computation: the baseline the fused models are measured against
+
     hae_design = HAE_DESIGNS["hae"]
 
 
 class HAEUNetModelLite(UNetModel):
     """Upstream ``unet_hae_lite.HAEUNetModelLite``: flavour B, shared 1×1 patch embedding."""
+
+    default_attention_impl = "reference"  # upstream's computation: the baseline the fused models are measured against
 
     silu_everywhere = True
     hae_design = HAE_DESIGNS["hae_lite"]
@@ -569,6 +578,8 @@ class HAEUNetModelLite(UNetModel):
 
 class HAEUNetModelV2(UNetModel):
     """Upstream ``unet_hae_v2.HAEUNetModelV2`` (flavour B, bottleneck MLP), computed as upstream does."""
+
+    default_attention_impl = "reference"  # upstream's computation: the baseline the fused models are measured against
 
     silu_everywhere = True
     hae_design = HAE_DESIGNS["hae_v2"]

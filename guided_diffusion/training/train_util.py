@@ -196,6 +196,8 @@ class TrainLoop:
         ``evaluate`` runs on the first ``val_batches`` batches of ``val_data`` (eval mode, no gradients, the same
         slices and noise each time, training RNG streams untouched); means over all ranks are logged as ``val_*``.
     :param ddpm_previews: preview grids by ancestral DDPM sampling (with the objective's noise) instead of DDIM.
+    :param compile: run the training forward and backward through ``torch.compile`` (the same function; the first
+        step pays the compilation; previews and validation stay eager).
     """
 
     def __init__(
@@ -233,6 +235,7 @@ class TrainLoop:
         eval_interval: int = 0,
         val_batches: int = 1,
         ddpm_previews: bool = False,
+        compile: bool = False,
     ):
         runtime.check_precision(precision)
         self.rank, self.world_size = dist_util.get_rank(), dist_util.get_world_size()
@@ -241,6 +244,8 @@ class TrainLoop:
                 f"--batch_size {batch_size} (global) is not divisible by the number of processes {self.world_size}"
             )
         self.device = dist_util.dev()
+        if self.device.type == "cuda":
+            runtime.configure_cuda()  # TF32 off (fp32 is fp32), cuDNN autotuning on: runtime.py says why
         self.model = model.to(self.device)
         if self.world_size > 1:  # rank 0's initial weights everywhere, before the EMA copies are taken
             dist_util.sync_params(self.model.state_dict().values())
@@ -279,13 +284,18 @@ class TrainLoop:
         seed_everything(seed + 1000003 * self.rank)  # ranks must draw different noise, t and label drops
         self.param_names, self.params = map(list, zip(*[(n, p) for n, p in self.model.named_parameters()
                                                          if p.requires_grad]))
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        # the fused kernel (one pass over each parameter, CPU and CUDA) instead of a loop of small ops per parameter:
+        # the same AdamW update to float precision, 3.5x less optimizer time on the production model on a CPU
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in self.params)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=fused or None)
         self.scaler = _grad_scaler(self.device, enabled=precision == "fp16")
         self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rates]
         if resume_checkpoint:
             self._resume(resume_checkpoint)
         self._find_unused = find_unused_parameters
         self.ddp_model: nn.Module = self.model  # wrapped in DDP at the first batch (see _wrap_ddp)
+        self.compile = compile
+        self._step_module: Optional[nn.Module] = None  # what a step calls (see _network)
         self._sums: Dict[str, torch.Tensor] = {}
         self._counts: Dict[str, torch.Tensor] = {}
 
@@ -360,6 +370,13 @@ class TrainLoop:
             gradient_as_bucket_view=True,
             find_unused_parameters=find_unused,
         )
+
+    def _network(self, x: torch.Tensor, cond: Dict[str, Any]) -> nn.Module:
+        """The module a training step calls: the model, in DDP with several processes, compiled when asked."""
+        if self._step_module is None:
+            self._wrap_ddp(x, cond)
+            self._step_module = torch.compile(self.ddp_model) if self.compile else self.ddp_model
+        return self._step_module
 
     def unused_parameters(self, x: torch.Tensor, cond: Dict[str, Any]) -> List[str]:
         """Names of parameters that get no gradient in the objective's probe calls (one row each)."""
@@ -446,7 +463,7 @@ class TrainLoop:
 
     def run_step(self, x: torch.Tensor, cond: Dict[str, Any]) -> None:
         """One optimizer step on a per-rank batch (forward/backward per microbatch, clip, step, EMA)."""
-        self._wrap_ddp(x, cond)
+        network = self._network(x, cond)
         lr = self._current_lr()
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -460,7 +477,7 @@ class TrainLoop:
             sync = contextlib.nullcontext() if last or not isinstance(self.ddp_model, DDP) else self.ddp_model.no_sync()
             with sync:
                 with self._autocast():
-                    out = self.objective(self.ddp_model, micro, micro_cond)
+                    out = self.objective(network, micro, micro_cond)
                 loss = out.loss.float().mean()
                 self._check_finite(loss)
                 # weight by the microbatch's share: the gradient is the mean over the per-rank batch
