@@ -47,13 +47,11 @@ free core and stays under 10 on 2 busy cores. The defaults (batch 16, 4 steps) t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import gc
 import importlib.util
 import json
-import os
 import statistics
 import sys
 import time

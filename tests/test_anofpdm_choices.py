@@ -345,3 +345,17 @@ def test_build_passes_the_median_filter_and_the_data_set(monkeypatch):
     method = _built(monkeypatch, "--median_kernel", "3", "--name", "atlas", "--modality", "0", "--in_channels", "1")
     assert (method.median_kernel, method.dataset) == (3, "atlas")
     assert _built(monkeypatch).median_kernel == 5  # upstream's 5 x 5 median
+
+
+@pytest.mark.parametrize("argv, want", [((), (None, False, False)), (("--max_rows", "0"), (0, False, False)),
+                                        (("--max_rows", "32", "--channels_last", "true", "--compile", "1"),
+                                         (32, True, True))])
+def test_compute_flags_reach_the_forward_process(monkeypatch, argv, want):
+    # -1 (the default) leaves the choice to the device: None in ForwardProcess
+    p = _built(monkeypatch, *argv).process
+    assert (p.max_rows, p.channels_last, p.compile) == want
+
+
+def test_negative_rows_per_call_are_refused():
+    with pytest.raises(ValueError, match="--max_rows"):
+        _inference("--max_rows", "-2")

@@ -763,6 +763,9 @@ class AnoFPDM(SliceMethod):
         b: float = B_QUANTILE,
         precision: str = "fp32",
         dataset: str = "brats",
+        max_rows: Optional[int] = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         from guided_diffusion.methods.base import autocast_dtype
 
@@ -775,7 +778,8 @@ class AnoFPDM(SliceMethod):
         self.checkpoint, self.t_e_ratio = checkpoint, [float(r) for r in t_e_ratio]
         self.median_kernel, self.cc_max_size, self.a, self.b = median_kernel, cc_max_size, a, b
         self.precision, self.dataset = precision, dataset
-        self.process = ForwardProcess(model, diffusion, cfg, autocast_dtype(precision))
+        self.process = ForwardProcess(model, diffusion, cfg, autocast_dtype(precision), max_rows=max_rows,
+                                      channels_last=channels_last, compile=compile)
 
     @classmethod
     def check(cls, s) -> None:
@@ -794,7 +798,9 @@ class AnoFPDM(SliceMethod):
         model, diffusion, path = s.source.load(device, warn=logger.warn)
         return cls(model, diffusion, forward_config(o, s.maps.modality), checkpoint=path, t_e_ratio=o.t_e_ratio,
                    median_kernel=s.maps.kernel, cc_max_size=s.component_size, a=o.quantile_a, b=o.quantile_b,
-                   precision=s.precision, dataset=s.dataset)
+                   precision=s.precision, dataset=s.dataset,
+                   max_rows=None if s.compute.max_rows < 0 else s.compute.max_rows,
+                   channels_last=s.compute.channels_last, compile=s.compute.compile)
 
     def settings(self) -> dict:
         c = self.cfg

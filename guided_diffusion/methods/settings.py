@@ -8,6 +8,7 @@ flags, and its construction is their one check (``__post_init__``: the shared se
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Mapping, Optional, Set
 
@@ -51,6 +52,16 @@ class ComputeSettings:
     precision: str = option("fp32", "autocast precision of the model calls (bf16 is faster on recent GPUs)",
                             choices=tuple(PRECISIONS))
     seed: int = option(0, "seed of the slice order and of the noise")
+    compile: bool = option(False, "AnoFPDM: run the model through torch.compile (the same function; the first call of "
+                           "each shape pays the compilation)")
+    channels_last: bool = option(False, "AnoFPDM: run the convolutions in the channels-last memory layout (the same "
+                                 "function)")
+    max_rows: int = option(-1, "AnoFPDM: rows per model call (-1: chosen for the device; 0: every row in one call; N: "
+                           "the conditional and the null rows in separate calls of at most N)")
+
+    def __post_init__(self) -> None:
+        if self.max_rows < -1:
+            raise ValueError(f"--max_rows must be -1 (chosen for the device), 0 (one call) or >= 1, got {self.max_rows}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,7 @@ class InferenceSettings:
     options: Any = None  # the method's own settings (``method_class(method).Settings``)
     precision: str = "fp32"
     seed: int = 0
+    compute: ComputeSettings = field(default_factory=ComputeSettings)  # how the model calls run
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -121,4 +133,5 @@ def inference_from_flags(values: Mapping[str, Any], given: Set[str], *, method: 
             raise ValueError("--use_fp16 true asks for fp16 but --precision is bf16: pass one of them")
         precision = "fp16"
         source = ModelSource(source.checkpoint, source.model.replace(use_fp16=False), source.config_file)
-    return InferenceSettings(method, dataset, source, build(MapSettings, values), options, precision, compute.seed)
+    return InferenceSettings(method, dataset, source, build(MapSettings, values), options, precision, compute.seed,
+                             dataclasses.replace(compute, precision=precision))

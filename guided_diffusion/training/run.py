@@ -126,7 +126,7 @@ def run_train_loop(s: Any, loop: LoopSettings, kind: str, flags: Dict[str, Any],
                            log_interval=loop.log_interval, save_interval=loop.save_interval, resume_checkpoint=resume,
                            weight_decay=loop.weight_decay, precision=loop.precision, grad_clip=loop.grad_clip,
                            seed=loop.seed, image_dir=image_dir, find_unused_parameters=loop.find_unused_parameters,
-                           **loop_kwargs)
+                           compile=loop.compile, **loop_kwargs)
     if dist_util.get_rank() == 0:  # after a resume has loaded (the flags fit the weights), before the first step
         record = read_config(s.output, kind)
         if record is None or training_differences(record.get("training") or {}, recorded):

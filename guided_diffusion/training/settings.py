@@ -71,6 +71,8 @@ class LoopSettings:
                                          choices=("auto", "true", "false", "True", "False"))
     tensorboard: bool = option(False, "also write the logged values as TensorBoard event files to <output>/tb "
                                "(needs the tensorboard package: pip install -e \".[tensorboard]\")")
+    compile: bool = option(False, "run the training step through torch.compile (the same function; the first step "
+                           "pays the compilation)")
     fp16_scale_growth: float = option(1e-3, "upstream's fp16 flag (the grad scaler is torch's here)", hidden=True)
 
     def __post_init__(self) -> None:
