@@ -59,9 +59,14 @@ TARGETS: Dict[str, Target] = {
         6,
     ),
     "anofpdm": Target(
-        "guided_diffusion/methods/anofpdm.py",
+        "guided_diffusion/methods/anofpdm/selection.py",
         ("tests/test_anofpdm.py", "tests/test_anofpdm_choices.py", "tests/test_methods_models.py"),
         5,
+    ),
+    "anofpdm_maps": Target(
+        "guided_diffusion/methods/anofpdm/maps.py",
+        ("tests/test_anofpdm.py", "tests/test_anofpdm_choices.py", "tests/test_forward_process_options.py"),
+        3,
     ),
     "metrics": Target(
         "guided_diffusion/metrics.py",
