@@ -49,46 +49,46 @@ class Target:
 TARGETS: Dict[str, Target] = {
     "attention": Target(
         "guided_diffusion/models/attention.py",
-        ("tests/test_attention_processors.py", "tests/test_reference_vectors.py", "tests/test_conservative.py"),
+        ("tests/models/test_attention_processors.py", "tests/models/test_reference_vectors.py", "tests/models/test_conservative.py"),
         2,
     ),
     "sparse_attention": Target(
         "guided_diffusion/models/sparse_attention.py",
         # test_attention_processors: the dense inference path (dense_masked_sdpa) against nn.MultiheadAttention
-        ("tests/test_sparse_attention.py", "tests/test_sparse_dropout.py", "tests/test_attention_processors.py"),
+        ("tests/models/test_sparse_attention.py", "tests/models/test_sparse_dropout.py", "tests/models/test_attention_processors.py"),
         6,
     ),
     "anofpdm": Target(
         "guided_diffusion/methods/anofpdm/selection.py",
-        ("tests/test_anofpdm.py", "tests/test_anofpdm_choices.py", "tests/test_methods_models.py"),
+        ("tests/methods/test_anofpdm.py", "tests/methods/test_anofpdm_choices.py", "tests/methods/test_methods_models.py"),
         5,
     ),
     "anofpdm_maps": Target(
         "guided_diffusion/methods/anofpdm/maps.py",
-        ("tests/test_anofpdm.py", "tests/test_anofpdm_choices.py", "tests/test_forward_process_options.py"),
+        ("tests/methods/test_anofpdm.py", "tests/methods/test_anofpdm_choices.py", "tests/methods/test_forward_process_options.py"),
         3,
     ),
     "metrics": Target(
         "guided_diffusion/metrics.py",
         # test_segment: the per-volume metrics (volume_metrics, per_volume_metrics, mean_sd)
-        ("tests/test_metrics.py", "tests/test_metrics_pooling.py", "tests/test_anofpdm.py", "tests/test_segment.py"),
+        ("tests/evaluation/test_metrics.py", "tests/evaluation/test_metrics_pooling.py", "tests/methods/test_anofpdm.py", "tests/evaluation/test_segment.py"),
         1,
     ),
     "train_util": Target(
         "guided_diffusion/training/train_util.py",
         (
-            "tests/test_train.py",
-            "tests/test_train_microbatch.py",
-            "tests/test_objectives.py",
+            "tests/training/test_train.py",
+            "tests/training/test_train_microbatch.py",
+            "tests/training/test_objectives.py",
             # the two multi-process launches (75 s of the file's 85 s) would be every survivor's cost
-            "--deselect=tests/test_train.py::test_two_gloo_processes_train_and_hold_identical_weights",
-            "--deselect=tests/test_train.py::test_config_script_runs_on_cpu_with_torchrun_on_its_port",
+            "--deselect=tests/training/test_train.py::test_two_gloo_processes_train_and_hold_identical_weights",
+            "--deselect=tests/training/test_train.py::test_config_script_runs_on_cpu_with_torchrun_on_its_port",
         ),
         8,
     ),
     "preprocess": Target(
         "guided_diffusion/data/slices.py",  # the slices' computation (preprocess.py since its split is the run)
-        ("tests/test_preprocess.py",),
+        ("tests/data/test_preprocess.py",),
         5,
     ),
 }

@@ -1,14 +1,22 @@
-"""Shared fixtures: a clean process for every test (no distributed environment, no configured logger left behind),
+"""The tests mirror the package (tests/models, diffusion, data, methods, evaluation, training, commands, bench; what
+crosses layers at the top). Shared fixtures: a clean process for every test (no distributed environment, no configured logger left behind),
 one CPU thread where asked (``pytest.mark.usefixtures("one_thread")``), and the upstream reference vectors carried
 in tests/reference/upstream/ (see its README)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+TESTS = Path(__file__).resolve().parent
+# Some tests build on another's helpers (``from test_train import write_npz_dataset``): every test folder is importable.
+for folder in sorted(p for p in TESTS.iterdir() if p.is_dir() and p.name != "reference" and not p.name.startswith("_")):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "upstream"
 VARIANTS_WITH_VECTORS = ("v2", "hae", "hae_lite", "hae_v2")

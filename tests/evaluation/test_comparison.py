@@ -23,11 +23,11 @@ from PIL import Image
 from guided_diffusion.commands import compare
 from guided_diffusion.evaluation import comparison as cmp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "config" / "run_comparison.sh"
 
 TOY_ENV = {
-    # the quickstart's data stage, as tests/test_quickstart.py shrinks it (32 px: the classifier's smallest size)
+    # the quickstart's data stage, as tests/commands/test_quickstart.py shrinks it (32 px: the classifier's smallest size)
     "SUBJECTS": "20", "SYNTH_SHAPE": "40 40 24", "IMAGE_SIZE": "32", "WORKERS": "1",
     # the comparison
     "CHANNEL_MULT": "1,2", "ATTENTION_RESOLUTIONS": "8", "TRAIN_STEPS": "1", "TRAIN_BATCH": "4",

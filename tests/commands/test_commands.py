@@ -15,7 +15,7 @@ from guided_diffusion.commands import compare, evaluate, preprocess, quickstart,
 from guided_diffusion.flags import parse_bool
 from guided_diffusion.methods.registry import METHODS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _parsers():

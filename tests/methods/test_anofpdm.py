@@ -293,7 +293,7 @@ def _oracle_setup(T=6, B=2, H=8):
 @pytest.mark.parametrize("max_rows, calls_per_step", [(0, 1), (None, 2)])
 def test_forward_process_two_predictions_per_row_and_step_and_exact_maps(max_rows, calls_per_step):
     """0: one batched forward of the 2B rows; None (CPU default): the conditional rows, then the null rows.
-    The same predictions, maps and statistics in both cases (calls of fewer rows: tests/test_diffusion.py)."""
+    The same predictions, maps and statistics in both cases (calls of fewer rows: tests/diffusion/test_diffusion.py)."""
     diffusion, x0, lesion, strength = _oracle_setup()
     T, w, B = 6, 2.0, x0.shape[0]
     model = OracleModel(diffusion, x0, lesion, strength)

@@ -21,7 +21,7 @@ from guided_diffusion.script_util import create_model_and_diffusion, model_and_d
 from guided_diffusion.training.objectives import StepLosses, TrainingObjective
 from guided_diffusion.training.train_util import TrainLoop, get_rng_state, iterate_from, parse_ema_rates, parse_resume_step
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 from guided_diffusion.commands import train as train_script  # noqa: E402
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16,8",

@@ -18,7 +18,7 @@ import torch
 
 from guided_diffusion.commands.quickstart import final_checkpoint_exists, format_report, read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "config" / "run_quickstart.sh"
 
 TOY_ENV = {

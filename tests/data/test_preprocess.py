@@ -15,7 +15,7 @@ import pytest
 from guided_diffusion.data import preprocess as pp
 from guided_diffusion.data.loaders import get_data_iter
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPE = (12, 10, 9)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from guided_diffusion import presets
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p.name for p in (REPO / "config").glob("run_t*.sh")) + ["run_segment.sh"]
 
 

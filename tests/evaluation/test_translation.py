@@ -18,7 +18,7 @@ from guided_diffusion.commands import evaluate
 from guided_diffusion.methods import base, registry
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 32
 TINY = dict(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,1,1,2", attention_resolutions="16,8",
             in_channels=4, class_cond=True, num_classes=2)

@@ -17,7 +17,7 @@ from guided_diffusion.data import synthetic as syn  # noqa: E402
 from guided_diffusion.data.loaders import get_data_iter  # noqa: E402
 from guided_diffusion.data.preprocess import preprocess  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = (60, 60, 40)
 
 

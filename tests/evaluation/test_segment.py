@@ -29,7 +29,7 @@ from guided_diffusion.evaluation.volumes import subject as seg_subject
 from guided_diffusion.methods import base, registry
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPE = (24, 16, 10)  # H, W, Z: H/S = 3 and W/S = 2 for S = 8
 SIZE = 8
 ZOOMS = (0.9, 1.2, 2.5)  # anisotropic voxels (mm)

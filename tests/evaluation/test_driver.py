@@ -17,7 +17,7 @@ from guided_diffusion.script_util import classifier_defaults, create_classifier,
     model_and_diffusion_defaults
 from test_translation import SIZE, _tiny_flags, _write_checkpoint, _write_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 V1 = (f"--image_size {SIZE} --num_channels 32 --num_res_blocks 1 --channel_mult 1,1,1,2 --attention_resolutions 16,8 "
       "--in_channels 4 --unet_ver v1").split()
 CLF = ("--classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 8 --out_channels 2").split()

@@ -19,7 +19,7 @@ from guided_diffusion.script_util import model_and_diffusion_defaults
 from test_train import TINY_FLAGS, write_npz_dataset
 from test_translation import _write_dataset as write_eval_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 
