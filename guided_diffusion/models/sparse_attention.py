@@ -590,7 +590,7 @@ def dense_masked_sdpa(
     On a GPU the fused kernels take the mask and store no L x L tensor, so this is the HAE attention there, in
     training too. On a CPU the kernels materialise the [rows, H, L, L] scores (and fall back to the math kernel,
     which saves them for backward, under dropout), so there it serves inference on short sequences: the batch is
-    split so those scores stay under `max_chunk_bytes` (README, "Benchmark")."""
+    split so those scores stay under `max_chunk_bytes` (docs/benchmarks.md)."""
     batch, length, _ = x.shape
     q, k, v = _in_projection(mha, x)
     allowed = ~mask.to(device=x.device, dtype=torch.bool)

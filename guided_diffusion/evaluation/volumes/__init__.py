@@ -1,7 +1,8 @@
 """Whole-volume anomaly segmentation in the patient's own space: NIfTI in, NIfTI out, per-volume metrics.
 
-``scripts/segment.py`` is the command line (``volumes/cli.py``); ``subjects.py`` finds the subjects, ``subject.py``
-segments one, ``run.py`` runs them all, ``report.py`` summarises. For every subject (a BraTS 2021 / ATLAS subject folder, a data set
+``anofpdm segment`` is the command line (``commands/segment.py``; ``scripts/segment.py`` its upstream-named wrapper);
+``settings.py`` checks its flags, ``subjects.py`` finds the subjects, ``subject.py`` segments one, ``run.py`` runs them
+all, ``report.py`` summarises. For every subject (a BraTS 2021 / ATLAS subject folder, a data set
 root holding such folders, or explicit per-modality files):
 
 1. the volume is prepared exactly as training data were (``preprocess.load_subject`` + ``prepare_slices``: the

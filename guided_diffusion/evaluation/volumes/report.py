@@ -46,7 +46,7 @@ def test_split_volumes(batches, paths: Sequence[str], data_dir: str, csv_path: s
     files. Writes ``csv_path`` (one row per complete patient) and returns the summary (mean ± sd over patients with a
     lesion and over all), or None when the batch files do not name their slices (written by an older version).
     No surface metrics (HD95, NSD) here: the slices were resized to ``image_size``² and the voxel size of that grid
-    is not known in mm; whole-volume segmentation (scripts/segment.py) reports them on the scan's own grid.
+    is not known in mm; whole-volume segmentation (anofpdm segment) reports them on the scan's own grid.
     """
     from guided_diffusion.data.loaders import slice_paths
 
@@ -62,7 +62,7 @@ def test_split_volumes(batches, paths: Sequence[str], data_dir: str, csv_path: s
     summary: Dict[str, Any] = {"space": "preprocessed slices (kept range, image_size^2)", "n_volumes": len(complete),
                                "n_incomplete": len(seen) - len(complete),
                                "surface_metrics": "none in slice space (voxel size in mm unknown after resizing); "
-                                                  "scripts/segment.py reports HD95 and NSD in mm"}
+                                                  "anofpdm segment reports HD95 and NSD in mm"}
     if not complete:
         summary["note"] = "no test patient had every slice evaluated (--num_batches -1 evaluates the whole split)"
         return summary
