@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from guided_diffusion.evaluation.volumes import run as seg_run
 from guided_diffusion.evaluation.volumes import subject as seg_subject
 from guided_diffusion.methods import base, registry
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from two_processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (24, 16, 10)  # H, W, Z: H/S = 3 and W/S = 2 for S = 8
@@ -521,12 +521,6 @@ def test_validation_pass_is_run_once_and_reused(tmp_path, model_dir, monkeypatch
     assert json.loads((tmp_path / "translation" / "hyperparams.json").read_text()) == hyper
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_share_the_subjects_and_agree_with_one(tmp_path, model_dir):
     src = tmp_path / "raw"
     for i, name in enumerate(["A", "B", "C"]):
@@ -536,7 +530,7 @@ def test_two_processes_share_the_subjects_and_agree_with_one(tmp_path, model_dir
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
     cmd = launcher + ["--nproc-per-node", "2", "--nnodes", "1", "--rdzv-backend", "c10d",
-                      "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", str(REPO / "scripts" / "segment.py")]
+                      "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(REPO / "scripts" / "segment.py")]
     proc = subprocess.run(cmd + flags, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "two" / "log-rank001.txt").exists()  # rank 1 did its share

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from guided_diffusion import fileio
 from guided_diffusion.commands import evaluate
 from guided_diffusion.methods import base, registry
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from two_processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 32
@@ -285,12 +285,6 @@ def test_median_kernel_reaches_the_maps(workspace):
         assert np.allclose(amap.numpy(), expected)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process(workspace, tmp_path, monkeypatch):
     """torchrun with 2 CPU processes: every slice once across ranks, gathered metrics, and per slice the same
@@ -305,7 +299,7 @@ def test_two_process_gloo_run_matches_one_process(workspace, tmp_path, monkeypat
     torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     cmd = launcher + ["--nproc-per-node", "2", "--nnodes", "1", "--rdzv-backend", "c10d",
-                      "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", str(REPO / "scripts" / "translation_FPDM.py")]
+                      "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(REPO / "scripts" / "translation_FPDM.py")]
     proc = subprocess.run(cmd + flags, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((log_ddp / "metrics.json").read_text())

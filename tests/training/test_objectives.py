@@ -237,12 +237,9 @@ def _classifier_ddp_worker(rank: int, port: int, folder: str) -> None:
     from guided_diffusion import dist_util
     from guided_diffusion.script_util import classifier_and_diffusion_defaults, create_classifier_and_diffusion
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist_util.setup_dist()
-    try:
-        logger.configure(os.path.join(folder, "log"), format_strs=["csv"] if rank == 0 else [], sync_ranks=True)
+    from two_processes import gloo_group
+
+    with gloo_group(rank, port, folder):
         torch.manual_seed(rank)  # different initial weights: the loop must sync them
         model, diff = create_classifier_and_diffusion(**dict(
             classifier_and_diffusion_defaults(), image_size=32, in_channels=2, classifier_width=32,
@@ -265,8 +262,6 @@ def _classifier_ddp_worker(rank: int, port: int, folder: str) -> None:
             with open(os.path.join(folder, "result.json"), "w") as f:
                 json.dump({"same_weights": all(torch.equal(g[0], gathered[0][0]) for g in gathered),
                            "val": [g[1] for g in gathered], "find_unused": gathered[0][2]}, f)
-    finally:
-        dist_util.cleanup_dist()
 
 
 def test_classifier_on_two_gloo_processes(tmp_path):
@@ -274,9 +269,9 @@ def test_classifier_on_two_gloo_processes(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from test_train import _free_port
+    from two_processes import free_port
 
-    mp.spawn(_classifier_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_classifier_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["same_weights"]
     assert result["find_unused"] is False  # every classifier parameter gets a gradient

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from guided_diffusion.training.train_util import TrainLoop, get_rng_state, itera
 
 REPO = Path(__file__).resolve().parents[2]
 from guided_diffusion.commands import train as train_script  # noqa: E402
+from two_processes import free_port, gloo_group
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16,8",
             channel_mult="1,1,1,2", in_channels=4, num_classes=2)
@@ -313,19 +313,8 @@ def test_flag_parsing_and_normalisation(tmp_path):
 
 # -- two processes, gloo ---------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_process_worker(rank: int, port: int, folder: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist_util.setup_dist()
-    try:
-        logger.configure(os.path.join(folder, "log"), format_strs=["csv"] if rank == 0 else [], sync_ranks=True)
+    with gloo_group(rank, port, folder):
         result = {}
         for name, class_cond in (("cond", True), ("uncond", False)):
             model, diffusion = tiny_model("v2", seed=rank, class_cond=class_cond)  # different inits: DDP syncs
@@ -350,12 +339,10 @@ def _two_process_worker(rank: int, port: int, folder: str) -> None:
         if rank == 0:
             with open(os.path.join(folder, "result.json"), "w") as f:
                 json.dump(result, f)
-    finally:
-        dist_util.cleanup_dist()
 
 
 def test_two_gloo_processes_train_and_hold_identical_weights(tmp_path):
-    mp.spawn(_two_process_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_process_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     result = json.loads((tmp_path / "result.json").read_text())
     for name in ("cond", "uncond"):
         assert result[name]["same_weights"] and result[name]["same_ema"], name
@@ -460,7 +447,7 @@ def test_train_script_end_to_end_with_auto_resume(tmp_path, monkeypatch):
 def test_config_script_runs_on_cpu_with_torchrun_on_its_port(tmp_path):
     """The hae_v2_conservative config (upstream's alias script) on 2 CPU processes: torchrun, gloo, MASTER_PORT."""
     data = write_npz_dataset(tmp_path / "data")
-    port = str(_free_port())
+    port = str(free_port())
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CPU_PROCS="2", DATA_DIR=str(data), MASTER_PORT=port,
                OPENAI_LOGDIR=str(tmp_path / "run"), BATCH_PER_GPU="1", PYTHON=sys.executable,
                OPENAI_LOG_FORMAT="log,csv", OMP_NUM_THREADS="1")
