@@ -20,12 +20,7 @@ from guided_diffusion.models.unet import AttentionBlock
 from conftest import load_vector, model_flags, requires_cuda, tolerance
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread (conftest)
 
 
 def hae_v2_model():
