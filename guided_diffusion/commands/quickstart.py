@@ -13,6 +13,7 @@ under --output; rerun the same command after an interruption and every stage con
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -53,13 +54,13 @@ class QuickstartSettings:
     eval_procs: int = option(0, "one-thread processes sharing AnoFPDM's slices on the CPU (0: the cores; a GPU: one)")
     stop_after: str = option("", "stop after a stage: data (the comparison's data stage), train", choices=("", "data",
                                                                                                       "train"))
-    train_steps: int = option(1000, "training steps")
+    train_steps: Optional[int] = option(None, "training steps (default: the preset's max_steps)")
     num_channels: Optional[int] = option(None, "the UNet's base channels (default: the preset's 32)")
     channel_mult: Optional[str] = option(None, "channel multipliers (default: the preset's 1,2,2)")
     attention_resolutions: Optional[str] = option(None, "attention at these feature-map sizes (default: 8)")
     batch_size: Optional[int] = option(None, "training batch (default: 16)")
     lr: Optional[float] = option(None, "learning rate (default: 3e-4)")
-    ema_rate: Optional[str] = option(None, "EMA rate (default: 0.995)")
+    ema_rate: Optional[str] = option(None, "EMA rate (default: the preset's 0.995)")
     w: Optional[float] = option(None, "AnoFPDM's guidance weight (default: 2)")
     timestep_respacing: Optional[str] = option(None, "AnoFPDM's step grid (default: ddim100)")
     forward_steps: Optional[int] = option(None, "AnoFPDM's forward steps (default: 30)")
@@ -230,7 +231,7 @@ def create_parser(prog: str = "anofpdm quickstart") -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None, *, prog: str = "anofpdm quickstart") -> int:
     start = time.time()
     args = create_parser(prog).parse_args(argv)
-    s = build(QuickstartSettings, args)
+    s = with_preset_training(build(QuickstartSettings, args))
     out = output_folder(args.output, "runs/quickstart", env=None)
     os.makedirs(out, exist_ok=True)
     runtime_note = "a GPU" if _cuda() else f"the CPU ({cores()} core(s))"
@@ -240,8 +241,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "anofpdm quickstar
         say(f"data ready in {data} (--stop_after data)")
         return 0
     model_dir = os.path.join(out, "model")
-    ema_rate = s.ema_rate or "0.995"
-    if final_checkpoint_exists(model_dir, s.train_steps, ema_rate):
+    if final_checkpoint_exists(model_dir, s.train_steps, s.ema_rate):
         say(f"training: step {s.train_steps} checkpoint found in {model_dir}, skipped")
     else:
         say(f"training hae_v2_conservative for {s.train_steps} steps (checkpoints every 250)")
@@ -253,6 +253,15 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "anofpdm quickstar
     run_evaluation(evaluate_flags(s, data, model_dir, results), s.eval_procs or cores())
     print(format_report(read_metrics(results), results, time.time() - start), flush=True)
     return 0
+
+
+def with_preset_training(s: QuickstartSettings) -> QuickstartSettings:
+    """The training length and EMA rate the run will use: the flags', else the ``quickstart`` preset's (one place)."""
+    from guided_diffusion import presets
+
+    train = presets.get("quickstart").for_command("train")
+    return dataclasses.replace(s, train_steps=s.train_steps or train["max_steps"],
+                               ema_rate=s.ema_rate or train["ema_rate"])
 
 
 def _cuda() -> bool:

@@ -112,3 +112,14 @@ def test_report_formatting_and_stage_checks(tmp_path):
     assert not final_checkpoint_exists(str(tmp_path), 10, "0.995")
     torch.save({"w": torch.zeros(2)}, tmp_path / "ema_0.995_000010.pt")
     assert final_checkpoint_exists(str(tmp_path), 10, "0.995")
+
+
+def test_training_length_and_ema_rate_come_from_the_preset_unless_given():
+    from guided_diffusion import presets
+    from guided_diffusion.commands.quickstart import QuickstartSettings, with_preset_training
+
+    train = presets.get("quickstart").for_command("train")
+    s = with_preset_training(QuickstartSettings())
+    assert (s.train_steps, s.ema_rate) == (train["max_steps"], train["ema_rate"])
+    given = with_preset_training(QuickstartSettings(train_steps=7, ema_rate="0.9"))
+    assert (given.train_steps, given.ema_rate) == (7, "0.9")
