@@ -21,7 +21,11 @@ if [ "$INSTALL" != never ] && ! (cd / && "$PYTHON" -c "import guided_diffusion.c
     "$PYTHON" -m pip install -e "$REPO[demo]"
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+GIVEN_MASTER_PORT=${MASTER_PORT:-}
 source "$REPO/config/_common.sh"       # CPU thread policy (OMP_WAIT_POLICY=PASSIVE unless set)
+# The evaluation's processes take a free port of their own unless you set MASTER_PORT: two quickstarts side by side
+# must not both claim _common.sh's default 29500.
+if [ -z "$GIVEN_MASTER_PORT" ]; then unset MASTER_PORT; fi
 ARGS=(--output "${OUT_DIR:-runs/quickstart}")
 for var in RAW_DIR SUBJECTS HEALTHY_FRACTION SYNTH_PRESET SYNTH_SHAPE SEED VAL_LESION_SUBJECTS IMAGE_SIZE WORKERS \
     EVAL_PROCS STOP_AFTER TRAIN_STEPS NUM_CHANNELS CHANNEL_MULT ATTENTION_RESOLUTIONS BATCH_SIZE LR EMA_RATE W \

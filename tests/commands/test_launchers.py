@@ -125,3 +125,19 @@ def test_slurm_example_starts_one_torchrun_per_node(tmp_path):
 def test_launcher_files_parse():
     for f in list((REPO / "config").glob("*.sh")) + [REPO / "config" / "slurm.sbatch"]:
         assert subprocess.run(["bash", "-n", str(f)]).returncode == 0, f
+
+
+def test_quickstart_leaves_the_port_to_python_unless_given(tmp_path):
+    # two quickstarts side by side each pick a free port for their evaluation processes; a default 29500 exported
+    # by the shell made the second one fail with EADDRINUSE
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\necho \"MASTER_PORT=${MASTER_PORT:-unset}\"\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    env.update(PYTHON=str(fake), INSTALL="never")
+    script = str(REPO / "config" / "run_quickstart.sh")
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "MASTER_PORT=unset"
+    env["MASTER_PORT"] = "31234"
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "MASTER_PORT=31234"
