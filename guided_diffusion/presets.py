@@ -161,19 +161,19 @@ def _ddib(dataset: str) -> Preset:
     )
 
 
-# ---- the quickstart: 32 px, a small hae_v2_conservative UNet, 1000 steps (docs/quickstart.md) ------------------
+# ---- the quickstart: 32 px, a small hae_v2_conservative UNet, 2000 steps (docs/quickstart.md) ------------------
 QUICKSTART_MODEL = {
     "unet_ver": "hae_v2_conservative", "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2,2",
     "attention_resolutions": "8", "diffusion_steps": 1000, "noise_schedule": "linear", **CLF_FREE,
 }
 QUICKSTART = Preset(
     "quickstart",
-    "the quickstart: a 1.4 M-parameter hae_v2_conservative UNet trained 1000 steps on 32-px slices, AnoFPDM with "
+    "the quickstart: a 1.4 M-parameter hae_v2_conservative UNet trained 2000 steps on 32-px slices, AnoFPDM with "
     "w=2 over 30 forward steps of a 100-step grid, post-processing sized for 32 px",
     {**BRATS, **QUICKSTART_MODEL, "seed": 0},
     {
         "train": {"output": "runs/quickstart/model", "threshold": 0.1, "dropout": 0.0, "batch_size": 16, "lr": 3e-4,
-                  "ema_rate": "0.995", "max_steps": 1000, "total_epochs": 100000, "save_interval": 250,
+                  "ema_rate": "0.995", "max_steps": 2000, "total_epochs": 100000, "save_interval": 250,
                   "log_interval": 50, "sample_shape": [4, 4, 32, 32], "w": [2.0], "preview_steps": 25,
                   "num_workers": 0},
         "evaluate": {"method": "anofpdm", "model_dir": "runs/quickstart/model", "ema": True, "w": 2.0,

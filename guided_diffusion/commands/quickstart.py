@@ -31,8 +31,8 @@ from guided_diffusion.flags import add_options, build, option, output_folder
 SETUPS = ("mixed", "unhealthy")
 # What the defaults reach on data they were not tuned on (bench/quickstart_eval.py; bench/results/): printed under
 # every run's own figures so that one run is read against the spread of several.
-REFERENCE = ("unhealthy Dice 45.9 ± 11.7 % (4 runs, seed 1: faint 29.3, multi 54.8, small 53.5, default 45.9; "
-             "106-213 unhealthy slices each; bench/results/quickstart_2026-12-01.md)")
+REFERENCE = ("unhealthy Dice 64.1 ± 7.7 % (5 runs: default 53.5, small 58.8, faint 66.2 and 71.1, multi 70.7; "
+             "51-208 unhealthy slices each; bench/results/quickstart_2026-12-06.md)")
 DATA_DONE = ".quickstart_data_ready"  # written into the data folder once preprocessing succeeded
 
 
