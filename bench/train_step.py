@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from guided_diffusion import runtime  # noqa: E402
 from guided_diffusion.training.train_util import TrainLoop  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from translation_loop import PRODUCTION, SMALL, build  # noqa: E402
+from translation_loop import PRODUCTION, SMALL, build, interleaved  # noqa: E402
 
 OPTIONS = {"fp32": {}, "bf16": {"precision": "bf16"}, "compile": {"compile": True}, "reference": {}}
 
@@ -53,18 +52,8 @@ def measure(args) -> list:
                 model.set_attention_impl("reference")
             loops[name] = TrainLoop(model=model, diffusion=diffusion, data=[], batch_size=args.batch, lr=1e-4,
                                     threshold=0.1, progress=False, seed=0, **OPTIONS[name])
-        times = {name: [] for name in loops}
-        first = {}
-        for r in range(args.rounds + 1):
-            for name in (list(loops) if r % 2 == 0 else list(loops)[::-1]):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                loops[name].run_step(x, {"y": y})
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
-                (times[name].append(elapsed) if r else first.__setitem__(name, elapsed))
+        first, times = interleaved({name: (lambda lp=lp: lp.run_step(x, {"y": y})) for name, lp in loops.items()},
+                                   args.rounds, device)
         base = statistics.median(times[next(iter(times))])
         for name, runs in times.items():
             step_s = statistics.median(runs)

@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -37,6 +38,24 @@ PRODUCTION = dict(image_size=128, in_channels=4, num_channels=128, num_res_block
 SMALL = dict(PRODUCTION, image_size=64, num_channels=64, num_res_blocks=1, attention_resolutions="16,8")
 OPTIONS = {"default": {}, "one_call": {"max_rows": 0}, "channels_last": {"channels_last": True},
            "compile": {"compile": True}}
+
+
+def interleaved(cases: Dict[str, Callable[[], object]], rounds: int, device: torch.device) -> Tuple[dict, dict]:
+    """One warm-up call per case (its seconds apart: with ``compile`` the compilation), then ``rounds`` timed calls
+    each, the order alternating (A B, B A, ...) against drift. Returns (first call's seconds, timed seconds)."""
+    times: Dict[str, List[float]] = {name: [] for name in cases}
+    first: Dict[str, float] = {}
+    for r in range(rounds + 1):
+        for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            cases[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            (times[name].append(elapsed) if r else first.__setitem__(name, elapsed))
+    return first, times
 
 
 def build(variant: str, config: dict, device: str):
@@ -64,18 +83,9 @@ def measure(args) -> list:
         for precision in args.precisions.split(","):
             processes = {name: ForwardProcess(model, diffusion, cfg, runtime.PRECISIONS[precision], **OPTIONS[name])
                          for name in args.options.split(",")}
-            times = {name: [] for name in processes}
-            first = {}
-            for r in range(args.rounds + 1):
-                for name in (list(processes) if r % 2 == 0 else list(processes)[::-1]):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    processes[name].run(x0, generator=torch.Generator().manual_seed(0))
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - start
-                    (times[name].append(elapsed) if r else first.__setitem__(name, elapsed))
+            cases = {name: (lambda p=p: p.run(x0, generator=torch.Generator().manual_seed(0)))
+                     for name, p in processes.items()}
+            first, times = interleaved(cases, args.rounds, device)
             for name, runs in times.items():
                 run_s = statistics.median(runs)
                 row = {"variant": variant, "precision": precision, "option": name, "batch": args.batch,
