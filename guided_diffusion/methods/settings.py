@@ -73,12 +73,10 @@ class InferenceSettings:
     source: ModelSource
     maps: MapSettings = field(default_factory=MapSettings)
     options: Any = None  # the method's own settings (``method_class(method).Settings``)
-    precision: str = "fp32"
-    seed: int = 0
-    compute: ComputeSettings = field(default_factory=ComputeSettings)  # how the model calls run
+    compute: ComputeSettings = field(default_factory=ComputeSettings)  # precision, seed, how the model calls run
 
     def __post_init__(self) -> None:
-        check_precision(self.precision)
+        check_precision(self.compute.precision)
         channels = self.source.model.in_channels
         if channels is not None and any(not 0 <= m < channels for m in self.maps.modality):
             raise ValueError(f"--modality {list(self.maps.modality)} out of range for the model's {channels} input "
@@ -87,6 +85,14 @@ class InferenceSettings:
         if self.options is None:
             object.__setattr__(self, "options", cls.Settings())
         cls.check(self)
+
+    @property
+    def precision(self) -> str:
+        return self.compute.precision
+
+    @property
+    def seed(self) -> int:
+        return self.compute.seed
 
     @property
     def image_size(self) -> int:
@@ -127,11 +133,9 @@ def inference_from_flags(values: Mapping[str, Any], given: Set[str], *, method: 
     options = cls.resolve(cls.read_settings(values),
                           ResolveContext(frozenset(given), source.model.in_channels, source.model.image_size))
     compute = build(ComputeSettings, values)
-    precision = compute.precision
     if source.model.use_fp16:  # upstream's switch, through autocast here
-        if precision == "bf16":
+        if compute.precision == "bf16":
             raise ValueError("--use_fp16 true asks for fp16 but --precision is bf16: pass one of them")
-        precision = "fp16"
+        compute = dataclasses.replace(compute, precision="fp16")
         source = ModelSource(source.checkpoint, source.model.replace(use_fp16=False), source.config_file)
-    return InferenceSettings(method, dataset, source, build(MapSettings, values), options, precision, compute.seed,
-                             dataclasses.replace(compute, precision=precision))
+    return InferenceSettings(method, dataset, source, build(MapSettings, values), options, compute)
