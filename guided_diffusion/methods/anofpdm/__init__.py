@@ -35,6 +35,8 @@ from __future__ import annotations
 from guided_diffusion.methods.anofpdm.config import SUB_ANOMALY_MODES, UGP_MODES, ForwardConfig  # noqa: F401
 from guided_diffusion.methods.anofpdm.forward import ForwardProcess, ForwardResult  # noqa: F401
 from guided_diffusion.methods.anofpdm.maps import (  # noqa: F401
+    A_QUANTILE,
+    B_QUANTILE,
     StreamingAggregator,
     aggregate_maps,
     aggregation_weights,
@@ -42,12 +44,10 @@ from guided_diffusion.methods.anofpdm.maps import (  # noqa: F401
     quantile_levels,
     rowwise_quantile,
     scale_end_steps,
-        threshold_maps,
+    threshold_maps,
 )
 from guided_diffusion.methods.anofpdm.method import AnoFPDM, AnoFPDMSettings, forward_config, segment_batch  # noqa: F401
 from guided_diffusion.methods.anofpdm.selection import (  # noqa: F401
-    A_QUANTILE,
-    B_QUANTILE,
     CLS_QUANTILES,
     COSINE_EPS,
     UPSTREAM_FALLBACK_HYPERPARAMS,

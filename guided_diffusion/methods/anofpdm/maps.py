@@ -8,8 +8,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from guided_diffusion.methods.anofpdm.selection import A_QUANTILE, B_QUANTILE
 from guided_diffusion.methods.postprocess import median_filter2d
+
+# Algorithm 1 of the paper: the quantile moves from B_QUANTILE (small divergence) to A_QUANTILE (M_te >= M_max).
+A_QUANTILE = 0.90
+B_QUANTILE = 0.98
 
 
 def end_steps(divergence: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from guided_diffusion.flags import option
 from guided_diffusion.methods.anofpdm.config import UGP_MODES, ForwardConfig
 from guided_diffusion.methods.anofpdm.forward import ForwardProcess, ForwardResult
 from guided_diffusion.methods.anofpdm.maps import (
+    A_QUANTILE,
+    B_QUANTILE,
     aggregate_maps,
     aggregation_weights,
     end_steps,
@@ -24,8 +26,6 @@ from guided_diffusion.methods.anofpdm.maps import (
     threshold_maps,
 )
 from guided_diffusion.methods.anofpdm.selection import (
-    A_QUANTILE,
-    B_QUANTILE,
     Hyperparams,
     StepStats,
     classification_similarity,

@@ -17,9 +17,6 @@ import torch.nn.functional as F
 from guided_diffusion.errors import HyperparameterError
 from guided_diffusion.methods.anofpdm.config import ForwardConfig
 
-# Algorithm 1 of the paper: the quantile moves from B_QUANTILE (small divergence) to A_QUANTILE (M_te >= M_max).
-A_QUANTILE = 0.90
-B_QUANTILE = 0.98
 # Upstream scans these quantiles of the healthy validation cosine similarities for the classification threshold.
 CLS_QUANTILES = (0.005, 0.095, 100)
 COSINE_EPS = 1e-6
@@ -34,11 +31,6 @@ UPSTREAM_FALLBACK_HYPERPARAMS = {
     ("brats", 999): (0.99931473, [0.0551, 0.0388], [0.0022, 0.0010], 2.0),
     ("atlas", 600): (0.72853965, [0.8555], [0.0392], 20.0),
 }
-
-
-# --------------------------------------------------------------------------------------------------------
-# Per-step statistics and validation hyper-parameters
-# --------------------------------------------------------------------------------------------------------
 
 
 @dataclass
