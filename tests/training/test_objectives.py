@@ -13,10 +13,9 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from guided_diffusion import logger
 from guided_diffusion.diffusion import gaussian_diffusion as gd
 from guided_diffusion.diffusion.noise import SimplexNoise, simplex_noise_like
-from guided_diffusion.diffusion.resample import ScheduleSampler
 from guided_diffusion.training.objectives import ClassifierObjective, DiffusionObjective, StepLosses
 from guided_diffusion.training.train_util import TrainLoop, get_rng_state
-from test_train import assert_identical
+from test_train import FixedT, assert_identical
 
 
 class TinyClassifier(nn.Module):
@@ -38,17 +37,6 @@ def diffusion(steps: int = 1000) -> gd.GaussianDiffusion:
     return gd.GaussianDiffusion(betas=gd.get_named_beta_schedule("linear", steps),
                                 model_mean_type=gd.ModelMeanType.EPSILON,
                                 model_var_type=gd.ModelVarType.FIXED_LARGE, loss_type=gd.LossType.MSE)
-
-
-class FixedT(ScheduleSampler):
-    def __init__(self, t):
-        self.t = torch.as_tensor(t)
-
-    def weights(self):
-        return np.ones(1000)
-
-    def sample(self, batch_size, device):
-        return self.t[:batch_size].to(device), torch.ones(batch_size, device=device)
 
 
 def labelled_slices(n: int, seed: int = 0):
